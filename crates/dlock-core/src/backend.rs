@@ -1,0 +1,329 @@
+//! The contract between [`Locker`](crate::Locker) and a storage backend.
+
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::{LockError, NotHeldReason};
+use crate::notify::ReleaseEvents;
+use crate::token::{FencingToken, OwnerToken};
+
+/// A storage that can hold leases on keys: Redis, etcd, memory, ...
+///
+/// The trait is small on purpose: one attempt, extend, release, clean-up, and
+/// notifications. Waiting, deadlines, backoff, renewal, loss detection,
+/// validation and tracing live once in [`Locker`](crate::Locker) and
+/// [`LockGuard`](crate::LockGuard), so that every backend behaves alike.
+///
+/// # Contract
+///
+/// Keys reach the backend already validated by
+/// [`validate_key`](crate::validate_key); TTLs by
+/// [`validate_ttl`](crate::validate_ttl). Each method is one atomic,
+/// owner-checked step on the server:
+///
+/// * [`try_acquire`](Self::try_acquire): if nobody holds `key`, make `owner`
+///   its holder for `ttl` and return [`Attempt::Acquired`] with a
+///   [`FencingToken`] greater than every token ever returned for this key
+///   (by any client, as long as the storage keeps its data). If `owner`
+///   already holds the key (a retried request), grant it again with the same
+///   token. If someone else holds it, change nothing and return
+///   [`Attempt::Busy`], with the holder's remaining lease as
+///   `retry_after` when the backend knows it. With
+///   [`AcquireRequest::queue`] set the backend may keep a place in a queue
+///   for `owner` between attempts; the caller then either tries again with the
+///   same owner or calls [`abandon`](Self::abandon).
+/// * [`extend`](Self::extend): reset the lease to `ttl` only if the lease's
+///   owner still holds the key; otherwise report [`ExtendOutcome::NotHeld`]
+///   and change nothing.
+/// * [`release`](Self::release): end the lease only if its owner still holds
+///   the key, and wake the key's waiters; otherwise report
+///   [`ReleaseOutcome::NotHeld`] and change nothing.
+/// * [`abandon`](Self::abandon): remove whatever `owner` may have left for
+///   `key` (a lock taken by a request that was then cancelled, a queue entry).
+///   Succeeds when there was nothing.
+/// * [`subscribe`](Self::subscribe): start listening for releases of `key`;
+///   only releases after it returns need to wake the events.
+///
+/// `Ok` results are definite answers from the storage. Anything that leaves
+/// the outcome unknown (I/O error, timeout, no quorum) is
+/// [`LockError::Unavailable`]; a value at the key that the backend did not
+/// write is [`LockError::ForeignValue`] and must be left untouched.
+///
+/// # Validity
+///
+/// [`Grant::validity`] and [`ExtendOutcome::Extended`] say for how long the
+/// lease is certain to last, counted from the moment the call *began* (the
+/// caller measures that instant on a monotonic clock). A backend that passes
+/// the TTL straight to one server returns `ttl - drift_allowance(ttl)`; one
+/// that needs several servers subtracts what it knows more.
+///
+/// # Adding primitives
+///
+/// Requests carry a [`LockKind`]. New kinds (shared locks, semaphore permits)
+/// are added as variants; a backend answers a kind it does not know with
+/// [`LockError::Unsupported`], so old backends keep compiling and fail
+/// clearly.
+#[async_trait]
+pub trait LockBackend: Send + Sync + 'static {
+    /// One attempt to acquire; see the trait's contract.
+    async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError>;
+
+    /// Resets the lease to `ttl` if it is still ours.
+    async fn extend(&self, lease: &Lease, ttl: Duration) -> Result<ExtendOutcome, LockError>;
+
+    /// Ends the lease if it is still ours, and wakes the key's waiters.
+    async fn release(&self, lease: &Lease) -> Result<ReleaseOutcome, LockError>;
+
+    /// Removes anything `owner` left for `key` after a cancelled or failed request.
+    async fn abandon(&self, key: &str, owner: &OwnerToken) -> Result<(), LockError>;
+
+    /// Starts listening for releases of `key`.
+    async fn subscribe(&self, key: &str) -> Result<ReleaseEvents, LockError>;
+
+    /// What this backend offers beyond the contract.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+}
+
+/// The kind of lock asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LockKind {
+    /// One holder at a time (a mutex).
+    Exclusive,
+}
+
+/// One attempt's parameters, built by [`Locker`](crate::Locker).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct AcquireRequest<'a> {
+    /// The key, validated.
+    pub key: &'a str,
+    /// The secret of this acquisition.
+    pub owner: &'a OwnerToken,
+    /// The lease length, validated.
+    pub ttl: Duration,
+    /// Whether the guard will renew the lease (a backend with sessions may
+    /// put renewed locks on a shared session).
+    pub auto_renew: bool,
+    /// Whether the caller will wait: the backend may keep a queue place for
+    /// `owner` when the key is busy. When false, a busy answer must leave
+    /// nothing behind.
+    pub queue: bool,
+    /// The kind of lock.
+    pub kind: LockKind,
+}
+
+impl<'a> AcquireRequest<'a> {
+    pub(crate) fn new(
+        key: &'a str,
+        owner: &'a OwnerToken,
+        ttl: Duration,
+        auto_renew: bool,
+        queue: bool,
+    ) -> Self {
+        AcquireRequest {
+            key,
+            owner,
+            ttl,
+            auto_renew,
+            queue,
+            kind: LockKind::Exclusive,
+        }
+    }
+}
+
+/// The outcome of one acquisition attempt.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Attempt {
+    /// The lock is ours.
+    Acquired(Grant),
+    /// Someone else holds the key.
+    Busy(Busy),
+}
+
+/// A future a backend resolves when it learns, unprompted, that a lease was
+/// lost (a watch on the lock key fired, a session ended).
+pub type LossSignal = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Backend-private data kept with a lease (node list, lease id, ...).
+pub type LeaseHandle = Box<dyn Any + Send + Sync>;
+
+/// A successful acquisition.
+#[non_exhaustive]
+pub struct Grant {
+    /// The acquisition's fencing token.
+    pub token: FencingToken,
+    /// How long the lease is certain to last from the start of the call.
+    pub validity: Duration,
+    /// Backend-private data, handed back in [`Lease::handle`].
+    pub handle: Option<LeaseHandle>,
+    /// Resolves when the backend learns that the lease is gone.
+    pub loss_signal: Option<LossSignal>,
+}
+
+impl Grant {
+    /// A grant with no handle and no loss signal.
+    pub fn new(token: FencingToken, validity: Duration) -> Self {
+        Grant {
+            token,
+            validity,
+            handle: None,
+            loss_signal: None,
+        }
+    }
+
+    /// Keeps backend-private data with the lease.
+    pub fn with_handle(mut self, handle: impl Any + Send + Sync) -> Self {
+        self.handle = Some(Box::new(handle));
+        self
+    }
+
+    /// Lets the backend report a loss as soon as it sees it.
+    pub fn with_loss_signal(mut self, signal: impl Future<Output = ()> + Send + 'static) -> Self {
+        self.loss_signal = Some(Box::pin(signal));
+        self
+    }
+}
+
+impl fmt::Debug for Grant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Grant")
+            .field("token", &self.token)
+            .field("validity", &self.validity)
+            .field("has_handle", &self.handle.is_some())
+            .field("has_loss_signal", &self.loss_signal.is_some())
+            .finish()
+    }
+}
+
+/// A busy answer.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct Busy {
+    /// The holder's remaining lease, when known: the latest moment worth
+    /// trying again if no release notification arrives.
+    pub retry_after: Option<Duration>,
+    /// A wake-up for this waiter alone (e.g. a watch on its predecessor in a
+    /// fair queue). When set, the caller waits on it instead of the key's
+    /// general subscription.
+    pub wake: Option<ReleaseEvents>,
+}
+
+impl Busy {
+    /// A busy answer with no hints.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds the holder's remaining lease.
+    pub fn retry_after(mut self, remaining: Duration) -> Self {
+        self.retry_after = Some(remaining);
+        self
+    }
+
+    /// Adds a wake-up for this waiter alone.
+    pub fn wake(mut self, events: ReleaseEvents) -> Self {
+        self.wake = Some(events);
+        self
+    }
+}
+
+/// A held lease, as the backend sees it.
+pub struct Lease {
+    key: String,
+    owner: OwnerToken,
+    token: FencingToken,
+    handle: Option<LeaseHandle>,
+}
+
+impl Lease {
+    pub(crate) fn new(
+        key: String,
+        owner: OwnerToken,
+        token: FencingToken,
+        handle: Option<LeaseHandle>,
+    ) -> Self {
+        Lease {
+            key,
+            owner,
+            token,
+            handle,
+        }
+    }
+
+    /// The key, as the user named it.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The owner secret.
+    pub fn owner(&self) -> &OwnerToken {
+        &self.owner
+    }
+
+    /// The fencing token.
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// The backend-private data given in [`Grant::with_handle`], if it has type `T`.
+    pub fn handle<T: Any>(&self) -> Option<&T> {
+        self.handle.as_ref()?.downcast_ref()
+    }
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("key", &self.key)
+            .field("token", &self.token)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The outcome of an owner-checked extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExtendOutcome {
+    /// The lease was reset; it is certain to last `validity` from the start of the call.
+    Extended {
+        /// See [`Grant::validity`].
+        validity: Duration,
+    },
+    /// The lease is not ours any more; nothing was changed.
+    NotHeld(NotHeldReason),
+}
+
+/// The outcome of an owner-checked release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReleaseOutcome {
+    /// The lease was ended.
+    Released,
+    /// The lease was not ours any more; nothing was changed.
+    NotHeld(NotHeldReason),
+}
+
+/// What a backend offers beyond the contract.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Waiters acquire in the order in which they first asked.
+    pub fifo_fairness: bool,
+}
+
+impl Capabilities {
+    /// Marks the backend as granting in arrival order.
+    pub fn with_fifo_fairness(mut self) -> Self {
+        self.fifo_fairness = true;
+        self
+    }
+}

@@ -1,0 +1,69 @@
+//! Jittered exponential delays for retries that have no better hint.
+
+use std::time::Duration;
+
+/// Doubles from `first` up to `cap`; each delay is drawn from the upper half
+/// of the current step so that clients started together spread out.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    step: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(first: Duration, cap: Duration) -> Self {
+        Backoff {
+            step: first.min(cap),
+            cap,
+        }
+    }
+
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let step = self.step;
+        self.step = (self.step * 2).min(self.cap);
+        jitter_upper_half(step)
+    }
+}
+
+/// A delay in `[d/2, d]`.
+pub(crate) fn jitter_upper_half(delay: Duration) -> Duration {
+    let half = delay / 2;
+    let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+    half + Duration::from_nanos(fastrand::u64(0..=nanos))
+}
+
+/// A small random extra in `[0, d/10 + 1 ms]`, added to a known wake-up time
+/// so that many waiters with the same hint do not all ask at the same instant.
+pub(crate) fn small_jitter(delay: Duration) -> Duration {
+    let spread = delay / 10 + Duration::from_millis(1);
+    let nanos = u64::try_from(spread.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(fastrand::u64(0..=nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_double_up_to_the_cap_and_stay_in_the_upper_half() {
+        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(80));
+        let steps = [10, 20, 40, 80, 80, 80];
+        for step in steps {
+            let step = Duration::from_millis(step);
+            let delay = backoff.next_delay();
+            assert!(
+                delay >= step / 2 && delay <= step,
+                "{delay:?} not in [{:?}, {step:?}]",
+                step / 2
+            );
+        }
+    }
+
+    #[test]
+    fn small_jitter_is_bounded() {
+        for _ in 0..100 {
+            let extra = small_jitter(Duration::from_millis(100));
+            assert!(extra <= Duration::from_millis(11));
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The one error type of the library.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+use crate::token::FencingToken;
+
+/// A boxed error from a backend's driver, kept as the source of
+/// [`LockError::Unavailable`] so that no driver type shows in this crate's API.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Why a lock that a guard believed it held turned out not to be held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NotHeldReason {
+    /// The lease ran out (or was ended from outside) and nobody holds the key now.
+    Expired,
+    /// Another owner holds the key now.
+    OtherOwner,
+}
+
+impl fmt::Display for NotHeldReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NotHeldReason::Expired => f.write_str("its lease had already expired"),
+            NotHeldReason::OtherOwner => f.write_str("another owner holds it now"),
+        }
+    }
+}
+
+/// Everything that can go wrong when taking, keeping or giving back a lock.
+///
+/// Every message names the key involved and says what to do about it.
+/// The enum is `#[non_exhaustive]`: match the variants you handle and keep a
+/// wildcard arm.
+///
+/// ```
+/// use dlock_core::LockError;
+///
+/// let error = LockError::Contended { key: "orders/42".into() };
+/// assert!(error.to_string().contains("orders/42"));
+/// assert!(error.is_retryable_later());
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LockError {
+    /// A single attempt (`try_lock`) found the key held by another owner.
+    #[error("lock `{key}` is held by another owner; try again later, or use `lock()` to wait for it")]
+    Contended {
+        /// The key that was asked for.
+        key: String,
+    },
+
+    /// `lock()` gave up because its `.wait()` ran out before the key was free.
+    #[error(
+        "lock `{key}` was not acquired within {waited:?}; raise `.wait()` or find out why the holder keeps it so long"
+    )]
+    Timeout {
+        /// The key that was asked for.
+        key: String,
+        /// How long the request waited.
+        waited: Duration,
+    },
+
+    /// The lock was lost while it was in use: the lease ended or another owner took it.
+    ///
+    /// Stop touching the protected resource; acquire again if the work must go on.
+    #[error(
+        "lock `{key}` (fencing token {token}) was lost while in use: its lease ended or another owner took it; stop using the resource and acquire the lock again"
+    )]
+    Lost {
+        /// The key of the lost lock.
+        key: String,
+        /// The fencing token the lost lock carried.
+        token: FencingToken,
+    },
+
+    /// An owner-checked operation (release, extend) found that the lock was no longer ours.
+    #[error(
+        "lock `{key}` (fencing token {token}) is no longer held by this owner: {reason}; writes made under it must be fenced by the token"
+    )]
+    NotHeld {
+        /// The key of the lock.
+        key: String,
+        /// The fencing token of the guard that tried the operation.
+        token: FencingToken,
+        /// What the backend found instead of our ownership.
+        reason: NotHeldReason,
+    },
+
+    /// The key is not acceptable (empty, too long, control characters, ...).
+    #[error("invalid lock key {key:?}: {reason}")]
+    InvalidKey {
+        /// The key as given (cut short when it is very long).
+        key: String,
+        /// What is wrong with it and what is allowed.
+        reason: String,
+    },
+
+    /// An option (TTL, wait, extension, backend setting) is out of range.
+    #[error("invalid lock options for `{key}`: {reason}")]
+    InvalidOptions {
+        /// The key the options were meant for (empty for backend settings).
+        key: String,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+
+    /// The key holds a value that this library did not write, or of the wrong type.
+    ///
+    /// dlock never overwrites such a value.
+    #[error(
+        "lock key `{key}` holds a value that dlock did not write ({found}); it was left untouched: use another key or key prefix, or delete the stale value"
+    )]
+    ForeignValue {
+        /// The key, as the user named it.
+        key: String,
+        /// What was found there.
+        found: String,
+    },
+
+    /// The backend cannot be reached or cannot decide (I/O, connection, no quorum, timeout).
+    #[error("{}", unavailable_message(.key.as_deref(), .message))]
+    Unavailable {
+        /// The key of the operation, when there was one.
+        key: Option<String>,
+        /// What failed, with node names where the backend has several.
+        message: String,
+        /// The driver's error, when there was one.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// The backend does not offer the asked-for kind of lock or operation.
+    #[error("lock `{key}`: {what} is not supported by this backend")]
+    Unsupported {
+        /// The key of the operation.
+        key: String,
+        /// The feature that was asked for.
+        what: String,
+    },
+}
+
+fn unavailable_message(key: Option<&str>, message: &str) -> String {
+    match key {
+        Some(key) => format!(
+            "lock backend unavailable for `{key}`: {message}; check that the server is up and reachable, then retry"
+        ),
+        None => format!(
+            "lock backend unavailable: {message}; check that the server is up and reachable, then retry"
+        ),
+    }
+}
+
+impl LockError {
+    /// An [`LockError::Unavailable`] with a message and no source.
+    pub fn unavailable(key: Option<&str>, message: impl Into<String>) -> Self {
+        LockError::Unavailable {
+            key: key.map(str::to_owned),
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// An [`LockError::Unavailable`] that keeps the driver's error as its source.
+    pub fn unavailable_with(
+        key: Option<&str>,
+        message: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        LockError::Unavailable {
+            key: key.map(str::to_owned),
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// The key the error is about, when it is about one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            LockError::Contended { key }
+            | LockError::Timeout { key, .. }
+            | LockError::Lost { key, .. }
+            | LockError::NotHeld { key, .. }
+            | LockError::InvalidKey { key, .. }
+            | LockError::InvalidOptions { key, .. }
+            | LockError::ForeignValue { key, .. }
+            | LockError::Unsupported { key, .. } => Some(key),
+            LockError::Unavailable { key, .. } => key.as_deref(),
+        }
+    }
+
+    /// Whether the same call may succeed later without any change by the caller
+    /// (the key was busy, or the backend was unreachable).
+    pub fn is_retryable_later(&self) -> bool {
+        matches!(
+            self,
+            LockError::Contended { .. } | LockError::Timeout { .. } | LockError::Unavailable { .. }
+        )
+    }
+}

@@ -1,0 +1,404 @@
+//! The guard of a held lock and the watchdog that keeps it alive.
+
+use std::fmt;
+use std::future::pending;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use tokio::time::{Instant, sleep, sleep_until, timeout_at};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::backend::{ExtendOutcome, Grant, Lease, LockBackend, LossSignal, ReleaseOutcome};
+use crate::backoff::Backoff;
+use crate::error::LockError;
+use crate::options::validate_ttl;
+use crate::token::{FencingToken, OwnerToken};
+
+/// Proof of holding a lock, with the means to keep it and to learn when it is lost.
+///
+/// While the guard lives, a watchdog task renews the lease every `ttl / 3`
+/// (unless the request said `.auto_renew(false)`), each time checking that
+/// the lock is still ours. The guard turns *lost* when a renewal finds
+/// another owner or no lease, when renewals keep failing until the lease's
+/// local validity runs out, or (without auto-renewal) when the TTL runs out.
+/// Then [`is_held`](Self::is_held) is false and [`lost`](Self::lost)
+/// resolves.
+///
+/// Give the lock back with [`release`](Self::release). A guard dropped
+/// without it releases in the background when a Tokio runtime is running;
+/// otherwise the lease simply runs out after its TTL.
+///
+/// ```
+/// use std::time::Duration;
+/// use dlock_core::Locker;
+/// use dlock_testkit::MemoryBackend;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dlock_core::LockError> {
+/// let locker = Locker::new(MemoryBackend::new());
+/// let guard = locker.lock("orders/42").ttl(Duration::from_secs(10)).await?;
+/// assert_eq!(guard.key(), "orders/42");
+/// assert!(guard.is_held());
+/// println!("writing with fencing token {}", guard.fencing_token());
+/// guard.release().await?;
+/// # Ok(()) }
+/// ```
+#[must_use = "dropping a LockGuard releases the lock at once; keep it for as long as you need the lock"]
+pub struct LockGuard {
+    shared: Arc<GuardShared>,
+    watchdog: Option<AbortHandle>,
+    finished: bool,
+}
+
+struct GuardShared {
+    backend: Arc<dyn LockBackend>,
+    lease: Lease,
+    auto_renew: bool,
+    state: watch::Sender<GuardState>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct GuardState {
+    /// The lease length asked for at the last extension.
+    ttl: Duration,
+    /// Until when the lease is certain to last, on the local monotonic clock.
+    valid_until: Instant,
+    /// When the call that set `valid_until` began; a slower, older call must
+    /// not overwrite a newer one's answer.
+    measured_from: Instant,
+    lost: bool,
+}
+
+/// What [`LockGuard::start`] needs from the acquisition.
+pub(crate) struct Acquired {
+    pub(crate) backend: Arc<dyn LockBackend>,
+    pub(crate) key: String,
+    pub(crate) owner: OwnerToken,
+    pub(crate) ttl: Duration,
+    pub(crate) auto_renew: bool,
+    pub(crate) started: Instant,
+    pub(crate) grant: Grant,
+}
+
+impl LockGuard {
+    pub(crate) fn start(acquired: Acquired) -> LockGuard {
+        let Acquired {
+            backend,
+            key,
+            owner,
+            ttl,
+            auto_renew,
+            started,
+            grant,
+        } = acquired;
+        let Grant {
+            token,
+            validity,
+            handle,
+            loss_signal,
+            ..
+        } = grant;
+        let state = GuardState {
+            ttl,
+            valid_until: valid_until(started, validity, ttl),
+            measured_from: started,
+            lost: false,
+        };
+        let shared = Arc::new(GuardShared {
+            backend,
+            lease: Lease::new(key, owner, token, handle),
+            auto_renew,
+            state: watch::Sender::new(state),
+        });
+        let span = info_span!("dlock.watchdog", key = %shared.lease.key(), token = %token);
+        let watchdog = tokio::spawn(watch_lease(Arc::clone(&shared), loss_signal).instrument(span));
+        LockGuard {
+            shared,
+            watchdog: Some(watchdog.abort_handle()),
+            finished: false,
+        }
+    }
+
+    /// The key this guard holds.
+    pub fn key(&self) -> &str {
+        self.shared.lease.key()
+    }
+
+    /// The fencing token of this acquisition; pass it with every write to the
+    /// protected resource.
+    pub fn fencing_token(&self) -> FencingToken {
+        self.shared.lease.token()
+    }
+
+    /// True while the lock is held as far as this process can know: no loss
+    /// was seen and the lease's local validity has not run out.
+    pub fn is_held(&self) -> bool {
+        self.shared.is_held()
+    }
+
+    /// Resolves when the lock is known to be lost. Never resolves while the
+    /// lock is held.
+    ///
+    /// Race it against the critical section to stop work as soon as the lock
+    /// is gone ([`Locker::with_lock`](crate::Locker::with_lock) does that for you).
+    pub async fn lost(&self) {
+        let mut states = self.shared.state.subscribe();
+        // The sender lives in `self.shared`, which outlives this borrow, so
+        // `wait_for` only returns once the guard is marked lost.
+        if states.wait_for(|state| state.lost).await.is_err() {
+            pending::<()>().await;
+        }
+    }
+
+    /// Resets the lease to `ttl` from now, if the lock is still ours; later
+    /// automatic renewals use the new length.
+    ///
+    /// Fails with [`LockError::Lost`] when the guard is no longer held (see
+    /// [`is_held`](Self::is_held)), and with [`LockError::NotHeld`] (marking the guard lost) when the
+    /// backend finds it is not ours any more.
+    pub async fn extend(&self, ttl: Duration) -> Result<(), LockError> {
+        let shared = &self.shared;
+        validate_ttl(shared.lease.key(), ttl)?;
+        if !shared.is_held() {
+            // Past the local validity the lock may have changed hands and
+            // back; a guard never comes back from lost.
+            shared.mark_lost("extend was called after the lease's validity ran out");
+            return Err(shared.lost_error());
+        }
+        let span = info_span!("dlock.extend", key = %shared.lease.key(), token = %shared.lease.token(), ttl_ms = ttl.as_millis() as u64);
+        async {
+            let started = Instant::now();
+            match shared.backend.extend(&shared.lease, ttl).await? {
+                ExtendOutcome::Extended { validity } => {
+                    shared.record_validity(started, validity, ttl);
+                    debug!("extended");
+                    Ok(())
+                }
+                ExtendOutcome::NotHeld(reason) => {
+                    shared.mark_lost(&reason.to_string());
+                    Err(LockError::NotHeld {
+                        key: shared.lease.key().to_owned(),
+                        token: shared.lease.token(),
+                        reason,
+                    })
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Gives the lock back, if it is still ours.
+    ///
+    /// Fails with [`LockError::NotHeld`] when the backend finds the lock was
+    /// not ours any more (it expired, or another owner holds it): anything
+    /// written under it must have been protected by the fencing token. Fails
+    /// with [`LockError::Unavailable`] when the backend cannot be reached; the
+    /// lease then runs out after its TTL.
+    pub async fn release(mut self) -> Result<(), LockError> {
+        self.stop_watchdog();
+        self.finished = true;
+        self.shared.release().await
+    }
+
+    /// Drops the guard without releasing: renewal stops and the lease runs
+    /// out by itself after its TTL, as if this process had died.
+    pub fn forget(mut self) {
+        self.stop_watchdog();
+        self.finished = true;
+    }
+
+    fn stop_watchdog(&mut self) {
+        if let Some(watchdog) = self.watchdog.take() {
+            watchdog.abort();
+        }
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        self.stop_watchdog();
+        if self.finished || self.shared.state.borrow().lost {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let shared = Arc::clone(&self.shared);
+                runtime.spawn(async move {
+                    if let Err(error) = shared.release().await {
+                        debug!(%error, "background release after drop failed; the lease runs out by its TTL");
+                    }
+                });
+            }
+            Err(_) => debug!(
+                key = %self.shared.lease.key(),
+                "guard dropped outside a Tokio runtime; the lease runs out by its TTL"
+            ),
+        }
+    }
+}
+
+impl fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("key", &self.key())
+            .field("fencing_token", &self.fencing_token())
+            .field("held", &self.is_held())
+            .finish()
+    }
+}
+
+impl GuardShared {
+    fn is_held(&self) -> bool {
+        let state = self.state.borrow();
+        !state.lost && Instant::now() < state.valid_until
+    }
+
+    fn lost_error(&self) -> LockError {
+        LockError::Lost {
+            key: self.lease.key().to_owned(),
+            token: self.lease.token(),
+        }
+    }
+
+    fn mark_lost(&self, why: &str) {
+        let newly_lost = self.state.send_if_modified(|state| !std::mem::replace(&mut state.lost, true));
+        if newly_lost {
+            warn!(key = %self.lease.key(), token = %self.lease.token(), why, "lock lost");
+        }
+    }
+
+    fn record_validity(&self, started: Instant, validity: Duration, ttl: Duration) {
+        self.state.send_if_modified(|state| {
+            if started < state.measured_from {
+                return false;
+            }
+            state.measured_from = started;
+            state.valid_until = valid_until(started, validity, ttl);
+            state.ttl = ttl;
+            true
+        });
+    }
+
+    async fn release(&self) -> Result<(), LockError> {
+        let span = info_span!("dlock.release", key = %self.lease.key(), token = %self.lease.token());
+        async {
+            let outcome = self.backend.release(&self.lease).await;
+            // Whatever the answer, this guard no longer claims the lock.
+            self.state.send_modify(|state| state.lost = true);
+            match outcome? {
+                ReleaseOutcome::Released => {
+                    debug!("released");
+                    Ok(())
+                }
+                ReleaseOutcome::NotHeld(reason) => {
+                    warn!(%reason, "release found the lock no longer ours");
+                    Err(LockError::NotHeld {
+                        key: self.lease.key().to_owned(),
+                        token: self.lease.token(),
+                        reason,
+                    })
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// The instant until which a lease is certain to last. A backend's validity
+/// is never trusted beyond the TTL it was asked for.
+fn valid_until(started: Instant, validity: Duration, ttl: Duration) -> Instant {
+    started
+        .checked_add(validity.min(ttl))
+        .unwrap_or(started)
+}
+
+/// The watchdog: keeps the lease alive (or watches it run out) and turns the
+/// guard lost when it ends. Stops when the guard is released or dropped.
+async fn watch_lease(shared: Arc<GuardShared>, loss_signal: Option<LossSignal>) {
+    let backend_says_lost = async move {
+        match loss_signal {
+            Some(signal) => signal.await,
+            None => pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        () = backend_says_lost => shared.mark_lost("the backend reported the lease gone"),
+        () = keep_alive(&shared) => {}
+    }
+}
+
+async fn keep_alive(shared: &GuardShared) {
+    loop {
+        let state = *shared.state.borrow();
+        if state.lost {
+            return;
+        }
+        if !shared.auto_renew {
+            sleep_until(state.valid_until).await;
+            // A manual `extend` may have moved the deadline meanwhile.
+            if Instant::now() >= shared.state.borrow().valid_until {
+                shared.mark_lost("the lease ran out (auto-renewal is off)");
+                return;
+            }
+            continue;
+        }
+        let now = Instant::now();
+        let regular = state.measured_from + state.ttl / 3;
+        let halfway = now + state.valid_until.saturating_duration_since(now) / 2;
+        sleep_until(regular.min(halfway)).await;
+        if !renew(shared).await {
+            return;
+        }
+    }
+}
+
+/// One owner-checked renewal, retried on transient errors until the lease's
+/// validity runs out. Returns false when the lock is lost.
+async fn renew(shared: &GuardShared) -> bool {
+    let span = info_span!("dlock.renew", key = %shared.lease.key(), token = %shared.lease.token());
+    async {
+        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_millis(500));
+        loop {
+            let state = *shared.state.borrow();
+            if state.lost {
+                return false;
+            }
+            let started = Instant::now();
+            if started >= state.valid_until {
+                shared.mark_lost("renewal did not succeed before the lease's validity ran out");
+                return false;
+            }
+            let attempt = shared.backend.extend(&shared.lease, state.ttl);
+            match timeout_at(state.valid_until, attempt).await {
+                Ok(Ok(ExtendOutcome::Extended { validity })) => {
+                    shared.record_validity(started, validity, state.ttl);
+                    debug!("renewed");
+                    return true;
+                }
+                Ok(Ok(ExtendOutcome::NotHeld(reason))) => {
+                    shared.mark_lost(&reason.to_string());
+                    return false;
+                }
+                Ok(Err(error @ LockError::Unavailable { .. })) => {
+                    let left = state.valid_until.saturating_duration_since(Instant::now());
+                    warn!(%error, left_ms = left.as_millis() as u64, "renewal failed; retrying while the lease is still valid");
+                    sleep(backoff.next_delay().min(left)).await;
+                }
+                Ok(Err(error)) => {
+                    shared.mark_lost(&error.to_string());
+                    return false;
+                }
+                Err(_elapsed) => {
+                    shared.mark_lost("renewal got no answer before the lease's validity ran out");
+                    return false;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}

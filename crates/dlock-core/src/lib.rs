@@ -1,0 +1,49 @@
+//! Distributed locks with fencing tokens, loss signals and notification-driven
+//! waiting: the backend-independent core of dlock.
+//!
+//! Users usually depend on a backend crate (`dlock-redis`, `dlock-etcd`),
+//! which re-exports this API, or on `dlock-testkit` for the in-memory backend.
+//!
+//! ```
+//! use std::time::Duration;
+//! use dlock_core::{Locker, LockError};
+//! use dlock_testkit::MemoryBackend;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), LockError> {
+//! let locker = Locker::new(MemoryBackend::new());
+//! let guard = locker.lock("orders/42").ttl(Duration::from_secs(10)).await?;
+//! let token = guard.fencing_token(); // send it with every write
+//! assert!(guard.is_held());
+//! guard.release().await?;
+//! # let _ = token; Ok(()) }
+//! ```
+//!
+//! Writing a backend: implement [`LockBackend`]; its documentation is the
+//! contract. [`ReleaseHub`] helps with release notifications.
+
+#![forbid(unsafe_code)]
+
+mod backend;
+mod backoff;
+mod error;
+mod guard;
+mod locker;
+mod notify;
+mod options;
+mod token;
+
+pub use backend::{
+    AcquireRequest, Attempt, Busy, Capabilities, ExtendOutcome, Grant, Lease, LeaseHandle, LockBackend, LockKind,
+    LossSignal, ReleaseOutcome,
+};
+pub use error::{BoxError, LockError, NotHeldReason};
+pub use guard::LockGuard;
+pub use locker::{LockRequest, Locker};
+pub use notify::{HubSubscription, ReleaseEvents, ReleaseHub};
+pub use options::{
+    DEFAULT_TTL, MAX_KEY_LEN, MAX_TTL, MAX_WAIT, MIN_TTL, drift_allowance, validate_key, validate_ttl, validate_wait,
+};
+pub use token::{FencingToken, OwnerToken};
+
+/// Re-exported so that backends implement [`LockBackend`] with the same macro version.
+pub use async_trait::async_trait;

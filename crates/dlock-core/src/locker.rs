@@ -1,0 +1,360 @@
+//! The entry point: `Locker`, and the `LockRequest` builder with the waiting loop.
+
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::{Instant, sleep_until};
+use tracing::{Instrument, Span, debug, field, info_span, warn};
+
+use crate::backend::{AcquireRequest, Attempt, LockBackend};
+use crate::backoff::{Backoff, small_jitter};
+use crate::error::LockError;
+use crate::guard::{Acquired, LockGuard};
+use crate::notify::ReleaseEvents;
+use crate::options::{DEFAULT_TTL, validate_key, validate_ttl, validate_wait};
+use crate::token::OwnerToken;
+
+/// Hands out locks from one backend.
+///
+/// Cheap to clone (an `Arc` inside); clones share the backend and its
+/// connections. Needs a Tokio runtime: guards renew their leases in tasks.
+///
+/// ```
+/// use std::time::Duration;
+/// use dlock_core::{LockError, Locker};
+/// use dlock_testkit::MemoryBackend;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), LockError> {
+/// let locker = Locker::new(MemoryBackend::new());
+///
+/// let guard = locker
+///     .lock("orders/42")
+///     .ttl(Duration::from_secs(10))
+///     .wait(Duration::from_secs(5))
+///     .await?;
+///
+/// // A second attempt while the lock is held is refused at once.
+/// let second = locker.try_lock("orders/42").await;
+/// assert!(matches!(second, Err(LockError::Contended { .. })));
+///
+/// guard.release().await?;
+///
+/// // `with_lock` acquires, runs the closure, and releases.
+/// let total = locker.with_lock("orders/42", async |guard| guard.fencing_token().get() * 10).await?;
+/// assert_eq!(total, 20);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Locker {
+    backend: Arc<dyn LockBackend>,
+}
+
+impl Locker {
+    /// A locker over `backend`.
+    pub fn new(backend: impl LockBackend) -> Self {
+        Locker {
+            backend: Arc::new(backend),
+        }
+    }
+
+    /// A locker over a backend that is already shared.
+    pub fn from_arc(backend: Arc<dyn LockBackend>) -> Self {
+        Locker { backend }
+    }
+
+    /// The backend behind this locker.
+    pub fn backend(&self) -> &Arc<dyn LockBackend> {
+        &self.backend
+    }
+
+    /// Starts a request for `key`; set options on it, then `.await` it.
+    ///
+    /// Defaults: TTL 30 s, wait without limit, auto-renewal on.
+    pub fn lock(&self, key: impl Into<String>) -> LockRequest {
+        LockRequest {
+            backend: Arc::clone(&self.backend),
+            key: key.into(),
+            ttl: DEFAULT_TTL,
+            wait: None,
+            auto_renew: true,
+        }
+    }
+
+    /// One attempt with default options: the lock, or
+    /// [`LockError::Contended`] at once.
+    pub async fn try_lock(&self, key: impl Into<String>) -> Result<LockGuard, LockError> {
+        self.lock(key).try_lock().await
+    }
+
+    /// Acquires `key` with default options, runs `critical_section` while
+    /// holding it, and releases it; see [`LockRequest::with_lock`].
+    pub async fn with_lock<F, T>(&self, key: impl Into<String>, critical_section: F) -> Result<T, LockError>
+    where
+        F: AsyncFnOnce(&LockGuard) -> T,
+    {
+        self.lock(key).with_lock(critical_section).await
+    }
+}
+
+impl fmt::Debug for Locker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Locker").finish_non_exhaustive()
+    }
+}
+
+/// A lock request being built; `.await` it to wait for the lock.
+///
+/// The future is cancel-safe: dropping it while it waits (for instance under
+/// `tokio::time::timeout`) leaves no lock and no queue entry behind; the
+/// clean-up runs in a spawned task.
+#[must_use = "a LockRequest does nothing until it is awaited"]
+pub struct LockRequest {
+    backend: Arc<dyn LockBackend>,
+    key: String,
+    ttl: Duration,
+    wait: Option<Duration>,
+    auto_renew: bool,
+}
+
+impl LockRequest {
+    /// Lease length (default 30 s, allowed [`MIN_TTL`](crate::MIN_TTL) to
+    /// [`MAX_TTL`](crate::MAX_TTL)). With auto-renewal this bounds how long
+    /// the lock outlives a crashed holder; without it, how long it is held.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Gives up with [`LockError::Timeout`] after waiting this long (default:
+    /// wait until acquired; zero is refused, use [`try_lock`](Self::try_lock)).
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = Some(wait);
+        self
+    }
+
+    /// Whether the guard renews the lease every `ttl / 3` (default true).
+    /// Without renewal the guard turns lost when the TTL runs out.
+    pub fn auto_renew(mut self, auto_renew: bool) -> Self {
+        self.auto_renew = auto_renew;
+        self
+    }
+
+    /// One attempt with these options: the lock, or
+    /// [`LockError::Contended`] at once.
+    pub async fn try_lock(self) -> Result<LockGuard, LockError> {
+        self.acquire(false).await
+    }
+
+    /// Acquires the lock, runs `critical_section` while holding it, and
+    /// releases it.
+    ///
+    /// If the lock is lost before the closure finishes, the closure's future
+    /// is dropped at its next `.await` and [`LockError::Lost`] is returned.
+    /// `Ok` means the closure ran to its end while the lock was held; a
+    /// release that fails afterwards is only logged, since the lease then
+    /// runs out by its TTL.
+    pub async fn with_lock<F, T>(self, critical_section: F) -> Result<T, LockError>
+    where
+        F: AsyncFnOnce(&LockGuard) -> T,
+    {
+        let guard = self.await?;
+        let outcome = {
+            let work = critical_section(&guard);
+            tokio::select! {
+                biased;
+                () = guard.lost() => None,
+                value = work => Some(value),
+            }
+        };
+        let Some(value) = outcome else {
+            let error = LockError::Lost {
+                key: guard.key().to_owned(),
+                token: guard.fencing_token(),
+            };
+            guard.forget();
+            return Err(error);
+        };
+        if !guard.is_held() {
+            let error = LockError::Lost {
+                key: guard.key().to_owned(),
+                token: guard.fencing_token(),
+            };
+            guard.forget();
+            return Err(error);
+        }
+        if let Err(error) = guard.release().await {
+            warn!(%error, "release after the critical section failed; the lease runs out by its TTL");
+        }
+        Ok(value)
+    }
+
+    async fn acquire(self, waiting: bool) -> Result<LockGuard, LockError> {
+        validate_key(&self.key)?;
+        validate_ttl(&self.key, self.ttl)?;
+        if let Some(wait) = self.wait {
+            if waiting {
+                validate_wait(&self.key, wait)?;
+            }
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(LockError::Unsupported {
+                key: self.key,
+                what: "locking outside a Tokio runtime".into(),
+            });
+        }
+        let owner = OwnerToken::generate()?;
+        let span = info_span!(
+            "dlock.acquire",
+            key = %self.key,
+            ttl_ms = self.ttl.as_millis() as u64,
+            wait = waiting,
+            token = field::Empty,
+        );
+        self.acquire_as(owner, waiting).instrument(span).await
+    }
+
+    async fn acquire_as(self, owner: OwnerToken, waiting: bool) -> Result<LockGuard, LockError> {
+        let LockRequest {
+            backend,
+            key,
+            ttl,
+            wait,
+            auto_renew,
+        } = self;
+        let began = Instant::now();
+        let deadline = wait.filter(|_| waiting).map(|wait| began + wait);
+        let mut pending = PendingAcquisition {
+            backend: Arc::clone(&backend),
+            key: key.clone(),
+            owner: owner.clone(),
+            armed: true,
+        };
+        let mut subscription: Option<ReleaseEvents> = None;
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        loop {
+            let started = Instant::now();
+            let request = AcquireRequest::new(&key, &owner, ttl, auto_renew, waiting);
+            // On error the outcome on the server is unknown; `pending` stays
+            // armed and cleans up in the background.
+            let busy = match backend.try_acquire(&request).await? {
+                Attempt::Acquired(grant) => {
+                    pending.armed = false;
+                    Span::current().record("token", grant.token.get());
+                    debug!(waited_ms = began.elapsed().as_millis() as u64, "acquired");
+                    return Ok(LockGuard::start(Acquired {
+                        backend,
+                        key,
+                        owner,
+                        ttl,
+                        auto_renew,
+                        started,
+                        grant,
+                    }));
+                }
+                Attempt::Busy(busy) => busy,
+            };
+            if !waiting {
+                // A single attempt leaves nothing behind when busy.
+                pending.armed = false;
+                return Err(LockError::Contended { key });
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|deadline| now >= deadline) {
+                return Err(LockError::Timeout {
+                    key,
+                    waited: now - began,
+                });
+            }
+            let mut own_wake = busy.wake;
+            if own_wake.is_none() && subscription.is_none() {
+                subscription = Some(backend.subscribe(&key).await?);
+                // Try again at once: a release between the attempt above and
+                // the subscription would otherwise go unnoticed.
+                continue;
+            }
+            let fallback = match busy.retry_after {
+                Some(remaining) => remaining + small_jitter(remaining),
+                None => backoff.next_delay(),
+            };
+            let mut wake_at = now + fallback;
+            if let Some(deadline) = deadline {
+                wake_at = wake_at.min(deadline);
+            }
+            let events = match own_wake.as_mut() {
+                Some(events) => Some(events),
+                None => subscription.as_mut(),
+            };
+            wait_for_wake(events, wake_at).await;
+        }
+    }
+}
+
+/// Sleeps until a release notification or `wake_at`, whichever comes first.
+async fn wait_for_wake(events: Option<&mut ReleaseEvents>, wake_at: Instant) {
+    let Some(events) = events else {
+        sleep_until(wake_at).await;
+        return;
+    };
+    tokio::select! {
+        notified = events.recv() => {
+            if !notified {
+                // The source closed: no more notifications, only the timer.
+                *events = ReleaseEvents::never();
+                sleep_until(wake_at).await;
+            }
+        }
+        () = sleep_until(wake_at) => {}
+    }
+}
+
+impl IntoFuture for LockRequest {
+    type Output = Result<LockGuard, LockError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.acquire(true))
+    }
+}
+
+impl fmt::Debug for LockRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockRequest")
+            .field("key", &self.key)
+            .field("ttl", &self.ttl)
+            .field("wait", &self.wait)
+            .field("auto_renew", &self.auto_renew)
+            .finish()
+    }
+}
+
+/// Cleans up after an acquisition that did not end with a guard: a request
+/// cancelled while an attempt was in flight may have taken the lock, and a
+/// waiting request may hold a queue place.
+struct PendingAcquisition {
+    backend: Arc<dyn LockBackend>,
+    key: String,
+    owner: OwnerToken,
+    armed: bool,
+}
+
+impl Drop for PendingAcquisition {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let backend = Arc::clone(&self.backend);
+        let key = std::mem::take(&mut self.key);
+        let owner = self.owner.clone();
+        runtime.spawn(async move {
+            if let Err(error) = backend.abandon(&key, &owner).await {
+                debug!(%key, %error, "clean-up after a cancelled request failed; its lease runs out by its TTL");
+            }
+        });
+    }
+}

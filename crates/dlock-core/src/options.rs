@@ -1,0 +1,114 @@
+//! Limits on keys and durations, checked before anything reaches a backend.
+
+use std::time::Duration;
+
+use crate::error::LockError;
+
+/// Longest key accepted, in bytes. Backends add their own prefix on top.
+pub const MAX_KEY_LEN: usize = 512;
+
+/// TTL used when a request does not set one.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+
+/// Shortest TTL accepted. Below this, clock drift and one network round trip
+/// eat the whole lease.
+pub const MIN_TTL: Duration = Duration::from_millis(10);
+
+/// Longest TTL accepted. A lease is meant to end soon after its holder dies;
+/// use auto-renewal to hold a lock longer.
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Longest `.wait()` accepted; leave `.wait()` unset to wait without limit.
+pub const MAX_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How much of a lease is held back for clock drift between client and server:
+/// 1 % of the TTL plus 2 ms, as in the Redlock analysis.
+///
+/// A guard counts as held until `acquired_at + ttl - drift_allowance(ttl)`,
+/// where `acquired_at` is taken (on a monotonic clock) before the request left.
+///
+/// ```
+/// use std::time::Duration;
+/// assert_eq!(dlock_core::drift_allowance(Duration::from_secs(10)), Duration::from_millis(102));
+/// ```
+pub fn drift_allowance(ttl: Duration) -> Duration {
+    ttl / 100 + Duration::from_millis(2)
+}
+
+/// Checks a key against the rules every backend relies on.
+///
+/// A key must be non-empty, at most [`MAX_KEY_LEN`] bytes of UTF-8, and free
+/// of control characters (they break log lines and some wire protocols).
+///
+/// ```
+/// assert!(dlock_core::validate_key("orders/42").is_ok());
+/// assert!(dlock_core::validate_key("").is_err());
+/// ```
+pub fn validate_key(key: &str) -> Result<(), LockError> {
+    let invalid = |reason: String| LockError::InvalidKey {
+        key: preview(key),
+        reason,
+    };
+    if key.is_empty() {
+        return Err(invalid(
+            "the key is empty; name the resource you lock, e.g. \"orders/42\"".into(),
+        ));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(invalid(format!(
+            "the key is {} bytes long, the limit is {MAX_KEY_LEN}; hash long names into a shorter key",
+            key.len()
+        )));
+    }
+    if let Some(position) = key.chars().position(char::is_control) {
+        return Err(invalid(format!(
+            "the key has a control character at character {position}; use printable characters only"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a lease length (`.ttl()` or `extend()`).
+pub fn validate_ttl(key: &str, ttl: Duration) -> Result<(), LockError> {
+    if ttl < MIN_TTL || ttl > MAX_TTL {
+        return Err(LockError::InvalidOptions {
+            key: preview(key),
+            reason: format!(
+                "a TTL of {ttl:?} is out of range; use {MIN_TTL:?} to {MAX_TTL:?} (auto-renewal keeps a lock longer)"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a `.wait()` duration.
+pub fn validate_wait(key: &str, wait: Duration) -> Result<(), LockError> {
+    if wait.is_zero() {
+        return Err(LockError::InvalidOptions {
+            key: preview(key),
+            reason: "a wait of zero asks for a single attempt; use `try_lock` for that".into(),
+        });
+    }
+    if wait > MAX_WAIT {
+        return Err(LockError::InvalidOptions {
+            key: preview(key),
+            reason: format!(
+                "a wait of {wait:?} is over the limit of {MAX_WAIT:?}; leave `.wait()` unset to wait without limit"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The key as shown in error messages: cut short when it is very long.
+pub(crate) fn preview(key: &str) -> String {
+    const SHOWN: usize = 64;
+    if key.len() <= MAX_KEY_LEN {
+        return key.to_owned();
+    }
+    let mut end = SHOWN;
+    while !key.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &key[..end], key.len())
+}

@@ -1,0 +1,21 @@
+//! Testing tools for dlock, and for code that uses it.
+//!
+//! * [`MemoryBackend`]: the lock protocol in memory, on Tokio's clock, with
+//!   scripted faults. Use it to test how your code behaves when a lock is
+//!   contended, slow, unavailable or lost, in milliseconds.
+//! * [`FencedResource`]: a stand-in for the storage a lock protects, which
+//!   refuses stale fencing tokens and records a history to check.
+//! * [`check_mutual_exclusion`]: many clients hammering one key, checked for
+//!   overlapping critical sections and tokens that do not increase.
+//! * [`conformance`]: the behaviour suite every backend passes.
+
+#![forbid(unsafe_code)]
+
+mod checker;
+pub mod conformance;
+mod fenced;
+mod memory;
+
+pub use checker::{CheckReport, CheckerConfig, check_mutual_exclusion};
+pub use fenced::{Event, EventKind, FencedResource, HistoryReport, Section, StaleToken, check_history};
+pub use memory::MemoryBackend;
