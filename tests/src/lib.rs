@@ -45,3 +45,22 @@ impl Harness for MemoryHarness {
         SuiteConfig::default()
     }
 }
+
+/// Reads a server address that `cargo xtask integration` hands to the suites.
+///
+/// Panics with the command to run when it is missing: a suite never skips
+/// silently because its server was not started.
+pub fn server_from_env(variable: &str) -> String {
+    match std::env::var(variable) {
+        Ok(value) if !value.is_empty() => value,
+        _ => panic!(
+            "{variable} is not set: this test needs a real server. Run the suites with \
+             `cargo xtask integration` (or start servers with `cargo xtask servers` and export what it prints)"
+        ),
+    }
+}
+
+/// The URL of the single redis-server started by xtask.
+pub fn redis_url() -> String {
+    server_from_env("DLOCK_TEST_REDIS_URL")
+}

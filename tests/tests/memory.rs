@@ -5,13 +5,17 @@ use dlock_core::Locker;
 use dlock_testkit::{CheckerConfig, check_mutual_exclusion};
 use dlock_tests::MemoryHarness;
 
-dlock_testkit::conformance_tests!(#[tokio::test(start_paused = true)] MemoryHarness::new());
+dlock_testkit::conformance_tests!(
+    #[tokio::test(start_paused = true)]
+    MemoryHarness::new()
+);
 
 #[tokio::test(start_paused = true)]
 async fn mutual_exclusion_16_tasks_200_acquisitions() {
     let harness = MemoryHarness::new();
     let lockers: Vec<Locker> = (0..16).map(|_| Locker::new(harness.backend().clone())).collect();
-    let report = check_mutual_exclusion(&lockers, "checker/memory", CheckerConfig::default().load(16, 200)).await;
+    let report =
+        check_mutual_exclusion(&lockers, "checker/memory", CheckerConfig::default().load(16, 200)).await;
     report.assert_clean();
     assert_eq!(report.acquired, 3200);
     assert_eq!(report.history.accepted, 3200);

@@ -1,1 +1,98 @@
-fn main() {}
+//! Project automation, run as `cargo xtask <command>`.
+//!
+//! Commands:
+//! * `ci`: format check, clippy, unit and doc tests, then the integration suites.
+//! * `integration`: start the servers the suites need, run the suites, stop the servers.
+//! * `servers`: start the servers and print their addresses, until Enter is pressed.
+//! * `deps`: install (as root) or name the system packages the suites need.
+
+// xtask talks to the person at the terminal.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+#![forbid(unsafe_code)]
+
+mod deps;
+mod process;
+mod servers;
+
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+type Result<T = ()> = std::result::Result<T, String>;
+
+const USAGE: &str = "usage: cargo xtask <ci | integration | servers | deps>
+
+  ci           fmt --check, clippy -D warnings, unit + doc tests, then `integration`
+  integration  start the test servers, run the cross-backend suites (crate dlock-tests), stop them
+  servers      start the test servers, print their environment, stop them when Enter is pressed
+  deps         install the system packages the suites need (as root), or print the command";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let outcome = match args.first().map(String::as_str) {
+        Some("ci") => ci(),
+        Some("integration") => integration(),
+        Some("servers") => servers::interactive(),
+        Some("deps") => deps::ensure(deps::ALL),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => Err(USAGE.to_owned()),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn ci() -> Result {
+    let started = Instant::now();
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(&["test", "--workspace", "--exclude", "dlock-tests"])?;
+    integration()?;
+    println!("xtask ci: all steps passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+fn integration() -> Result {
+    deps::ensure(servers::NEEDED)?;
+    let running = servers::start_all()?;
+    let mut command = cargo_command(&["test", "--package", "dlock-tests"]);
+    for (name, value) in running.environment() {
+        command.env(name, value);
+    }
+    let outcome = run(command);
+    if outcome.is_err() {
+        running.dump_logs();
+    }
+    drop(running);
+    outcome
+}
+
+fn cargo_command(args: &[&str]) -> Command {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut command = Command::new(cargo);
+    command.args(args);
+    command
+}
+
+fn cargo(args: &[&str]) -> Result {
+    run(cargo_command(args))
+}
+
+fn run(mut command: Command) -> Result {
+    let shown = format!("{command:?}");
+    println!("xtask: running {shown}");
+    let status = command
+        .status()
+        .map_err(|error| format!("could not start {shown}: {error}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{shown} failed with {status}"))
+    }
+}

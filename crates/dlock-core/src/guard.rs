@@ -263,7 +263,9 @@ impl GuardShared {
     }
 
     fn mark_lost(&self, why: &str) {
-        let newly_lost = self.state.send_if_modified(|state| !std::mem::replace(&mut state.lost, true));
+        let newly_lost = self
+            .state
+            .send_if_modified(|state| !std::mem::replace(&mut state.lost, true));
         if newly_lost {
             warn!(key = %self.lease.key(), token = %self.lease.token(), why, "lock lost");
         }
@@ -310,9 +312,7 @@ impl GuardShared {
 /// The instant until which a lease is certain to last. A backend's validity
 /// is never trusted beyond the TTL it was asked for.
 fn valid_until(started: Instant, validity: Duration, ttl: Duration) -> Instant {
-    started
-        .checked_add(validity.min(ttl))
-        .unwrap_or(started)
+    started.checked_add(validity.min(ttl)).unwrap_or(started)
 }
 
 /// The watchdog: keeps the lease alive (or watches it run out) and turns the

@@ -33,17 +33,23 @@ mod options;
 mod token;
 
 pub use backend::{
-    AcquireRequest, Attempt, Busy, Capabilities, ExtendOutcome, Grant, Lease, LeaseHandle, LockBackend, LockKind,
-    LossSignal, ReleaseOutcome,
+    AcquireRequest, Attempt, Busy, Capabilities, ExtendOutcome, Grant, Lease, LeaseHandle, LockBackend,
+    LockKind, LossSignal, ReleaseOutcome,
 };
 pub use error::{BoxError, LockError, NotHeldReason};
 pub use guard::LockGuard;
 pub use locker::{LockRequest, Locker};
 pub use notify::{HubSubscription, ReleaseEvents, ReleaseHub};
 pub use options::{
-    DEFAULT_TTL, MAX_KEY_LEN, MAX_TTL, MAX_WAIT, MIN_TTL, drift_allowance, validate_key, validate_ttl, validate_wait,
+    DEFAULT_TTL, MAX_KEY_LEN, MAX_TTL, MAX_WAIT, MIN_TTL, drift_allowance, validate_key, validate_ttl,
+    validate_wait,
 };
 pub use token::{FencingToken, OwnerToken};
 
 /// Re-exported so that backends implement [`LockBackend`] with the same macro version.
 pub use async_trait::async_trait;
+
+/// The README's examples, compiled as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;

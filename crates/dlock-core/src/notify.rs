@@ -146,10 +146,7 @@ impl ReleaseHub {
     fn keys(&self) -> std::sync::MutexGuard<'_, HashMap<String, KeyEntry>> {
         // The map stays consistent even if a holder panicked: every update is
         // a single insert, remove or counter change.
-        self.inner
-            .keys
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.inner.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn unsubscribe(&self, key: &str) {
@@ -177,9 +174,7 @@ impl ReleaseHub {
 
 impl fmt::Debug for ReleaseHub {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReleaseHub")
-            .field("keys", &self.len())
-            .finish()
+        f.debug_struct("ReleaseHub").field("keys", &self.len()).finish()
     }
 }
 

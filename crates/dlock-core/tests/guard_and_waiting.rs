@@ -18,12 +18,19 @@ fn setup() -> (MemoryBackend, Locker) {
 #[tokio::test(start_paused = true)]
 async fn renewal_runs_every_third_of_the_ttl() {
     let (backend, locker) = setup();
-    let guard = locker.lock("cadence").ttl(Duration::from_secs(3)).await.expect("acquire");
+    let guard = locker
+        .lock("cadence")
+        .ttl(Duration::from_secs(3))
+        .await
+        .expect("acquire");
     let before = backend.operations();
     sleep(Duration::from_secs(30)).await;
     let renewals = backend.operations() - before;
     // One renewal per second for 30 s, give or take the one in flight.
-    assert!((29..=31).contains(&renewals), "{renewals} renewals in 30 s with ttl 3 s");
+    assert!(
+        (29..=31).contains(&renewals),
+        "{renewals} renewals in 30 s with ttl 3 s"
+    );
     assert!(guard.is_held());
     guard.release().await.expect("release");
 }
@@ -31,10 +38,17 @@ async fn renewal_runs_every_third_of_the_ttl() {
 #[tokio::test(start_paused = true)]
 async fn renewal_survives_transient_errors() {
     let (backend, locker) = setup();
-    let guard = locker.lock("transient").ttl(Duration::from_secs(3)).await.expect("acquire");
+    let guard = locker
+        .lock("transient")
+        .ttl(Duration::from_secs(3))
+        .await
+        .expect("acquire");
     backend.fail_next(3);
     sleep(Duration::from_secs(10)).await;
-    assert!(guard.is_held(), "three failed renewals inside the validity must not lose the lock");
+    assert!(
+        guard.is_held(),
+        "three failed renewals inside the validity must not lose the lock"
+    );
     guard.release().await.expect("release");
 }
 
@@ -60,7 +74,9 @@ async fn a_slow_backend_cannot_keep_a_lock_past_its_validity() {
     let ttl = Duration::from_secs(3);
     let guard = locker.lock("slow").ttl(ttl).await.expect("acquire");
     backend.set_latency(Duration::from_secs(60));
-    timeout(ttl * 2, guard.lost()).await.expect("a renewal that hangs must not keep the guard alive");
+    timeout(ttl * 2, guard.lost())
+        .await
+        .expect("a renewal that hangs must not keep the guard alive");
     assert!(!guard.is_held());
 }
 
@@ -84,7 +100,12 @@ async fn acquire_on_an_unavailable_backend_fails_with_the_key() {
 #[tokio::test(start_paused = true)]
 async fn waiters_do_not_poll() {
     let (backend, locker) = setup();
-    let holder = locker.lock("quiet").ttl(Duration::from_secs(60)).auto_renew(false).await.expect("acquire");
+    let holder = locker
+        .lock("quiet")
+        .ttl(Duration::from_secs(60))
+        .auto_renew(false)
+        .await
+        .expect("acquire");
     let waiter = {
         let locker = locker.clone();
         tokio::spawn(async move { locker.lock("quiet").wait(Duration::from_secs(50)).await })
@@ -92,7 +113,11 @@ async fn waiters_do_not_poll() {
     sleep(Duration::from_millis(10)).await;
     let before = backend.operations();
     sleep(Duration::from_secs(40)).await;
-    assert_eq!(backend.operations(), before, "a waiter must sleep until notified or the TTL hint");
+    assert_eq!(
+        backend.operations(),
+        before,
+        "a waiter must sleep until notified or the TTL hint"
+    );
     holder.release().await.expect("release");
     let guard = waiter.await.expect("task").expect("acquire after release");
     assert_eq!(guard.fencing_token(), FencingToken::new(2));
@@ -103,13 +128,25 @@ async fn waiters_do_not_poll() {
 async fn waiter_without_notification_retries_when_the_ttl_hint_runs_out() {
     let (backend, locker) = setup();
     let ttl = Duration::from_secs(5);
-    let holder = locker.lock("hint").ttl(ttl).auto_renew(false).await.expect("acquire");
+    let holder = locker
+        .lock("hint")
+        .ttl(ttl)
+        .auto_renew(false)
+        .await
+        .expect("acquire");
     let started = Instant::now();
     // The holder vanishes without a release: only the TTL hint can wake the waiter.
     holder.forget();
-    let guard = locker.lock("hint").wait(ttl * 2).await.expect("acquire after expiry");
+    let guard = locker
+        .lock("hint")
+        .wait(ttl * 2)
+        .await
+        .expect("acquire after expiry");
     let waited = started.elapsed();
-    assert!(waited >= ttl && waited < ttl + Duration::from_secs(1), "waited {waited:?}");
+    assert!(
+        waited >= ttl && waited < ttl + Duration::from_secs(1),
+        "waited {waited:?}"
+    );
     guard.release().await.expect("release");
     assert_eq!(backend.held_count(), 0);
 }
@@ -119,9 +156,17 @@ async fn cancelled_waiters_unsubscribe() {
     let (backend, locker) = setup();
     let holder = locker.lock("cancel").await.expect("acquire");
     for _ in 0..5 {
-        assert!(timeout(Duration::from_millis(100), locker.lock("cancel")).await.is_err());
+        assert!(
+            timeout(Duration::from_millis(100), locker.lock("cancel"))
+                .await
+                .is_err()
+        );
     }
-    assert_eq!(backend.subscribed_keys(), 0, "dropped waiters must not leave subscriptions");
+    assert_eq!(
+        backend.subscribed_keys(),
+        0,
+        "dropped waiters must not leave subscriptions"
+    );
     holder.release().await.expect("release");
 }
 
@@ -129,7 +174,11 @@ async fn cancelled_waiters_unsubscribe() {
 async fn a_request_cancelled_mid_attempt_leaves_no_lock() {
     let (backend, locker) = setup();
     backend.set_latency(Duration::from_millis(100));
-    assert!(timeout(Duration::from_millis(50), locker.lock("mid-flight")).await.is_err());
+    assert!(
+        timeout(Duration::from_millis(50), locker.lock("mid-flight"))
+            .await
+            .is_err()
+    );
     sleep(Duration::from_secs(1)).await;
     assert_eq!(backend.held_count(), 0);
 }
@@ -139,7 +188,11 @@ async fn with_lock_returns_the_value_and_releases() {
     let (backend, locker) = setup();
     let token = tokio::spawn({
         let locker = locker.clone();
-        async move { locker.with_lock("scoped", async |guard| guard.fencing_token()).await }
+        async move {
+            locker
+                .with_lock("scoped", async |guard| guard.fencing_token())
+                .await
+        }
     })
     .await
     .expect("with_lock runs in a spawned (Send) task")
@@ -167,13 +220,20 @@ async fn with_lock_without_renewal_stops_at_the_ttl() {
 #[tokio::test(start_paused = true)]
 async fn manual_extension_sets_the_renewal_length() {
     let (backend, locker) = setup();
-    let guard = locker.lock("longer").ttl(Duration::from_secs(3)).await.expect("acquire");
+    let guard = locker
+        .lock("longer")
+        .ttl(Duration::from_secs(3))
+        .await
+        .expect("acquire");
     guard.extend(Duration::from_secs(30)).await.expect("extend");
     let before = backend.operations();
     sleep(Duration::from_secs(25)).await;
     // Renewals now come every 10 s instead of every second.
     let renewals = backend.operations() - before;
-    assert!((2..=3).contains(&renewals), "{renewals} renewals in 25 s after extending to 30 s");
+    assert!(
+        (2..=3).contains(&renewals),
+        "{renewals} renewals in 25 s after extending to 30 s"
+    );
     guard.release().await.expect("release");
 }
 
@@ -183,13 +243,24 @@ async fn errors_name_the_key_and_the_fix() {
     let _guard = locker.lock("orders/42").await.expect("acquire");
     let contended = locker.try_lock("orders/42").await.expect_err("held");
     assert!(contended.to_string().contains("`orders/42`"), "{contended}");
-    let timeout = locker.lock("orders/42").wait(Duration::from_millis(100)).await.expect_err("held");
+    let timeout = locker
+        .lock("orders/42")
+        .wait(Duration::from_millis(100))
+        .await
+        .expect_err("held");
     assert!(timeout.to_string().contains("raise `.wait()`"), "{timeout}");
-    let zero_wait = locker.lock("orders/42").wait(Duration::ZERO).await.expect_err("zero wait");
+    let zero_wait = locker
+        .lock("orders/42")
+        .wait(Duration::ZERO)
+        .await
+        .expect_err("zero wait");
     assert!(zero_wait.to_string().contains("try_lock"), "{zero_wait}");
     let long = "x".repeat(10_000);
     let too_long = locker.try_lock(long.as_str()).await.expect_err("long key");
-    assert!(too_long.to_string().len() < 400, "the message must not repeat a huge key");
+    assert!(
+        too_long.to_string().len() < 400,
+        "the message must not repeat a huge key"
+    );
 }
 
 #[test]

@@ -86,7 +86,10 @@ impl CheckReport {
     #[track_caller]
     pub fn assert_clean(&self) {
         assert!(
-            self.history.is_clean() && self.failed == 0 && self.failed_releases == 0 && self.not_held_releases == 0,
+            self.history.is_clean()
+                && self.failed == 0
+                && self.failed_releases == 0
+                && self.not_held_releases == 0,
             "mutual exclusion check failed: {self:#?}"
         );
     }
@@ -110,7 +113,10 @@ impl CheckReport {
 /// # }
 /// ```
 pub async fn check_mutual_exclusion(lockers: &[Locker], key: &str, config: CheckerConfig) -> CheckReport {
-    assert!(!lockers.is_empty(), "check_mutual_exclusion needs at least one locker");
+    assert!(
+        !lockers.is_empty(),
+        "check_mutual_exclusion needs at least one locker"
+    );
     let resource = FencedResource::new();
     let mut tasks = JoinSet::new();
     for client in 0..config.tasks {

@@ -129,7 +129,10 @@ pub async fn try_lock_on_held_key(harness: &dyn Harness) {
         Err(LockError::Contended { key: reported }) => assert_eq!(reported, key),
         other => panic!("expected Contended, got {other:?}"),
     }
-    assert!(started.elapsed() < Duration::from_secs(2), "try_lock must not wait");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "try_lock must not wait"
+    );
     guard.release().await.expect("release");
     let second = other.try_lock(&key).await.expect("free after release");
     second.release().await.expect("release");
@@ -145,16 +148,26 @@ pub async fn wait_times_out(harness: &dyn Harness) {
     let wait = harness.config().short_ttl;
     let started = Instant::now();
     match waiter.lock(&key).wait(wait).await {
-        Err(LockError::Timeout { key: reported, waited }) => {
+        Err(LockError::Timeout {
+            key: reported,
+            waited,
+        }) => {
             assert_eq!(reported, key);
-            assert!(waited >= wait, "gave up after {waited:?}, before the wait of {wait:?}");
+            assert!(
+                waited >= wait,
+                "gave up after {waited:?}, before the wait of {wait:?}"
+            );
         }
         other => panic!("expected Timeout, got {other:?}"),
     }
     assert!(started.elapsed() < wait * 3, "waited far past the deadline");
     assert!(guard.is_held(), "the holder is unaffected");
     guard.release().await.expect("release");
-    assert_eq!(harness.leftovers(&key).await, 0, "a timed-out waiter left state behind");
+    assert_eq!(
+        harness.leftovers(&key).await,
+        0,
+        "a timed-out waiter left state behind"
+    );
 }
 
 /// A release wakes a waiter at once: far sooner than the holder's 30 s TTL,
@@ -196,12 +209,24 @@ pub async fn ttl_expiry_frees_key(harness: &dyn Harness) {
     let key = unique_key("ttl_expiry_frees_key");
     let ttl = harness.config().short_ttl;
     let started = Instant::now();
-    let guard = crashed.lock(&key).ttl(ttl).auto_renew(false).await.expect("acquire");
+    let guard = crashed
+        .lock(&key)
+        .ttl(ttl)
+        .auto_renew(false)
+        .await
+        .expect("acquire");
     let first = guard.fencing_token();
     guard.forget(); // as if the process died
-    let next = waiter.lock(&key).wait(ttl * 5).await.expect("the key frees itself after the TTL");
+    let next = waiter
+        .lock(&key)
+        .wait(ttl * 5)
+        .await
+        .expect("the key frees itself after the TTL");
     let elapsed = started.elapsed();
-    assert!(elapsed >= ttl * 9 / 10, "acquired after {elapsed:?}, before the TTL of {ttl:?} ran out");
+    assert!(
+        elapsed >= ttl * 9 / 10,
+        "acquired after {elapsed:?}, before the TTL of {ttl:?} ran out"
+    );
     assert!(next.fencing_token() > first);
     next.release().await.expect("release");
 }
@@ -227,8 +252,15 @@ pub async fn unrenewed_guard_turns_lost(harness: &dyn Harness) {
     let locker = harness.locker().await;
     let key = unique_key("unrenewed_guard_turns_lost");
     let ttl = harness.config().short_ttl;
-    let guard = locker.lock(&key).ttl(ttl).auto_renew(false).await.expect("acquire");
-    timeout(ttl * 2, guard.lost()).await.expect("lost() must resolve when the TTL runs out");
+    let guard = locker
+        .lock(&key)
+        .ttl(ttl)
+        .auto_renew(false)
+        .await
+        .expect("acquire");
+    timeout(ttl * 2, guard.lost())
+        .await
+        .expect("lost() must resolve when the TTL runs out");
     assert!(!guard.is_held());
     // The guard gives up a little before the server does (drift allowance);
     // once the server's lease is over too, a release finds nothing.
@@ -245,11 +277,19 @@ pub async fn extend_moves_deadline(harness: &dyn Harness) {
     let other = harness.locker().await;
     let key = unique_key("extend_moves_deadline");
     let ttl = harness.config().short_ttl;
-    let guard = holder.lock(&key).ttl(ttl).auto_renew(false).await.expect("acquire");
+    let guard = holder
+        .lock(&key)
+        .ttl(ttl)
+        .auto_renew(false)
+        .await
+        .expect("acquire");
     guard.extend(ttl * 4).await.expect("extend a held lock");
     sleep(ttl * 2).await;
     assert!(guard.is_held(), "the extension must hold past the first TTL");
-    assert!(matches!(other.try_lock(&key).await, Err(LockError::Contended { .. })));
+    assert!(matches!(
+        other.try_lock(&key).await,
+        Err(LockError::Contended { .. })
+    ));
     guard.release().await.expect("release");
 }
 
@@ -260,7 +300,9 @@ pub async fn loss_detected_on_force_expiry(harness: &dyn Harness) {
     let ttl = harness.config().short_ttl;
     let guard = locker.lock(&key).ttl(ttl).await.expect("acquire");
     harness.force_expire(&key).await;
-    timeout(ttl * 2, guard.lost()).await.expect("lost() must resolve within the TTL");
+    timeout(ttl * 2, guard.lost())
+        .await
+        .expect("lost() must resolve within the TTL");
     assert!(!guard.is_held());
     assert!(matches!(guard.extend(ttl).await, Err(LockError::Lost { .. })));
     match guard.release().await {
@@ -279,9 +321,16 @@ pub async fn loss_detected_on_takeover(harness: &dyn Harness) {
     let ttl = harness.config().short_ttl;
     let stale = old.lock(&key).ttl(ttl).await.expect("acquire");
     harness.force_expire(&key).await;
-    let current = new.lock(&key).ttl(LONG_TTL).wait(ttl * 2).await.expect("take over");
+    let current = new
+        .lock(&key)
+        .ttl(LONG_TTL)
+        .wait(ttl * 2)
+        .await
+        .expect("take over");
     assert!(current.fencing_token() > stale.fencing_token());
-    timeout(ttl * 2, stale.lost()).await.expect("the old holder must learn of the loss");
+    timeout(ttl * 2, stale.lost())
+        .await
+        .expect("the old holder must learn of the loss");
     match stale.release().await {
         Err(LockError::NotHeld { reason, .. }) => assert_eq!(reason, NotHeldReason::OtherOwner),
         other => panic!("a non-owner's release must fail with NotHeld, got {other:?}"),
@@ -310,7 +359,10 @@ pub async fn with_lock_stops_on_loss(harness: &dyn Harness) {
         })
         .await;
     assert!(matches!(outcome, Err(LockError::Lost { .. })), "got {outcome:?}");
-    assert!(started.elapsed() < ttl * 5, "the critical section was not stopped in time");
+    assert!(
+        started.elapsed() < ttl * 5,
+        "the critical section was not stopped in time"
+    );
     let value = locker
         .with_lock(&key, async |guard| guard.fencing_token())
         .await
@@ -329,7 +381,12 @@ pub async fn fencing_tokens_increase(harness: &dyn Harness) {
     let mut previous = None;
     for round in 0..30 {
         let locker = &lockers[round % lockers.len()];
-        let guard = locker.lock(&key).ttl(LONG_TTL).wait(LONG_TTL).await.expect("acquire");
+        let guard = locker
+            .lock(&key)
+            .ttl(LONG_TTL)
+            .wait(LONG_TTL)
+            .await
+            .expect("acquire");
         let token = guard.fencing_token();
         if let Some(previous) = previous {
             assert!(token > previous, "round {round}: token {token} after {previous}");
@@ -354,7 +411,10 @@ pub async fn keys_are_independent(harness: &dyn Harness) {
     let second = two.try_lock(&second_key).await.expect("a different key is free");
     first.release().await.expect("release first");
     assert!(second.is_held());
-    assert!(matches!(one.try_lock(&second_key).await, Err(LockError::Contended { .. })));
+    assert!(matches!(
+        one.try_lock(&second_key).await,
+        Err(LockError::Contended { .. })
+    ));
     second.release().await.expect("release second");
 }
 
@@ -367,9 +427,16 @@ pub async fn dropped_guard_releases(harness: &dyn Harness) {
     let guard = holder.lock(&key).ttl(LONG_TTL).await.expect("acquire");
     drop(guard);
     let started = Instant::now();
-    let next = waiter.lock(&key).wait(Duration::from_secs(20)).await.expect("acquire after drop");
+    let next = waiter
+        .lock(&key)
+        .wait(Duration::from_secs(20))
+        .await
+        .expect("acquire after drop");
     let bound = harness.config().wake_bound;
-    assert!(started.elapsed() < bound, "a dropped guard was not released promptly");
+    assert!(
+        started.elapsed() < bound,
+        "a dropped guard was not released promptly"
+    );
     next.release().await.expect("release");
 }
 
@@ -395,7 +462,11 @@ pub async fn cancelled_waiters_leave_nothing(harness: &dyn Harness) {
     guard.release().await.expect("release");
     // The clean-up of a cancelled request runs in a spawned task.
     sleep(Duration::from_millis(200)).await;
-    assert_eq!(harness.leftovers(&key).await, 0, "a cancelled waiter left state behind");
+    assert_eq!(
+        harness.leftovers(&key).await,
+        0,
+        "a cancelled waiter left state behind"
+    );
     let after = holder.try_lock(&key).await.expect("nobody may hold the key now");
     after.release().await.expect("release");
 }
@@ -410,7 +481,10 @@ pub async fn bad_input_is_rejected(harness: &dyn Harness) {
             Err(LockError::InvalidKey { reason, .. }) => assert!(!reason.is_empty()),
             other => panic!("key {bad_key:?}: expected InvalidKey, got {other:?}"),
         }
-        assert!(matches!(locker.lock(bad_key).await, Err(LockError::InvalidKey { .. })));
+        assert!(matches!(
+            locker.lock(bad_key).await,
+            Err(LockError::InvalidKey { .. })
+        ));
     }
     for bad_ttl in [Duration::ZERO, Duration::from_millis(1), Duration::MAX] {
         match locker.lock(&key).ttl(bad_ttl).await {
@@ -420,13 +494,19 @@ pub async fn bad_input_is_rejected(harness: &dyn Harness) {
     }
     for bad_wait in [Duration::ZERO, Duration::MAX] {
         assert!(
-            matches!(locker.lock(&key).wait(bad_wait).await, Err(LockError::InvalidOptions { .. })),
+            matches!(
+                locker.lock(&key).wait(bad_wait).await,
+                Err(LockError::InvalidOptions { .. })
+            ),
             "wait {bad_wait:?} must be refused"
         );
     }
     let guard = locker.lock(&key).ttl(LONG_TTL).await.expect("valid request");
     for bad_extension in [Duration::ZERO, Duration::MAX] {
-        assert!(matches!(guard.extend(bad_extension).await, Err(LockError::InvalidOptions { .. })));
+        assert!(matches!(
+            guard.extend(bad_extension).await,
+            Err(LockError::InvalidOptions { .. })
+        ));
     }
     assert!(guard.is_held(), "a refused extension leaves the lock held");
     guard.release().await.expect("release");
@@ -467,7 +547,11 @@ pub async fn waiters_served_in_turn(harness: &dyn Harness) {
     sorted.sort_unstable();
     assert_eq!(sorted, vec![0, 1, 2, 3], "every waiter must get the lock once");
     if harness.config().fifo {
-        assert_eq!(order, vec![0, 1, 2, 3], "a FIFO backend must serve waiters in arrival order");
+        assert_eq!(
+            order,
+            vec![0, 1, 2, 3],
+            "a FIFO backend must serve waiters in arrival order"
+        );
     }
 }
 

@@ -271,7 +271,10 @@ mod tests {
         resource.write(1, token(3)).expect("first");
         resource.write(2, token(3)).expect("equal tokens are let in");
         let report = resource.check();
-        assert_eq!((report.accepted, report.non_increasing, report.overlaps), (2, 1, 0));
+        assert_eq!(
+            (report.accepted, report.non_increasing, report.overlaps),
+            (2, 1, 0)
+        );
     }
 
     #[test]
@@ -280,7 +283,13 @@ mod tests {
         for value in 1..=5 {
             resource.write(0, token(value)).expect("rising");
         }
-        assert_eq!(resource.write(0, token(2)), Err(StaleToken { presented: token(2), highest: token(5) }));
+        assert_eq!(
+            resource.write(0, token(2)),
+            Err(StaleToken {
+                presented: token(2),
+                highest: token(5)
+            })
+        );
         let report = resource.check();
         assert!(report.is_clean());
         assert_eq!((report.accepted, report.rejected_stale), (5, 1));

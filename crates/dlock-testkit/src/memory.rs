@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dlock_core::{
-    AcquireRequest, Attempt, Busy, ExtendOutcome, FencingToken, Grant, Lease, LockBackend, LockError, LockKind,
-    NotHeldReason, OwnerToken, ReleaseEvents, ReleaseHub, ReleaseOutcome, drift_allowance,
+    AcquireRequest, Attempt, Busy, ExtendOutcome, FencingToken, Grant, Lease, LockBackend, LockError,
+    LockKind, NotHeldReason, OwnerToken, ReleaseEvents, ReleaseHub, ReleaseOutcome, drift_allowance,
 };
 use tokio::time::{Instant, sleep};
 
@@ -210,13 +210,22 @@ impl MemoryBackend {
 impl State {
     /// The live holder of `key`; an expired one is removed first.
     fn live_holder(&mut self, key: &str, now: Instant) -> Option<&mut Holder> {
-        if self.holders.get(key).is_some_and(|holder| holder.expires_at <= now) {
+        if self
+            .holders
+            .get(key)
+            .is_some_and(|holder| holder.expires_at <= now)
+        {
             self.holders.remove(key);
         }
         self.holders.get_mut(key)
     }
 
-    fn check_owner(&mut self, key: &str, owner: &OwnerToken, now: Instant) -> Result<&mut Holder, NotHeldReason> {
+    fn check_owner(
+        &mut self,
+        key: &str,
+        owner: &OwnerToken,
+        now: Instant,
+    ) -> Result<&mut Holder, NotHeldReason> {
         match self.live_holder(key, now) {
             Some(holder) if holder.owner == owner.as_str() => Ok(holder),
             Some(_) => Err(NotHeldReason::OtherOwner),

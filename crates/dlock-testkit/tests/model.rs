@@ -57,7 +57,9 @@ struct ModelGuard {
 
 impl Model {
     fn live_holder(&self, key: usize) -> Option<u64> {
-        self.holders[key].filter(|&(_, expires)| self.now < expires).map(|(id, _)| id)
+        self.holders[key]
+            .filter(|&(_, expires)| self.now < expires)
+            .map(|(id, _)| id)
     }
 
     fn guard_held(&self, guard: &ModelGuard) -> bool {
@@ -86,7 +88,12 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         for op in ops {
             match op {
                 Op::TryLock { client, key } => {
-                    let outcome = lockers[client].lock(key_name(key)).ttl(ttl).auto_renew(false).try_lock().await;
+                    let outcome = lockers[client]
+                        .lock(key_name(key))
+                        .ttl(ttl)
+                        .auto_renew(false)
+                        .try_lock()
+                        .await;
                     match model.live_holder(key) {
                         Some(_) => {
                             prop_assert!(matches!(outcome, Err(LockError::Contended { .. })), "{outcome:?}");
@@ -101,7 +108,12 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                             model.holders[key] = Some((acquisition, model.now + TTL_MS));
                             model.guards.insert(
                                 (client, key),
-                                ModelGuard { acquisition, token, valid_until: model.now + local_validity, lost: false },
+                                ModelGuard {
+                                    acquisition,
+                                    token,
+                                    valid_until: model.now + local_validity,
+                                    lost: false,
+                                },
                             );
                             // Replacing an old guard must not release anything.
                             if let Some(old) = guards.insert((client, key), guard) {
@@ -111,7 +123,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     }
                 }
                 Op::Release { client, key } => {
-                    let Some(guard) = guards.remove(&(client, key)) else { continue };
+                    let Some(guard) = guards.remove(&(client, key)) else {
+                        continue;
+                    };
                     let expected = model.guards.remove(&(client, key)).expect("model guard");
                     let outcome = guard.release().await;
                     match model.live_holder(key) {
@@ -120,17 +134,31 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                             model.holders[key] = None;
                         }
                         Some(_) => prop_assert!(
-                            matches!(outcome, Err(LockError::NotHeld { reason: NotHeldReason::OtherOwner, .. })),
+                            matches!(
+                                outcome,
+                                Err(LockError::NotHeld {
+                                    reason: NotHeldReason::OtherOwner,
+                                    ..
+                                })
+                            ),
                             "{outcome:?}"
                         ),
                         None => prop_assert!(
-                            matches!(outcome, Err(LockError::NotHeld { reason: NotHeldReason::Expired, .. })),
+                            matches!(
+                                outcome,
+                                Err(LockError::NotHeld {
+                                    reason: NotHeldReason::Expired,
+                                    ..
+                                })
+                            ),
                             "{outcome:?}"
                         ),
                     }
                 }
                 Op::Extend { client, key } => {
-                    let Some(guard) = guards.get(&(client, key)) else { continue };
+                    let Some(guard) = guards.get(&(client, key)) else {
+                        continue;
+                    };
                     let expected = *model.guards.get(&(client, key)).expect("model guard");
                     let outcome = guard.extend(ttl).await;
                     let still_valid = model.guard_held(&expected);
@@ -178,7 +206,13 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
             for (slot, guard) in &guards {
                 let expected = model.guards.get(slot).expect("model guard");
-                prop_assert_eq!(guard.is_held(), model.guard_held(expected), "guard {:?} at {} ms", slot, model.now);
+                prop_assert_eq!(
+                    guard.is_held(),
+                    model.guard_held(expected),
+                    "guard {:?} at {} ms",
+                    slot,
+                    model.now
+                );
             }
         }
         for (_, guard) in guards {

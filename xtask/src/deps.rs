@@ -1,0 +1,117 @@
+//! Makes sure the system programs the suites need are installed.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::Result;
+
+/// A program and the Debian package that ships it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tool {
+    pub(crate) program: &'static str,
+    pub(crate) package: &'static str,
+}
+
+pub(crate) const REDIS_SERVER: Tool = Tool {
+    program: "redis-server",
+    package: "redis-server",
+};
+pub(crate) const REDIS_CLI: Tool = Tool {
+    program: "redis-cli",
+    package: "redis-tools",
+};
+pub(crate) const ETCD: Tool = Tool {
+    program: "etcd",
+    package: "etcd-server",
+};
+pub(crate) const PROTOC: Tool = Tool {
+    program: "protoc",
+    package: "protobuf-compiler",
+};
+
+/// Everything any suite may need (`cargo xtask deps`).
+pub(crate) const ALL: &[Tool] = &[REDIS_SERVER, REDIS_CLI, ETCD, PROTOC];
+
+/// Installs the missing tools with apt-get when running as root, or fails
+/// with the exact command to run.
+pub(crate) fn ensure(tools: &[Tool]) -> Result {
+    let missing: Vec<Tool> = tools
+        .iter()
+        .copied()
+        .filter(|tool| find_program(tool.program).is_none())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut packages: Vec<&str> = missing.iter().map(|tool| tool.package).collect();
+    packages.dedup();
+    let programs: Vec<&str> = missing.iter().map(|tool| tool.program).collect();
+    let install = format!(
+        "apt-get install -y --no-install-recommends {}",
+        packages.join(" ")
+    );
+    if !is_root() || find_program("apt-get").is_none() {
+        return Err(format!(
+            "missing {}; install them with:\n    sudo apt-get update && sudo {install}\nthen run the xtask command again",
+            programs.join(", ")
+        ));
+    }
+    println!(
+        "xtask: {} missing; installing Debian packages: {}",
+        programs.join(", "),
+        packages.join(" ")
+    );
+    apt(&["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(&packages);
+    apt(&args)?;
+    let still_missing: Vec<&str> = missing
+        .iter()
+        .filter(|tool| find_program(tool.program).is_none())
+        .map(|tool| tool.program)
+        .collect();
+    if still_missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{install} ran, but {} is still not on PATH",
+            still_missing.join(", ")
+        ))
+    }
+}
+
+fn apt(args: &[&str]) -> Result {
+    let status = Command::new("apt-get")
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .map_err(|error| format!("could not run apt-get: {error}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("apt-get {} failed with {status}", args.join(" ")))
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == "0")
+}
+
+/// The full path of `program` if it is on PATH (or in the sbin directories
+/// that a non-login root shell may lack).
+pub(crate) fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/sbin"].iter().map(Into::into))
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+}

@@ -1,0 +1,180 @@
+//! A guard around a server process: its own temp dir and free port, a
+//! readiness poll, its log on failure, and kill + wait on every exit path.
+
+use std::fs::File;
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::Result;
+
+/// A running server; killed and reaped when dropped.
+#[derive(Debug)]
+pub(crate) struct ServerProcess {
+    name: String,
+    child: Child,
+    port: u16,
+    log: PathBuf,
+    // Declared last: removed after the process is gone.
+    dir: TempDir,
+}
+
+impl ServerProcess {
+    /// Starts `program` in a fresh temp dir on a free loopback port.
+    /// `arguments` gets the dir and the port and returns the command line.
+    pub(crate) fn start(
+        name: &str,
+        program: &Path,
+        arguments: impl FnOnce(&Path, u16) -> Vec<String>,
+    ) -> Result<ServerProcess> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("dlock-{name}-"))
+            .tempdir()
+            .map_err(|error| format!("{name}: could not create a temp dir: {error}"))?;
+        let port = free_port()?;
+        let log = dir.path().join("server.log");
+        let log_file =
+            File::create(&log).map_err(|error| format!("{name}: could not create its log: {error}"))?;
+        let log_copy = log_file
+            .try_clone()
+            .map_err(|error| format!("{name}: log: {error}"))?;
+        let child = Command::new(program)
+            .args(arguments(dir.path(), port))
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_copy)
+            .spawn()
+            .map_err(|error| format!("{name}: could not start {}: {error}", program.display()))?;
+        Ok(ServerProcess {
+            name: name.to_owned(),
+            child,
+            port,
+            log,
+            dir,
+        })
+    }
+
+    /// The loopback port the server was given.
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's own temp dir.
+    #[allow(dead_code)] // for suites that keep files beside the server (cluster configs, certificates)
+    pub(crate) fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Polls `probe` until it answers true, the process exits, or `timeout` passes.
+    pub(crate) fn wait_ready(&mut self, timeout: Duration, probe: impl Fn(u16) -> bool) -> Result {
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            if probe(self.port) {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "{} exited with {status} before it was ready:\n{}",
+                    self.name,
+                    self.log_tail()
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{} was not ready within {timeout:?}:\n{}",
+                    self.name,
+                    self.log_tail()
+                ));
+            }
+            sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// The last lines of the server's log.
+    pub(crate) fn log_tail(&self) -> String {
+        const LINES: usize = 40;
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let start = lines.len().saturating_sub(LINES);
+        format!(
+            "--- last lines of the {} log ---\n{}",
+            self.name,
+            lines[start..].join("\n")
+        )
+    }
+
+    /// Kills the server now (for fault tests); dropping it later is harmless.
+    pub(crate) fn kill(&mut self) {
+        // An error means the process is already gone, which is the goal.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub(crate) fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(|error| format!("could not find a free loopback port: {error}"))?;
+    listener
+        .local_addr()
+        .map(|address| address.port())
+        .map_err(|error| format!("free port: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dropped_server_is_killed_and_its_dir_removed() {
+        let mut server = ServerProcess::start("sleeper", Path::new("/bin/sleep"), |_, _| vec!["600".into()])
+            .expect("start sleep");
+        let pid = server.child.id();
+        let dir = server.dir().to_path_buf();
+        assert!(Path::new(&format!("/proc/{pid}")).exists());
+        assert!(server.wait_ready(Duration::from_millis(50), |_| false).is_err());
+        drop(server);
+        // Reaped by wait(): the pid no longer names our child (a zombie would still show).
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        assert!(!status.contains("sleep"), "the sleeper is still there: {status}");
+        assert!(!dir.exists(), "the temp dir was left behind");
+    }
+
+    #[test]
+    fn readiness_is_polled_until_the_probe_answers() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let mut server = ServerProcess::start("sleeper", Path::new("/bin/sleep"), |_, _| vec!["600".into()])
+            .expect("start sleep");
+        server
+            .wait_ready(Duration::from_secs(5), |_| {
+                std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok()
+            })
+            .expect("the probe answers");
+    }
+
+    #[test]
+    fn a_server_that_dies_early_reports_its_log() {
+        let mut server = ServerProcess::start("failing", Path::new("/bin/sh"), |_, _| {
+            vec!["-c".into(), "echo boom >&2; exit 3".into()]
+        })
+        .expect("start sh");
+        let error = server
+            .wait_ready(Duration::from_secs(5), |_| false)
+            .expect_err("it exits");
+        assert!(error.contains("boom") && error.contains("exited"), "{error}");
+    }
+}
