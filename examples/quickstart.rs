@@ -30,7 +30,11 @@ async fn main() -> Result<(), LockError> {
         let locker = Locker::new(backend.clone());
         let report = report.clone();
         workers.push(tokio::spawn(async move {
-            let guard = locker.lock(KEY).ttl(Duration::from_secs(2)).wait(Duration::from_secs(10)).await?;
+            let guard = locker
+                .lock(KEY)
+                .ttl(Duration::from_secs(2))
+                .wait(Duration::from_secs(10))
+                .await?;
             let token = guard.fencing_token();
             println!("worker {worker}: acquired, fencing token {token}");
             sleep(Duration::from_millis(100)).await; // the work
@@ -56,7 +60,9 @@ async fn main() -> Result<(), LockError> {
     let other = Locker::new(backend.clone());
     let fresh = other.lock(KEY).wait(Duration::from_secs(5)).await?;
     println!("worker 6: acquired, fencing token {}", fresh.fencing_token());
-    report.write(6, fresh.fencing_token()).expect("the newest token is accepted");
+    report
+        .write(6, fresh.fencing_token())
+        .expect("the newest token is accepted");
     println!("worker 6: wrote the report with token {}", fresh.fencing_token());
 
     // Worker 5's watchdog finds out at its next renewal (within ttl/3).

@@ -48,8 +48,3 @@ pub use token::{FencingToken, OwnerToken};
 
 /// Re-exported so that backends implement [`LockBackend`] with the same macro version.
 pub use async_trait::async_trait;
-
-/// The README's examples, compiled as doctests so that they stay true.
-#[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
-pub struct ReadmeDoctests;

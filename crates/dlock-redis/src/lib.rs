@@ -1,0 +1,406 @@
+//! Redis backend for [dlock](dlock_core): distributed locks with fencing
+//! tokens, loss signals and pub/sub wake-ups, on a single Redis server.
+//!
+//! Every lock operation is one round trip: a Lua script called by EVALSHA
+//! (loaded on first use). The lock key holds the owner's secret with a PX
+//! TTL; a counter key in the same hash slot gives the fencing token; a
+//! release publishes on the key's channel, which waiters listen to on one
+//! shared pub/sub connection.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use dlock_redis::{Locker, RedisBackend};
+//!
+//! # async fn demo() -> Result<(), dlock_redis::LockError> {
+//! let backend = RedisBackend::connect("redis://127.0.0.1:6379/0").await?;
+//! let locker = Locker::new(backend);
+//! let guard = locker.lock("orders/42").ttl(Duration::from_secs(10)).await?;
+//! println!("fencing token {}", guard.fencing_token());
+//! guard.release().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Keys in Redis: `{prefix}{<key>}` holds the lock, `{prefix}{<key>}:fence`
+//! the fencing counter (kept forever so tokens keep rising; one small key
+//! per lock name), and `{prefix}{<key>}:released` is the release channel.
+
+#![forbid(unsafe_code)]
+
+mod errors;
+mod scripts;
+mod subscriber;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use dlock_core::*;
+pub use redis;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::time::timeout;
+
+use crate::errors::from_redis;
+use crate::subscriber::Subscriber;
+
+/// Default key prefix.
+pub const DEFAULT_KEY_PREFIX: &str = "dlock:";
+/// Default limit for one command's round trip.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default limit for opening a connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A lock backend on one Redis server (or the master a URL points to).
+///
+/// Cheap to clone; clones share one multiplexed connection (concurrent
+/// commands are pipelined on it), which reconnects by itself after the
+/// server comes back, and one pub/sub connection for waiters.
+#[derive(Clone)]
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connection: ConnectionManager,
+    subscriber: Arc<Subscriber>,
+    prefix: String,
+    command_timeout: Duration,
+    address: String,
+}
+
+/// Settings for [`RedisBackend`]; start with [`RedisBackend::builder`].
+#[derive(Clone)]
+pub struct RedisBackendBuilder {
+    url: String,
+    key_prefix: String,
+    command_timeout: Duration,
+    connect_timeout: Duration,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+impl RedisBackend {
+    /// Connects with default settings. The URL is `redis://[user:password@]host:port/db`,
+    /// or `rediss://` for TLS.
+    pub async fn connect(url: &str) -> Result<Self, LockError> {
+        Self::builder(url).connect().await
+    }
+
+    /// Settings for a connection to `url`.
+    pub fn builder(url: &str) -> RedisBackendBuilder {
+        RedisBackendBuilder {
+            url: url.to_owned(),
+            key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            username: None,
+            password: None,
+        }
+    }
+
+    /// The Redis key that holds the lock for `key`.
+    pub fn lock_key(&self, key: &str) -> String {
+        format!("{}{{{key}}}", self.inner.prefix)
+    }
+
+    /// The Redis key that holds the fencing counter for `key`.
+    pub fn fence_key(&self, key: &str) -> String {
+        format!("{}:fence", self.lock_key(key))
+    }
+
+    /// The pub/sub channel on which releases of `key` are announced.
+    pub fn release_channel(&self, key: &str) -> String {
+        format!("{}:released", self.lock_key(key))
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        key: &str,
+        doing: &str,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T, LockError> {
+        let mut connection = self.inner.connection.clone();
+        match timeout(
+            self.inner.command_timeout,
+            invocation.invoke_async(&mut connection),
+        )
+        .await
+        {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(from_redis(Some(key), doing, error)),
+            Err(_) => Err(LockError::unavailable(
+                Some(key),
+                format!(
+                    "{doing}: {} did not answer within {:?}",
+                    self.inner.address, self.inner.command_timeout
+                ),
+            )),
+        }
+    }
+}
+
+impl RedisBackendBuilder {
+    /// Prefix of every key and channel (default `dlock:`). It must not
+    /// contain `{` or `}`, which Redis Cluster reads as a hash tag.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// Limit for one command's round trip (default 2 s). A command that
+    /// takes longer fails with [`LockError::Unavailable`].
+    pub fn command_timeout(mut self, limit: Duration) -> Self {
+        self.command_timeout = limit;
+        self
+    }
+
+    /// Limit for opening a connection (default 5 s).
+    pub fn connect_timeout(mut self, limit: Duration) -> Self {
+        self.connect_timeout = limit;
+        self
+    }
+
+    /// Username and password, instead of (or overriding) those in the URL.
+    pub fn credentials(mut self, username: Option<&str>, password: &str) -> Self {
+        self.username = username.map(str::to_owned);
+        self.password = Some(password.to_owned());
+        self
+    }
+
+    /// Connects; fails with [`LockError::InvalidOptions`] for a malformed URL
+    /// or setting and [`LockError::Unavailable`] when the server cannot be
+    /// reached or refuses the credentials.
+    pub async fn connect(self) -> Result<RedisBackend, LockError> {
+        let shown = redact(&self.url);
+        let invalid = |reason: String| LockError::InvalidOptions {
+            key: String::new(),
+            reason,
+        };
+        if self.key_prefix.contains(['{', '}']) {
+            return Err(invalid(format!(
+                "key prefix {:?} contains a brace; Redis Cluster reads braces as a hash tag",
+                self.key_prefix
+            )));
+        }
+        for (name, value) in [
+            ("command timeout", self.command_timeout),
+            ("connect timeout", self.connect_timeout),
+        ] {
+            if value.is_zero() || value > Duration::from_secs(300) {
+                return Err(invalid(format!(
+                    "{name} {value:?} is out of range; use 1 ms to 300 s"
+                )));
+            }
+        }
+        let mut info = redis::IntoConnectionInfo::into_connection_info(self.url.as_str()).map_err(|error| {
+            invalid(format!(
+                "{shown} is not a Redis URL ({error}); expected redis://[user:password@]host:port/db or rediss://..."
+            ))
+        })?;
+        if let Some(password) = &self.password {
+            let mut settings = info.redis_settings().clone().set_password(password);
+            if let Some(username) = &self.username {
+                settings = settings.set_username(username);
+            }
+            info = info.set_redis_settings(settings);
+        }
+        let client = redis::Client::open(info).map_err(|error| invalid(format!("{shown}: {error}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.command_timeout))
+            .set_number_of_retries(1);
+        let unreachable =
+            |detail: String| LockError::unavailable(None, format!("connecting to {shown}: {detail}"));
+        let connection = match timeout(
+            self.connect_timeout,
+            client.get_connection_manager_with_config(config),
+        )
+        .await
+        {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(error)) => return Err(from_redis(None, &format!("connecting to {shown}"), error)),
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "no answer within {:?}",
+                    self.connect_timeout
+                )));
+            }
+        };
+        let subscriber = Subscriber::new(client, self.connect_timeout.max(self.command_timeout));
+        Ok(RedisBackend {
+            inner: Arc::new(Inner {
+                connection,
+                subscriber,
+                prefix: self.key_prefix,
+                command_timeout: self.command_timeout,
+                address: shown,
+            }),
+        })
+    }
+}
+
+/// The URL with any password replaced, for messages and logs.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, ""), |(authority, path)| (authority, path));
+    let Some((credentials, host)) = authority.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    let user = credentials.split_once(':').map_or(credentials, |(user, _)| user);
+    let slash = if rest.contains('/') { "/" } else { "" };
+    format!("{scheme}://{user}:***@{host}{slash}{path}")
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[async_trait]
+impl LockBackend for RedisBackend {
+    async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
+        if request.kind != LockKind::Exclusive {
+            return Err(LockError::Unsupported {
+                key: request.key.to_owned(),
+                what: format!("lock kind {:?}", request.kind),
+            });
+        }
+        let key = request.key;
+        let mut invocation = scripts::ACQUIRE.prepare_invoke();
+        invocation
+            .key(self.lock_key(key))
+            .key(self.fence_key(key))
+            .arg(request.owner.as_str())
+            .arg(millis(request.ttl));
+        let (status, number): (i64, i64) = self.run(key, "acquiring", invocation).await?;
+        match status {
+            1 => {
+                let token = FencingToken::new(u64::try_from(number).unwrap_or(0));
+                let validity = request.ttl.saturating_sub(drift_allowance(request.ttl));
+                Ok(Attempt::Acquired(Grant::new(token, validity)))
+            }
+            0 => {
+                let busy = Busy::new();
+                // -1: the holder's key has no TTL (set by hand); rely on notifications.
+                Ok(Attempt::Busy(match u64::try_from(number) {
+                    Ok(remaining) => busy.retry_after(Duration::from_millis(remaining)),
+                    Err(_) => busy,
+                }))
+            }
+            2 => Err(LockError::ForeignValue {
+                key: key.to_owned(),
+                found: format!(
+                    "a string at {} that is not a dlock owner token",
+                    self.lock_key(key)
+                ),
+            }),
+            _ => Err(LockError::ForeignValue {
+                key: key.to_owned(),
+                found: format!(
+                    "a fencing counter at {} that is not an integer",
+                    self.fence_key(key)
+                ),
+            }),
+        }
+    }
+
+    async fn extend(&self, lease: &Lease, ttl: Duration) -> Result<ExtendOutcome, LockError> {
+        let key = lease.key();
+        let mut invocation = scripts::EXTEND.prepare_invoke();
+        invocation
+            .key(self.lock_key(key))
+            .arg(lease.owner().as_str())
+            .arg(millis(ttl));
+        let status: i64 = self.run(key, "extending", invocation).await?;
+        Ok(match status {
+            1 => ExtendOutcome::Extended {
+                validity: ttl.saturating_sub(drift_allowance(ttl)),
+            },
+            0 => ExtendOutcome::NotHeld(NotHeldReason::Expired),
+            _ => ExtendOutcome::NotHeld(NotHeldReason::OtherOwner),
+        })
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<ReleaseOutcome, LockError> {
+        let key = lease.key();
+        let channel = self.release_channel(key);
+        let mut invocation = scripts::RELEASE.prepare_invoke();
+        invocation
+            .key(self.lock_key(key))
+            .arg(lease.owner().as_str())
+            .arg(&channel);
+        let status: i64 = self.run(key, "releasing", invocation).await?;
+        Ok(match status {
+            1 => {
+                // Local waiters need not wait for the message to come back.
+                self.inner.subscriber.notify_local(&channel);
+                ReleaseOutcome::Released
+            }
+            0 => ReleaseOutcome::NotHeld(NotHeldReason::Expired),
+            _ => ReleaseOutcome::NotHeld(NotHeldReason::OtherOwner),
+        })
+    }
+
+    async fn abandon(&self, key: &str, owner: &OwnerToken) -> Result<(), LockError> {
+        let channel = self.release_channel(key);
+        let mut invocation = scripts::RELEASE.prepare_invoke();
+        invocation
+            .key(self.lock_key(key))
+            .arg(owner.as_str())
+            .arg(&channel);
+        let _: i64 = self.run(key, "cleaning up", invocation).await?;
+        Ok(())
+    }
+
+    async fn subscribe(&self, key: &str) -> Result<ReleaseEvents, LockError> {
+        self.inner
+            .subscriber
+            .subscribe(key, &self.release_channel(key))
+            .await
+    }
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("address", &self.inner.address)
+            .field("prefix", &self.inner.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for RedisBackendBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackendBuilder")
+            .field("url", &redact(&self.url))
+            .field("key_prefix", &self.key_prefix)
+            .field("command_timeout", &self.command_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// The README's examples, compiled as doctests so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("redis://user:secret@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(redact("redis://:secret@host:6379"), "redis://:***@host:6379");
+        assert_eq!(redact("redis://host:6379/0"), "redis://host:6379/0");
+        assert!(!redact("rediss://u:p%40ss@h/1").contains("p%40ss"));
+    }
+}

@@ -1,0 +1,74 @@
+//! The Lua scripts: each lock operation is one atomic EVALSHA.
+//!
+//! Keys: `KEYS[1]` is the lock key (value: the owner token, with a PX TTL),
+//! `KEYS[2]` the fencing counter; both carry the same `{...}` hash tag, so they
+//! live in one Cluster slot.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Take the lock if free (bumping the fencing counter), re-grant it to the
+/// same owner, or report the holder's remaining TTL.
+///
+/// `ARGV[1]` owner, `ARGV[2]` TTL in ms. Returns `{status, number}`:
+/// `{1, token}` acquired, `{0, pttl}` busy, `{2, 0}` foreign value at the
+/// lock key, `{3, 0}` the fencing counter is not an integer (nothing taken).
+/// A lock key of another type fails with WRONGTYPE.
+pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local token = redis.pcall('INCR', KEYS[2])
+  if type(token) == 'table' then
+    redis.call('DEL', KEYS[1])
+    return {3, 0}
+  end
+  return {1, token}
+end
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, tonumber(redis.call('GET', KEYS[2]) or '0')}
+end
+if string.len(holder) ~= 32 or string.find(holder, '[^0-9a-f]') then
+  return {2, 0}
+end
+return {0, redis.call('PTTL', KEYS[1])}
+",
+    )
+});
+
+/// Reset the TTL if we own the lock. `ARGV[1]` owner, `ARGV[2]` TTL in ms.
+/// Returns 1 extended, 0 no lock, -1 another owner.
+pub(crate) static EXTEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if holder == false then return 0 end
+return -1
+",
+    )
+});
+
+/// Delete the lock if we own it and publish on its release channel.
+/// `ARGV[1]` owner, `ARGV[2]` channel. Returns 1 released, 0 no lock,
+/// -1 another owner.
+pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], '')
+  return 1
+end
+if holder == false then return 0 end
+return -1
+",
+    )
+});

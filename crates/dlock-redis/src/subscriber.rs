@@ -1,0 +1,162 @@
+//! One pub/sub connection per backend, shared by every waiter: it subscribes
+//! to a key's release channel while someone waits on that key, turns
+//! messages into hub notifications, and resubscribes after a reconnect.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use dlock_core::{LockError, ReleaseEvents, ReleaseHub};
+use futures_util::StreamExt;
+use redis::aio::{PubSubSink, PubSubStream};
+use tokio::sync::{Mutex, mpsc};
+use tokio::time::{sleep, timeout};
+use tracing::{debug, warn};
+
+use crate::errors::from_redis;
+
+pub(crate) struct Subscriber {
+    client: redis::Client,
+    hub: ReleaseHub,
+    sink: Mutex<Option<PubSubSink>>,
+    timeout: Duration,
+}
+
+impl Subscriber {
+    /// A subscriber that connects on first use.
+    pub(crate) fn new(client: redis::Client, timeout: Duration) -> Arc<Self> {
+        let (idle_tx, idle_rx) = mpsc::unbounded_channel::<String>();
+        let hub = ReleaseHub::with_idle_hook(move |channel| {
+            // The receiver lives as long as the subscriber; if it is gone,
+            // so is the connection and its subscriptions.
+            let _ = idle_tx.send(channel.to_owned());
+        });
+        let subscriber = Arc::new(Subscriber {
+            client,
+            hub,
+            sink: Mutex::new(None),
+            timeout,
+        });
+        tokio::spawn(unsubscribe_idle(Arc::downgrade(&subscriber), idle_rx));
+        subscriber
+    }
+
+    /// Wakes local waiters on `channel` at once (our own release).
+    pub(crate) fn notify_local(&self, channel: &str) {
+        self.hub.notify(channel);
+    }
+
+    /// Starts listening on `channel`; returns once the server confirmed.
+    pub(crate) async fn subscribe(
+        self: &Arc<Self>,
+        key: &str,
+        channel: &str,
+    ) -> Result<ReleaseEvents, LockError> {
+        let subscription = self.hub.subscribe(channel);
+        if !subscription.first {
+            return Ok(subscription.events);
+        }
+        let mut sink = self.sink.lock().await;
+        if let Some(live) = sink.as_mut() {
+            match timeout(self.timeout, live.subscribe(channel)).await {
+                Ok(Ok(())) => return Ok(subscription.events),
+                // The connection is broken: open a new one below.
+                Ok(Err(_)) | Err(_) => *sink = None,
+            }
+        }
+        let stream = self.reconnect(&mut sink).await.map_err(|error| match error {
+            Some(error) => from_redis(Some(key), "subscribing to release notifications", error),
+            None => LockError::unavailable(
+                Some(key),
+                format!(
+                    "subscribing to release notifications took over {:?}",
+                    self.timeout
+                ),
+            ),
+        })?;
+        tokio::spawn(read_messages(Arc::downgrade(self), stream));
+        Ok(subscription.events)
+    }
+
+    /// Opens a pub/sub connection, subscribes to every channel someone waits
+    /// on, and returns the message stream to read. `None` as error: a timeout.
+    async fn reconnect(
+        &self,
+        sink: &mut Option<PubSubSink>,
+    ) -> Result<PubSubStream, Option<redis::RedisError>> {
+        let opened = timeout(self.timeout, async {
+            let (mut new_sink, stream) = self.client.get_async_pubsub().await?.split();
+            let channels = self.hub.keys_with_subscribers();
+            if !channels.is_empty() {
+                new_sink.subscribe(&channels).await?;
+            }
+            Ok::<_, redis::RedisError>((new_sink, stream))
+        })
+        .await;
+        let (new_sink, stream) = match opened {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(error)) => return Err(Some(error)),
+            Err(_) => return Err(None),
+        };
+        *sink = Some(new_sink);
+        // Releases may have been missed while no connection listened.
+        self.hub.notify_all();
+        Ok(stream)
+    }
+}
+
+/// Reads release messages. After a disconnect it reconnects while anyone
+/// waits (waiters fall back to their TTL hints meanwhile), unless a new
+/// subscriber already did.
+async fn read_messages(subscriber: Weak<Subscriber>, mut stream: PubSubStream) {
+    'connection: loop {
+        while let Some(message) = stream.next().await {
+            let Some(subscriber) = subscriber.upgrade() else {
+                return;
+            };
+            subscriber.hub.notify(message.get_channel_name());
+        }
+        let Some(live) = subscriber.upgrade() else { return };
+        *live.sink.lock().await = None;
+        live.hub.notify_all();
+        warn!("the pub/sub connection closed; reconnecting");
+        let mut pause = Duration::from_millis(50);
+        loop {
+            if live.hub.is_empty() {
+                debug!("nobody waits; the pub/sub connection stays closed until needed");
+                return;
+            }
+            {
+                let mut sink = live.sink.lock().await;
+                if sink.is_some() {
+                    return; // a subscriber reconnected first and reads the new connection
+                }
+                if let Ok(new_stream) = live.reconnect(&mut sink).await {
+                    debug!("pub/sub reconnected");
+                    stream = new_stream;
+                    continue 'connection;
+                }
+            }
+            sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+/// Unsubscribes from channels nobody waits on any more.
+async fn unsubscribe_idle(subscriber: Weak<Subscriber>, mut idle: mpsc::UnboundedReceiver<String>) {
+    while let Some(channel) = idle.recv().await {
+        let Some(subscriber) = subscriber.upgrade() else {
+            return;
+        };
+        let mut sink = subscriber.sink.lock().await;
+        // A new waiter may have subscribed again meanwhile.
+        if subscriber.hub.keys_with_subscribers().contains(&channel) {
+            continue;
+        }
+        if let Some(live) = sink.as_mut() {
+            if let Err(error) = live.unsubscribe(&channel).await {
+                debug!(%error, "unsubscribe failed; the reconnect will drop the channel");
+            }
+        }
+    }
+}
