@@ -121,6 +121,19 @@ pub struct AcquireRequest<'a> {
 }
 
 impl<'a> AcquireRequest<'a> {
+    /// For backends that offer only [`LockKind::Exclusive`]: any other kind
+    /// is [`LockError::Unsupported`].
+    pub fn require_exclusive(&self) -> Result<(), LockError> {
+        match self.kind {
+            LockKind::Exclusive => Ok(()),
+            #[allow(unreachable_patterns)] // kinds to come
+            other => Err(LockError::Unsupported {
+                key: self.key.to_owned(),
+                what: format!("lock kind {other:?}"),
+            }),
+        }
+    }
+
     pub(crate) fn new(
         key: &'a str,
         owner: &'a OwnerToken,

@@ -261,12 +261,7 @@ fn millis(duration: Duration) -> u64 {
 #[async_trait]
 impl LockBackend for RedisBackend {
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
-        if request.kind != LockKind::Exclusive {
-            return Err(LockError::Unsupported {
-                key: request.key.to_owned(),
-                what: format!("lock kind {:?}", request.kind),
-            });
-        }
+        request.require_exclusive()?;
         let key = request.key;
         let mut invocation = scripts::ACQUIRE.prepare_invoke();
         invocation

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use dlock_core::{
     AcquireRequest, Attempt, Busy, ExtendOutcome, FencingToken, Grant, Lease, LockBackend, LockError,
-    LockKind, NotHeldReason, OwnerToken, ReleaseEvents, ReleaseHub, ReleaseOutcome, drift_allowance,
+    NotHeldReason, OwnerToken, ReleaseEvents, ReleaseHub, ReleaseOutcome, drift_allowance,
 };
 use tokio::time::{Instant, sleep};
 
@@ -237,12 +237,7 @@ impl State {
 #[async_trait]
 impl LockBackend for MemoryBackend {
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
-        if request.kind != LockKind::Exclusive {
-            return Err(LockError::Unsupported {
-                key: request.key.to_owned(),
-                what: format!("lock kind {:?}", request.kind),
-            });
-        }
+        request.require_exclusive()?;
         self.enter(request.key).await?;
         let now = Instant::now();
         let mut state = self.state();
