@@ -40,7 +40,8 @@ use crate::token::{FencingToken, OwnerToken};
 /// let guard = locker.lock("orders/42").ttl(Duration::from_secs(10)).await?;
 /// assert_eq!(guard.key(), "orders/42");
 /// assert!(guard.is_held());
-/// println!("writing with fencing token {}", guard.fencing_token());
+/// let token = guard.fencing_token(); // send it with every write
+/// assert!(token.get() > 0);
 /// guard.release().await?;
 /// # Ok(()) }
 /// ```

@@ -15,7 +15,8 @@
 //! let backend = RedisBackend::connect("redis://127.0.0.1:6379/0").await?;
 //! let locker = Locker::new(backend);
 //! let guard = locker.lock("orders/42").ttl(Duration::from_secs(10)).await?;
-//! println!("fencing token {}", guard.fencing_token());
+//! let token = guard.fencing_token(); // send it with every write
+//! # let _ = token;
 //! guard.release().await?;
 //! # Ok(()) }
 //! ```
