@@ -113,6 +113,31 @@ impl RedisBackend {
         format!("{}:released", self.lock_key(key))
     }
 
+    /// The owner-checked release script, shared by `release` and `abandon`.
+    async fn release_owned(
+        &self,
+        key: &str,
+        owner: &OwnerToken,
+        doing: &str,
+    ) -> Result<ReleaseOutcome, LockError> {
+        let channel = self.release_channel(key);
+        let mut invocation = scripts::RELEASE.prepare_invoke();
+        invocation
+            .key(self.lock_key(key))
+            .arg(owner.as_str())
+            .arg(&channel);
+        let status: i64 = self.run(key, doing, invocation).await?;
+        Ok(match status {
+            1 => {
+                // Local waiters need not wait for the message to come back.
+                self.inner.subscriber.notify_local(&channel);
+                ReleaseOutcome::Released
+            }
+            0 => ReleaseOutcome::NotHeld(NotHeldReason::Expired),
+            _ => ReleaseOutcome::NotHeld(NotHeldReason::OtherOwner),
+        })
+    }
+
     async fn run<T: redis::FromRedisValue>(
         &self,
         key: &str,
@@ -209,8 +234,7 @@ impl RedisBackendBuilder {
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.command_timeout))
             .set_number_of_retries(1);
-        let unreachable =
-            |detail: String| LockError::unavailable(None, format!("connecting to {shown}: {detail}"));
+        let connecting = format!("connecting to {shown}");
         let connection = match timeout(
             self.connect_timeout,
             client.get_connection_manager_with_config(config),
@@ -218,12 +242,10 @@ impl RedisBackendBuilder {
         .await
         {
             Ok(Ok(connection)) => connection,
-            Ok(Err(error)) => return Err(from_redis(None, &format!("connecting to {shown}"), error)),
+            Ok(Err(error)) => return Err(from_redis(None, &connecting, error)),
             Err(_) => {
-                return Err(unreachable(format!(
-                    "no answer within {:?}",
-                    self.connect_timeout
-                )));
+                let detail = format!("{connecting}: no answer within {:?}", self.connect_timeout);
+                return Err(LockError::unavailable(None, detail));
             }
         };
         let subscriber = Subscriber::new(client, self.connect_timeout.max(self.command_timeout));
@@ -320,34 +342,11 @@ impl LockBackend for RedisBackend {
     }
 
     async fn release(&self, lease: &Lease) -> Result<ReleaseOutcome, LockError> {
-        let key = lease.key();
-        let channel = self.release_channel(key);
-        let mut invocation = scripts::RELEASE.prepare_invoke();
-        invocation
-            .key(self.lock_key(key))
-            .arg(lease.owner().as_str())
-            .arg(&channel);
-        let status: i64 = self.run(key, "releasing", invocation).await?;
-        Ok(match status {
-            1 => {
-                // Local waiters need not wait for the message to come back.
-                self.inner.subscriber.notify_local(&channel);
-                ReleaseOutcome::Released
-            }
-            0 => ReleaseOutcome::NotHeld(NotHeldReason::Expired),
-            _ => ReleaseOutcome::NotHeld(NotHeldReason::OtherOwner),
-        })
+        self.release_owned(lease.key(), lease.owner(), "releasing").await
     }
 
     async fn abandon(&self, key: &str, owner: &OwnerToken) -> Result<(), LockError> {
-        let channel = self.release_channel(key);
-        let mut invocation = scripts::RELEASE.prepare_invoke();
-        invocation
-            .key(self.lock_key(key))
-            .arg(owner.as_str())
-            .arg(&channel);
-        let _: i64 = self.run(key, "cleaning up", invocation).await?;
-        Ok(())
+        self.release_owned(key, owner, "cleaning up").await.map(drop)
     }
 
     async fn subscribe(&self, key: &str) -> Result<ReleaseEvents, LockError> {
