@@ -1,6 +1,5 @@
 //! Makes sure the system programs the suites need are installed.
 
-use std::path::Path;
 use std::process::Command;
 
 use crate::Result;
@@ -100,18 +99,4 @@ fn is_root() -> bool {
         .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == "0")
 }
 
-/// The full path of `program` if it is on PATH (or in the sbin directories
-/// that a non-login root shell may lack).
-pub(crate) fn find_program(program: &str) -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/bin", "/sbin"].iter().map(Into::into))
-        .map(|dir| dir.join(program))
-        .find(|candidate| is_executable(candidate))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    path.metadata()
-        .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-}
+pub(crate) use dlock_servers::find_program;

@@ -11,7 +11,6 @@
 #![forbid(unsafe_code)]
 
 mod deps;
-mod process;
 mod servers;
 
 use std::process::{Command, ExitCode};

@@ -1,84 +1,63 @@
-//! The real servers the integration suites run against, and the environment
-//! variables that hand their addresses to the tests.
+//! The real servers the integration suites share, and the environment
+//! variables that hand their addresses to the tests. Fault tests start
+//! their own deployments (through `dlock-servers` too), so that killing a
+//! server harms no other test.
 
-use std::io::{BufRead, Read, Write};
-use std::net::{Ipv4Addr, TcpStream};
-use std::time::Duration;
+use std::io::BufRead;
+
+use dlock_servers::ServerProcess;
+use dlock_servers::redis::{self, RedisCluster, RedisSentinel, SENTINEL_MASTER_NAME};
 
 use crate::Result;
 use crate::deps::{self, Tool};
-use crate::process::ServerProcess;
 
 /// The system programs the servers below need.
-pub(crate) const NEEDED: &[Tool] = &[deps::REDIS_SERVER];
-
-/// Environment variable with the URL of a single redis-server.
-pub(crate) const REDIS_URL_VAR: &str = "DLOCK_TEST_REDIS_URL";
+pub(crate) const NEEDED: &[Tool] = &[deps::REDIS_SERVER, deps::REDIS_CLI];
 
 /// The servers of one run; all are stopped when this is dropped.
 #[derive(Debug)]
 pub(crate) struct Servers {
     redis: ServerProcess,
+    cluster: RedisCluster,
+    sentinel: RedisSentinel,
 }
 
 impl Servers {
-    /// The variables that tell the suites where the servers are.
+    /// The variables that tell the suites where the servers are (names as
+    /// in `dlock_tests::env`).
     pub(crate) fn environment(&self) -> Vec<(&'static str, String)> {
-        vec![(
-            REDIS_URL_VAR,
-            format!("redis://127.0.0.1:{}/0", self.redis.port()),
-        )]
+        vec![
+            (
+                "DLOCK_TEST_REDIS_URL",
+                format!("{}/0", redis::url(self.redis.port())),
+            ),
+            ("DLOCK_TEST_REDIS_CLUSTER_URLS", self.cluster.urls().join(",")),
+            (
+                "DLOCK_TEST_REDIS_SENTINEL_URLS",
+                self.sentinel.sentinel_urls().join(","),
+            ),
+            (
+                "DLOCK_TEST_REDIS_SENTINEL_MASTER",
+                SENTINEL_MASTER_NAME.to_owned(),
+            ),
+        ]
     }
 
     /// Prints the tail of every server's log (after a failed suite).
     pub(crate) fn dump_logs(&self) {
         eprintln!("{}", self.redis.log_tail());
+        eprintln!("{}", self.cluster.log_tails());
+        eprintln!("{}", self.sentinel.log_tails());
     }
 }
 
 /// Starts every server the suites need.
 pub(crate) fn start_all() -> Result<Servers> {
     Ok(Servers {
-        redis: start_redis()?,
+        redis: redis::start_server("redis-server", &[])?,
+        cluster: RedisCluster::start(3)?,
+        sentinel: RedisSentinel::start()?,
     })
-}
-
-fn start_redis() -> Result<ServerProcess> {
-    let program = deps::find_program(deps::REDIS_SERVER.program)
-        .ok_or("redis-server is not installed; run `cargo xtask deps`")?;
-    let mut server = ServerProcess::start("redis-server", &program, |dir, port| {
-        [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            &dir.display().to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "yes",
-        ]
-        .map(str::to_owned)
-        .to_vec()
-    })?;
-    server.wait_ready(Duration::from_secs(20), redis_answers_ping)?;
-    Ok(server)
-}
-
-/// Sends `PING` and expects `+PONG`.
-fn redis_answers_ping(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    if stream.write_all(b"PING\r\n").is_err() {
-        return false;
-    }
-    let mut reply = [0u8; 7];
-    stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
 }
 
 /// `cargo xtask servers`: start everything, print the environment, wait for Enter.

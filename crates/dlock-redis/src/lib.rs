@@ -27,6 +27,7 @@
 
 #![forbid(unsafe_code)]
 
+mod connection;
 mod errors;
 mod scripts;
 mod subscriber;
@@ -37,9 +38,12 @@ use std::time::Duration;
 
 pub use dlock_core::*;
 pub use redis;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::AsyncConnectionConfig;
+use redis::aio::ConnectionManagerConfig;
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use tokio::time::timeout;
 
+use crate::connection::{Commands, PubSubSource, SentinelMaster};
 use crate::errors::from_redis;
 use crate::subscriber::Subscriber;
 
@@ -61,17 +65,18 @@ pub struct RedisBackend {
 }
 
 struct Inner {
-    connection: ConnectionManager,
+    commands: Commands,
     subscriber: Arc<Subscriber>,
     prefix: String,
     command_timeout: Duration,
     address: String,
 }
 
-/// Settings for [`RedisBackend`]; start with [`RedisBackend::builder`].
+/// Settings for [`RedisBackend`]; start with [`RedisBackend::builder`],
+/// [`RedisBackend::cluster_builder`] or [`RedisBackend::sentinel_builder`].
 #[derive(Clone)]
 pub struct RedisBackendBuilder {
-    url: String,
+    target: Target,
     key_prefix: String,
     command_timeout: Duration,
     connect_timeout: Duration,
@@ -79,25 +84,79 @@ pub struct RedisBackendBuilder {
     password: Option<String>,
 }
 
+/// Which kind of deployment to connect to.
+#[derive(Clone)]
+enum Target {
+    Single(String),
+    Cluster(Vec<String>),
+    Sentinel { sentinels: Vec<String>, master: String },
+}
+
 impl RedisBackend {
-    /// Connects with default settings. The URL is `redis://[user:password@]host:port/db`,
-    /// or `rediss://` for TLS.
+    /// Connects to one Redis server with default settings. The URL is
+    /// `redis://[user:password@]host:port/db`.
     pub async fn connect(url: &str) -> Result<Self, LockError> {
         Self::builder(url).connect().await
     }
 
-    /// Settings for a connection to `url`.
-    pub fn builder(url: &str) -> RedisBackendBuilder {
-        RedisBackendBuilder {
-            url: url.to_owned(),
-            key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
-            command_timeout: DEFAULT_COMMAND_TIMEOUT,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            username: None,
-            password: None,
-        }
+    /// Connects to a Redis Cluster through any of its nodes (`seed_urls`;
+    /// the rest are discovered), with default settings.
+    ///
+    /// Commands go to the master of the key's slot and follow MOVED/ASK
+    /// redirections and failovers. Credentials in the first URL apply to
+    /// every node.
+    pub async fn connect_cluster<I, S>(seed_urls: I) -> Result<Self, LockError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Self::cluster_builder(seed_urls).connect().await
     }
 
+    /// Connects to the master that the given Redis Sentinels name for
+    /// `master_name`, with default settings; after a failover it finds the
+    /// new master by itself.
+    ///
+    /// Credentials in the sentinel URLs are for the sentinels; those for the
+    /// master go in [`RedisBackendBuilder::credentials`].
+    pub async fn connect_sentinel<I, S>(sentinel_urls: I, master_name: &str) -> Result<Self, LockError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Self::sentinel_builder(sentinel_urls, master_name).connect().await
+    }
+
+    /// Settings for a connection to the one server at `url`.
+    pub fn builder(url: &str) -> RedisBackendBuilder {
+        RedisBackendBuilder::new(Target::Single(url.to_owned()))
+    }
+
+    /// Settings for a connection to a Redis Cluster; see [`connect_cluster`](Self::connect_cluster).
+    pub fn cluster_builder<I, S>(seed_urls: I) -> RedisBackendBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let urls = seed_urls.into_iter().map(|url| url.as_ref().to_owned()).collect();
+        RedisBackendBuilder::new(Target::Cluster(urls))
+    }
+
+    /// Settings for a connection through Redis Sentinel; see [`connect_sentinel`](Self::connect_sentinel).
+    pub fn sentinel_builder<I, S>(sentinel_urls: I, master_name: &str) -> RedisBackendBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let sentinels = sentinel_urls
+            .into_iter()
+            .map(|url| url.as_ref().to_owned())
+            .collect();
+        RedisBackendBuilder::new(Target::Sentinel {
+            sentinels,
+            master: master_name.to_owned(),
+        })
+    }
     /// The Redis key that holds the lock for `key`.
     pub fn lock_key(&self, key: &str) -> String {
         format!("{}{{{key}}}", self.inner.prefix)
@@ -144,10 +203,9 @@ impl RedisBackend {
         doing: &str,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<T, LockError> {
-        let mut connection = self.inner.connection.clone();
         match timeout(
             self.inner.command_timeout,
-            invocation.invoke_async(&mut connection),
+            self.inner.commands.invoke(&invocation),
         )
         .await
         {
@@ -165,6 +223,17 @@ impl RedisBackend {
 }
 
 impl RedisBackendBuilder {
+    fn new(target: Target) -> Self {
+        RedisBackendBuilder {
+            target,
+            key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            username: None,
+            password: None,
+        }
+    }
+
     /// Prefix of every key and channel (default `dlock:`). It must not
     /// contain `{` or `}`, which Redis Cluster reads as a hash tag.
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
@@ -185,7 +254,8 @@ impl RedisBackendBuilder {
         self
     }
 
-    /// Username and password, instead of (or overriding) those in the URL.
+    /// Username and password for the Redis servers, instead of (or
+    /// overriding) those in the URL. Default: those in the URL, if any.
     pub fn credentials(mut self, username: Option<&str>, password: &str) -> Self {
         self.username = username.map(str::to_owned);
         self.password = Some(password.to_owned());
@@ -193,14 +263,9 @@ impl RedisBackendBuilder {
     }
 
     /// Connects; fails with [`LockError::InvalidOptions`] for a malformed URL
-    /// or setting and [`LockError::Unavailable`] when the server cannot be
-    /// reached or refuses the credentials.
+    /// or setting and [`LockError::Unavailable`] when the servers cannot be
+    /// reached or refuse the credentials.
     pub async fn connect(self) -> Result<RedisBackend, LockError> {
-        let shown = redact(&self.url);
-        let invalid = |reason: String| LockError::InvalidOptions {
-            key: String::new(),
-            reason,
-        };
         if self.key_prefix.contains(['{', '}']) {
             return Err(invalid(format!(
                 "key prefix {:?} contains a brace; Redis Cluster reads braces as a hash tag",
@@ -217,11 +282,111 @@ impl RedisBackendBuilder {
                 )));
             }
         }
-        let mut info = redis::IntoConnectionInfo::into_connection_info(self.url.as_str()).map_err(|error| {
-            invalid(format!(
-                "{shown} is not a Redis URL ({error}); expected redis://[user:password@]host:port/db or rediss://..."
-            ))
-        })?;
+        let address = self.describe_target();
+        let connecting = format!("connecting to {address}");
+        let (commands, pubsub) = match timeout(self.connect_timeout, self.open()).await {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(Opening::Invalid(error))) => return Err(error),
+            Ok(Err(Opening::Failed(error))) => return Err(from_redis(None, &connecting, error)),
+            Err(_) => {
+                let detail = format!("{connecting}: no answer within {:?}", self.connect_timeout);
+                return Err(LockError::unavailable(None, detail));
+            }
+        };
+        let subscriber = Subscriber::new(pubsub, self.connect_timeout.max(self.command_timeout));
+        Ok(RedisBackend {
+            inner: Arc::new(Inner {
+                commands,
+                subscriber,
+                prefix: self.key_prefix,
+                command_timeout: self.command_timeout,
+                address,
+            }),
+        })
+    }
+
+    /// Opens the command connection (checking that the servers answer) and
+    /// describes where the pub/sub connection goes.
+    async fn open(&self) -> Result<(Commands, PubSubSource), Opening> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.command_timeout));
+        match &self.target {
+            Target::Single(url) => {
+                let client = redis::Client::open(self.node_info(url)?).map_err(Opening::Failed)?;
+                let manager = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.connect_timeout))
+                    .set_response_timeout(Some(self.command_timeout))
+                    .set_number_of_retries(1);
+                let connection = client
+                    .get_connection_manager_with_config(manager)
+                    .await
+                    .map_err(Opening::Failed)?;
+                Ok((Commands::Direct(connection), PubSubSource::nodes(vec![client])))
+            }
+            Target::Cluster(urls) => {
+                let nodes = self.node_infos(urls)?;
+                let clients = nodes
+                    .iter()
+                    .map(|info| redis::Client::open(info.clone()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(Opening::Failed)?;
+                let connection = redis::cluster::ClusterClient::builder(nodes)
+                    .connection_timeout(self.connect_timeout)
+                    .response_timeout(self.command_timeout)
+                    .build()
+                    .map_err(Opening::Failed)?
+                    .get_async_connection()
+                    .await
+                    .map_err(Opening::Failed)?;
+                Ok((Commands::Cluster(connection), PubSubSource::nodes(clients)))
+            }
+            Target::Sentinel { sentinels, master } => {
+                if master.is_empty() {
+                    return Err(Opening::Invalid(invalid(
+                        "the Sentinel master name is empty; pass the name from `sentinel monitor <name> ...`"
+                            .into(),
+                    )));
+                }
+                let sentinel_nodes = self.urls_to_infos(sentinels, false)?;
+                let mut redis_settings = redis::RedisConnectionInfo::default();
+                if let Some(password) = &self.password {
+                    redis_settings = redis_settings.set_password(password);
+                    if let Some(username) = &self.username {
+                        redis_settings = redis_settings.set_username(username);
+                    }
+                }
+                let node_settings =
+                    SentinelNodeConnectionInfo::default().set_redis_connection_info(redis_settings);
+                let client = SentinelClient::build(
+                    sentinel_nodes,
+                    master.clone(),
+                    Some(node_settings),
+                    SentinelServerType::Master,
+                )
+                .map_err(Opening::Failed)?;
+                let master = SentinelMaster::new(client, config);
+                master.connection().await.map_err(Opening::Failed)?;
+                Ok((Commands::Sentinel(master.clone()), PubSubSource::Sentinel(master)))
+            }
+        }
+    }
+
+    /// Where this builder connects, for messages (passwords redacted).
+    fn describe_target(&self) -> String {
+        let list = |urls: &[String]| urls.iter().map(|url| redact(url)).collect::<Vec<_>>().join(", ");
+        match &self.target {
+            Target::Single(url) => redact(url),
+            Target::Cluster(urls) => format!("the Redis Cluster seeded by {}", list(urls)),
+            Target::Sentinel { sentinels, master } => {
+                format!("the Sentinel master `{master}` (sentinels {})", list(sentinels))
+            }
+        }
+    }
+
+    /// One Redis node's connection info, with the builder's credentials.
+    fn node_info(&self, url: &str) -> Result<redis::ConnectionInfo, Opening> {
+        let mut info = parse_url(url)?;
         if let Some(password) = &self.password {
             let mut settings = info.redis_settings().clone().set_password(password);
             if let Some(username) = &self.username {
@@ -229,36 +394,55 @@ impl RedisBackendBuilder {
             }
             info = info.set_redis_settings(settings);
         }
-        let client = redis::Client::open(info).map_err(|error| invalid(format!("{shown}: {error}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.command_timeout))
-            .set_number_of_retries(1);
-        let connecting = format!("connecting to {shown}");
-        let connection = match timeout(
-            self.connect_timeout,
-            client.get_connection_manager_with_config(config),
-        )
-        .await
-        {
-            Ok(Ok(connection)) => connection,
-            Ok(Err(error)) => return Err(from_redis(None, &connecting, error)),
-            Err(_) => {
-                let detail = format!("{connecting}: no answer within {:?}", self.connect_timeout);
-                return Err(LockError::unavailable(None, detail));
-            }
-        };
-        let subscriber = Subscriber::new(client, self.connect_timeout.max(self.command_timeout));
-        Ok(RedisBackend {
-            inner: Arc::new(Inner {
-                connection,
-                subscriber,
-                prefix: self.key_prefix,
-                command_timeout: self.command_timeout,
-                address: shown,
-            }),
-        })
+        Ok(info)
     }
+
+    fn node_infos(&self, urls: &[String]) -> Result<Vec<redis::ConnectionInfo>, Opening> {
+        self.urls_to_infos(urls, true)
+    }
+
+    fn urls_to_infos(
+        &self,
+        urls: &[String],
+        with_credentials: bool,
+    ) -> Result<Vec<redis::ConnectionInfo>, Opening> {
+        if urls.is_empty() {
+            return Err(Opening::Invalid(invalid(
+                "no URLs given; pass at least one redis://host:port".into(),
+            )));
+        }
+        urls.iter()
+            .map(|url| {
+                if with_credentials {
+                    self.node_info(url)
+                } else {
+                    parse_url(url)
+                }
+            })
+            .collect()
+    }
+}
+
+/// Why opening failed: bad settings, or the servers.
+enum Opening {
+    Invalid(LockError),
+    Failed(redis::RedisError),
+}
+
+fn invalid(reason: String) -> LockError {
+    LockError::InvalidOptions {
+        key: String::new(),
+        reason,
+    }
+}
+
+fn parse_url(url: &str) -> Result<redis::ConnectionInfo, Opening> {
+    redis::IntoConnectionInfo::into_connection_info(url).map_err(|error| {
+        Opening::Invalid(invalid(format!(
+            "{} is not a Redis URL ({error}); expected redis://[user:password@]host:port[/db]",
+            redact(url)
+        )))
+    })
 }
 
 /// The URL with any password replaced, for messages and logs.
@@ -369,7 +553,7 @@ impl fmt::Debug for RedisBackend {
 impl fmt::Debug for RedisBackendBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisBackendBuilder")
-            .field("url", &redact(&self.url))
+            .field("target", &self.describe_target())
             .field("key_prefix", &self.key_prefix)
             .field("command_timeout", &self.command_timeout)
             .field("connect_timeout", &self.connect_timeout)

@@ -12,10 +12,11 @@ use tokio::sync::{Mutex, mpsc};
 use tokio::time::{sleep, timeout};
 use tracing::{debug, warn};
 
+use crate::connection::PubSubSource;
 use crate::errors::from_redis;
 
 pub(crate) struct Subscriber {
-    client: redis::Client,
+    source: PubSubSource,
     hub: ReleaseHub,
     sink: Mutex<Option<PubSubSink>>,
     timeout: Duration,
@@ -23,7 +24,7 @@ pub(crate) struct Subscriber {
 
 impl Subscriber {
     /// A subscriber that connects on first use.
-    pub(crate) fn new(client: redis::Client, timeout: Duration) -> Arc<Self> {
+    pub(crate) fn new(source: PubSubSource, timeout: Duration) -> Arc<Self> {
         let (idle_tx, idle_rx) = mpsc::unbounded_channel::<String>();
         let hub = ReleaseHub::with_idle_hook(move |channel| {
             // The receiver lives as long as the subscriber; if it is gone,
@@ -31,7 +32,7 @@ impl Subscriber {
             let _ = idle_tx.send(channel.to_owned());
         });
         let subscriber = Arc::new(Subscriber {
-            client,
+            source,
             hub,
             sink: Mutex::new(None),
             timeout,
@@ -84,7 +85,7 @@ impl Subscriber {
         sink: &mut Option<PubSubSink>,
     ) -> Result<PubSubStream, Option<redis::RedisError>> {
         let opened = timeout(self.timeout, async {
-            let (mut new_sink, stream) = self.client.get_async_pubsub().await?.split();
+            let (mut new_sink, stream) = self.source.open().await?.split();
             let channels = self.hub.keys_with_subscribers();
             if !channels.is_empty() {
                 new_sink.subscribe(&channels).await?;

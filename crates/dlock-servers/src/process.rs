@@ -14,8 +14,10 @@ use crate::Result;
 
 /// A running server; killed and reaped when dropped.
 #[derive(Debug)]
-pub(crate) struct ServerProcess {
+pub struct ServerProcess {
     name: String,
+    program: PathBuf,
+    arguments: Vec<String>,
     child: Child,
     port: u16,
     log: PathBuf,
@@ -26,10 +28,10 @@ pub(crate) struct ServerProcess {
 impl ServerProcess {
     /// Starts `program` in a fresh temp dir on a free loopback port.
     /// `arguments` gets the dir and the port and returns the command line.
-    pub(crate) fn start(
+    pub fn start(
         name: &str,
         program: &Path,
-        arguments: impl FnOnce(&Path, u16) -> Vec<String>,
+        arguments: impl FnOnce(&Path, u16) -> Result<Vec<String>>,
     ) -> Result<ServerProcess> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("dlock-{name}-"))
@@ -37,21 +39,12 @@ impl ServerProcess {
             .map_err(|error| format!("{name}: could not create a temp dir: {error}"))?;
         let port = free_port()?;
         let log = dir.path().join("server.log");
-        let log_file =
-            File::create(&log).map_err(|error| format!("{name}: could not create its log: {error}"))?;
-        let log_copy = log_file
-            .try_clone()
-            .map_err(|error| format!("{name}: log: {error}"))?;
-        let child = Command::new(program)
-            .args(arguments(dir.path(), port))
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_copy)
-            .spawn()
-            .map_err(|error| format!("{name}: could not start {}: {error}", program.display()))?;
+        let arguments = arguments(dir.path(), port)?;
+        let child = spawn(name, program, &arguments, dir.path(), &log)?;
         Ok(ServerProcess {
             name: name.to_owned(),
+            program: program.to_owned(),
+            arguments,
             child,
             port,
             log,
@@ -59,19 +52,37 @@ impl ServerProcess {
         })
     }
 
+    /// Kills the server (as a crash would) and starts it again with the
+    /// same port, directory and arguments; the caller waits for readiness.
+    pub fn restart(&mut self) -> Result {
+        self.kill();
+        self.child = spawn(
+            &self.name,
+            &self.program,
+            &self.arguments,
+            self.dir.path(),
+            &self.log,
+        )?;
+        Ok(())
+    }
+
+    /// The server's name in messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The loopback port the server was given.
-    pub(crate) fn port(&self) -> u16 {
+    pub fn port(&self) -> u16 {
         self.port
     }
 
     /// The server's own temp dir.
-    #[allow(dead_code)] // for suites that keep files beside the server (cluster configs, certificates)
-    pub(crate) fn dir(&self) -> &Path {
+    pub fn dir(&self) -> &Path {
         self.dir.path()
     }
 
     /// Polls `probe` until it answers true, the process exits, or `timeout` passes.
-    pub(crate) fn wait_ready(&mut self, timeout: Duration, probe: impl Fn(u16) -> bool) -> Result {
+    pub fn wait_ready(&mut self, timeout: Duration, probe: impl Fn(u16) -> bool) -> Result {
         let deadline = Instant::now() + timeout;
         let mut pause = Duration::from_millis(5);
         loop {
@@ -98,7 +109,7 @@ impl ServerProcess {
     }
 
     /// The last lines of the server's log.
-    pub(crate) fn log_tail(&self) -> String {
+    pub fn log_tail(&self) -> String {
         const LINES: usize = 40;
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -111,11 +122,31 @@ impl ServerProcess {
     }
 
     /// Kills the server now (for fault tests); dropping it later is harmless.
-    pub(crate) fn kill(&mut self) {
+    pub fn kill(&mut self) {
         // An error means the process is already gone, which is the goal.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts one process with its output appended to `log`.
+fn spawn(name: &str, program: &Path, arguments: &[String], dir: &Path, log: &Path) -> Result<Child> {
+    let log_file = File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|error| format!("{name}: could not open its log: {error}"))?;
+    let log_copy = log_file
+        .try_clone()
+        .map_err(|error| format!("{name}: log: {error}"))?;
+    Command::new(program)
+        .args(arguments)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(log_copy)
+        .spawn()
+        .map_err(|error| format!("{name}: could not start {}: {error}", program.display()))
 }
 
 impl Drop for ServerProcess {
@@ -125,7 +156,7 @@ impl Drop for ServerProcess {
 }
 
 /// A loopback port that was free a moment ago.
-pub(crate) fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .map_err(|error| format!("could not find a free loopback port: {error}"))?;
     listener
@@ -140,8 +171,9 @@ mod tests {
 
     #[test]
     fn a_dropped_server_is_killed_and_its_dir_removed() {
-        let mut server = ServerProcess::start("sleeper", Path::new("/bin/sleep"), |_, _| vec!["600".into()])
-            .expect("start sleep");
+        let mut server =
+            ServerProcess::start("sleeper", Path::new("/bin/sleep"), |_, _| Ok(vec!["600".into()]))
+                .expect("start sleep");
         let pid = server.child.id();
         let dir = server.dir().to_path_buf();
         assert!(Path::new(&format!("/proc/{pid}")).exists());
@@ -157,8 +189,9 @@ mod tests {
     fn readiness_is_polled_until_the_probe_answers() {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
         let port = listener.local_addr().expect("address").port();
-        let mut server = ServerProcess::start("sleeper", Path::new("/bin/sleep"), |_, _| vec!["600".into()])
-            .expect("start sleep");
+        let mut server =
+            ServerProcess::start("sleeper", Path::new("/bin/sleep"), |_, _| Ok(vec!["600".into()]))
+                .expect("start sleep");
         server
             .wait_ready(Duration::from_secs(5), |_| {
                 std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok()
@@ -169,7 +202,7 @@ mod tests {
     #[test]
     fn a_server_that_dies_early_reports_its_log() {
         let mut server = ServerProcess::start("failing", Path::new("/bin/sh"), |_, _| {
-            vec!["-c".into(), "echo boom >&2; exit 3".into()]
+            Ok(vec!["-c".into(), "echo boom >&2; exit 3".into()])
         })
         .expect("start sh");
         let error = server
