@@ -130,6 +130,13 @@ impl LockRequest {
 
     /// Gives up with [`LockError::Timeout`] after waiting this long (default:
     /// wait until acquired; zero is refused, use [`try_lock`](Self::try_lock)).
+    ///
+    /// Within this limit, a backend that is briefly unavailable (a server
+    /// restart, a failover) is tried again with backoff; if it is still
+    /// unavailable when the limit runs out, that
+    /// [`LockError::Unavailable`] is returned. Without a limit, the first
+    /// backend error ends the request, so a server that is down never makes
+    /// `lock()` hang.
     pub fn wait(mut self, wait: Duration) -> Self {
         self.wait = Some(wait);
         self
@@ -239,7 +246,14 @@ impl LockRequest {
             let request = AcquireRequest::new(&key, &owner, ttl, auto_renew, waiting);
             // On error the outcome on the server is unknown; `pending` stays
             // armed and cleans up in the background.
-            let busy = match backend.try_acquire(&request).await? {
+            let attempt = match backend.try_acquire(&request).await {
+                Ok(attempt) => attempt,
+                Err(error) => {
+                    ride_out(error, deadline, &mut backoff).await?;
+                    continue;
+                }
+            };
+            let busy = match attempt {
                 Attempt::Acquired(grant) => {
                     pending.armed = false;
                     Span::current().record("token", grant.token.get());
@@ -270,7 +284,10 @@ impl LockRequest {
             }
             let mut own_wake = busy.wake;
             if own_wake.is_none() && subscription.is_none() {
-                subscription = Some(backend.subscribe(&key).await?);
+                match backend.subscribe(&key).await {
+                    Ok(events) => subscription = Some(events),
+                    Err(error) => ride_out(error, deadline, &mut backoff).await?,
+                }
                 // Try again at once: a release between the attempt above and
                 // the subscription would otherwise go unnoticed.
                 continue;
@@ -290,6 +307,31 @@ impl LockRequest {
             wait_for_wake(events, wake_at).await;
         }
     }
+}
+
+/// Decides what a backend error does to a waiting request: with a wait
+/// limit, an unavailable backend (a restart, a failover) is tried again
+/// after a backoff pause while the limit allows, and the error is returned
+/// once it does not; anything else, or no limit (which would wait forever
+/// on a server that is down), ends the request with the error.
+async fn ride_out(
+    error: LockError,
+    deadline: Option<Instant>,
+    backoff: &mut Backoff,
+) -> Result<(), LockError> {
+    let Some(deadline) = deadline else {
+        return Err(error);
+    };
+    if !matches!(error, LockError::Unavailable { .. }) {
+        return Err(error);
+    }
+    let resume_at = Instant::now() + backoff.next_delay();
+    if resume_at >= deadline {
+        return Err(error);
+    }
+    debug!(%error, "backend unavailable while waiting; trying again");
+    sleep_until(resume_at).await;
+    Ok(())
 }
 
 /// Sleeps until a release notification or `wake_at`, whichever comes first.

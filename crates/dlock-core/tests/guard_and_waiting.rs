@@ -98,6 +98,51 @@ async fn acquire_on_an_unavailable_backend_fails_with_the_key() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_wait_limit_rides_out_a_short_outage() {
+    let (backend, locker) = setup();
+    backend.set_unavailable(true);
+    let outage = {
+        let backend = backend.clone();
+        tokio::spawn(async move {
+            sleep(Duration::from_millis(300)).await;
+            backend.set_unavailable(false);
+        })
+    };
+    let began = Instant::now();
+    let guard = locker
+        .lock("blip")
+        .wait(Duration::from_secs(5))
+        .await
+        .expect("the backend came back within the wait limit");
+    assert!(began.elapsed() >= Duration::from_millis(300));
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        began.elapsed()
+    );
+    outage.await.expect("outage task");
+    guard.release().await.expect("release");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_wait_limit_an_outage_ends_the_request_at_once() {
+    let (backend, locker) = setup();
+    backend.set_unavailable(true);
+    let began = Instant::now();
+    let outcome = locker.lock("down-forever").await;
+    assert!(
+        matches!(outcome, Err(LockError::Unavailable { .. })),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        began.elapsed(),
+        Duration::ZERO,
+        "no limit: the first error ends it"
+    );
+    backend.set_unavailable(false);
+}
+
+#[tokio::test(start_paused = true)]
 async fn waiters_do_not_poll() {
     let (backend, locker) = setup();
     let holder = locker

@@ -162,6 +162,11 @@ impl RedisCluster {
         Err(format!("no master serves slot {slot} of {key:?}:\n{nodes}"))
     }
 
+    /// The port of node `index`.
+    pub fn port(&self, index: usize) -> Option<u16> {
+        self.nodes.get(index).map(ServerProcess::port)
+    }
+
     /// Kills node `index` (as a crash would).
     pub fn kill(&mut self, index: usize) {
         if let Some(node) = self.nodes.get_mut(index) {
