@@ -64,7 +64,18 @@ fn integration() -> Result {
     for (name, value) in running.environment() {
         command.env(name, value);
     }
-    let outcome = run(command);
+    let outcome = run(command).and_then(|()| {
+        // The Redis example, end to end, on the single server.
+        let url = running.redis_url();
+        run(cargo_command(&[
+            "run",
+            "--quiet",
+            "--example",
+            "redis",
+            "--",
+            &url,
+        ]))
+    });
     if outcome.is_err() {
         running.dump_logs();
     }

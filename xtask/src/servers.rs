@@ -43,6 +43,11 @@ impl Servers {
         ]
     }
 
+    /// The URL of the single redis-server.
+    pub(crate) fn redis_url(&self) -> String {
+        format!("{}/0", redis::url(self.redis.port()))
+    }
+
     /// Prints the tail of every server's log (after a failed suite).
     pub(crate) fn dump_logs(&self) {
         eprintln!("{}", self.redis.log_tail());

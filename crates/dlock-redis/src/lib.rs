@@ -1,5 +1,7 @@
 //! Redis backend for [dlock](dlock_core): distributed locks with fencing
-//! tokens, loss signals and pub/sub wake-ups, on a single Redis server.
+//! tokens, loss signals and pub/sub wake-ups, on a single Redis server, a
+//! Redis Cluster ([`RedisBackend::connect_cluster`]) or a Sentinel-managed
+//! master ([`RedisBackend::connect_sentinel`]).
 //!
 //! Every lock operation is one round trip: a Lua script called by EVALSHA
 //! (loaded on first use). The lock key holds the owner's secret with a PX
@@ -54,11 +56,13 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default limit for opening a connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A lock backend on one Redis server (or the master a URL points to).
+/// A lock backend on one Redis server, a Redis Cluster, or the master of a
+/// Sentinel group.
 ///
-/// Cheap to clone; clones share one multiplexed connection (concurrent
-/// commands are pipelined on it), which reconnects by itself after the
-/// server comes back, and one pub/sub connection for waiters.
+/// Cheap to clone; clones share one multiplexed command connection
+/// (concurrent commands are pipelined on it; on Cluster, one per node),
+/// which reconnects by itself after a restart or failover, and one pub/sub
+/// connection for waiters.
 #[derive(Clone)]
 pub struct RedisBackend {
     inner: Arc<Inner>,
