@@ -4,6 +4,7 @@
 //! * `ci`: format check, clippy, unit and doc tests, then the integration suites.
 //! * `integration`: start the servers the suites need, run the suites, stop the servers.
 //! * `servers`: start the servers and print their addresses, until Enter is pressed.
+//! * `bench [--quick]`: start a redis-server, run the benchmarks (package `dlock-bench`), stop it.
 //! * `deps`: install (as root) or name the system packages the suites need.
 
 // xtask talks to the person at the terminal.
@@ -18,11 +19,13 @@ use std::time::Instant;
 
 type Result<T = ()> = std::result::Result<T, String>;
 
-const USAGE: &str = "usage: cargo xtask <ci | integration | servers | deps>
+const USAGE: &str = "usage: cargo xtask <ci | integration | servers | bench [--quick] | deps>
 
   ci           fmt --check, clippy -D warnings, unit + doc tests, then `integration`
   integration  start the test servers, run the cross-backend suites (crate dlock-tests), stop them
   servers      start the test servers, print their environment, stop them when Enter is pressed
+  bench        start a redis-server, run the benchmarks and print ratios to the raw-client floor;
+               without --quick it also rewrites docs/benchmarks.md
   deps         install the system packages the suites need (as root), or print the command";
 
 fn main() -> ExitCode {
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
         Some("ci") => ci(),
         Some("integration") => integration(),
         Some("servers") => servers::interactive(),
+        Some("bench") => bench(args.iter().any(|arg| arg == "--quick")),
         Some("deps") => deps::ensure(deps::ALL),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
@@ -80,6 +84,34 @@ fn integration() -> Result {
         running.dump_logs();
     }
     drop(running);
+    outcome
+}
+
+fn bench(quick: bool) -> Result {
+    deps::ensure(&[deps::REDIS_SERVER])?;
+    let server = dlock_servers::redis::start_server("redis-bench", &[])?;
+    let version = dlock_servers::redis::command(server.port(), &["INFO", "server"])?
+        .text()
+        .lines()
+        .find_map(|line| line.strip_prefix("redis_version:").map(str::to_owned))
+        .unwrap_or_default();
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let mut command = cargo_command(&["run", "--release", "--quiet", "--package", "dlock-bench", "--"]);
+    if quick {
+        command.arg("--quick");
+    }
+    command
+        .env("DLOCK_BENCH_REDIS_URL", dlock_servers::redis::url(server.port()))
+        .env("DLOCK_BENCH_REDIS_VERSION", version)
+        .env("DLOCK_BENCH_DATE", date);
+    let outcome = run(command);
+    if outcome.is_err() {
+        eprintln!("{}", server.log_tail());
+    }
     outcome
 }
 
