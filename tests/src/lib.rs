@@ -293,3 +293,93 @@ impl Harness for RedisHarness {
         SuiteConfig::default()
     }
 }
+
+/// The URLs of the independent redis-servers xtask starts for Redlock
+/// (`DLOCK_TEST_REDLOCK_URLS`).
+pub fn redlock_urls() -> Vec<String> {
+    list_from_env("DLOCK_TEST_REDLOCK_URLS")
+}
+
+/// The conformance harness for [`dlock_redis::RedlockBackend`] over
+/// independent servers: every locker is a new backend.
+pub struct RedlockHarness {
+    urls: Vec<String>,
+    names: dlock_redis::RedisBackend,
+    nodes: Vec<redis::aio::MultiplexedConnection>,
+}
+
+impl RedlockHarness {
+    /// A harness on the servers named by `DLOCK_TEST_REDLOCK_URLS`.
+    pub async fn from_env() -> Self {
+        Self::new(redlock_urls()).await
+    }
+
+    /// A harness on the servers at `urls`.
+    pub async fn new(urls: Vec<String>) -> Self {
+        let names = dlock_redis::RedisBackend::connect(&urls[0])
+            .await
+            .expect("connect for key names");
+        let mut nodes = Vec::new();
+        for url in &urls {
+            nodes.push(node_connection(url).await);
+        }
+        RedlockHarness { urls, names, nodes }
+    }
+
+    /// The node URLs.
+    pub fn urls(&self) -> &[String] {
+        &self.urls
+    }
+
+    /// A backend for key names (the same prefix as the Redlock backends).
+    pub fn names(&self) -> &dlock_redis::RedisBackend {
+        &self.names
+    }
+
+    /// Raw connections to every node.
+    pub fn nodes(&self) -> Vec<redis::aio::MultiplexedConnection> {
+        self.nodes.clone()
+    }
+
+    /// How many nodes hold the lock key for `key`.
+    pub async fn holders(&self, key: &str) -> usize {
+        let mut holders = 0;
+        for mut node in self.nodes() {
+            let present: i64 = redis::cmd("EXISTS")
+                .arg(self.names.lock_key(key))
+                .query_async(&mut node)
+                .await
+                .expect("EXISTS the lock key");
+            holders += usize::try_from(present).unwrap_or(0);
+        }
+        holders
+    }
+}
+
+#[async_trait]
+impl Harness for RedlockHarness {
+    async fn locker(&self) -> Locker {
+        let backend = dlock_redis::RedlockBackend::connect(&self.urls)
+            .await
+            .expect("connect a Redlock backend");
+        Locker::new(backend)
+    }
+
+    async fn force_expire(&self, key: &str) {
+        for mut node in self.nodes() {
+            let _: i64 = redis::cmd("DEL")
+                .arg(self.names.lock_key(key))
+                .query_async(&mut node)
+                .await
+                .expect("DEL the lock key");
+        }
+    }
+
+    async fn leftovers(&self, key: &str) -> usize {
+        self.holders(key).await
+    }
+
+    fn config(&self) -> SuiteConfig {
+        SuiteConfig::default()
+    }
+}

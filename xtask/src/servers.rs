@@ -20,6 +20,7 @@ pub(crate) struct Servers {
     redis: ServerProcess,
     cluster: RedisCluster,
     sentinel: RedisSentinel,
+    redlock: Vec<ServerProcess>,
 }
 
 impl Servers {
@@ -27,10 +28,7 @@ impl Servers {
     /// in `dlock_tests::env`).
     pub(crate) fn environment(&self) -> Vec<(&'static str, String)> {
         vec![
-            (
-                "DLOCK_TEST_REDIS_URL",
-                format!("{}/0", redis::url(self.redis.port())),
-            ),
+            ("DLOCK_TEST_REDIS_URL", self.redis_url()),
             ("DLOCK_TEST_REDIS_CLUSTER_URLS", self.cluster.urls().join(",")),
             (
                 "DLOCK_TEST_REDIS_SENTINEL_URLS",
@@ -40,6 +38,7 @@ impl Servers {
                 "DLOCK_TEST_REDIS_SENTINEL_MASTER",
                 SENTINEL_MASTER_NAME.to_owned(),
             ),
+            ("DLOCK_TEST_REDLOCK_URLS", self.redlock_urls().join(",")),
         ]
     }
 
@@ -48,11 +47,19 @@ impl Servers {
         format!("{}/0", redis::url(self.redis.port()))
     }
 
+    /// The URLs of the independent Redlock nodes.
+    pub(crate) fn redlock_urls(&self) -> Vec<String> {
+        self.redlock.iter().map(|node| redis::url(node.port())).collect()
+    }
+
     /// Prints the tail of every server's log (after a failed suite).
     pub(crate) fn dump_logs(&self) {
         eprintln!("{}", self.redis.log_tail());
         eprintln!("{}", self.cluster.log_tails());
         eprintln!("{}", self.sentinel.log_tails());
+        for node in &self.redlock {
+            eprintln!("{}", node.log_tail());
+        }
     }
 }
 
@@ -62,6 +69,7 @@ pub(crate) fn start_all() -> Result<Servers> {
         redis: redis::start_server("redis-server", &[])?,
         cluster: RedisCluster::start(3)?,
         sentinel: RedisSentinel::start()?,
+        redlock: redis::start_independent(5)?,
     })
 }
 

@@ -228,6 +228,11 @@ pub struct Busy {
     /// fair queue). When set, the caller waits on it instead of the key's
     /// general subscription.
     pub wake: Option<ReleaseEvents>,
+    /// Do not try again before this much time passed, even when notified:
+    /// after a split vote (Redlock: several clients each got a minority),
+    /// waiters that all retry on the same notification would split again,
+    /// so each backs off for a random moment first.
+    pub hold_off: Option<Duration>,
 }
 
 impl Busy {
@@ -239,6 +244,12 @@ impl Busy {
     /// Adds the holder's remaining lease.
     pub fn retry_after(mut self, remaining: Duration) -> Self {
         self.retry_after = Some(remaining);
+        self
+    }
+
+    /// Asks the waiter to stay away for `pause` before its next attempt.
+    pub fn hold_off(mut self, pause: Duration) -> Self {
+        self.hold_off = Some(pause);
         self
     }
 

@@ -282,6 +282,11 @@ impl LockRequest {
                     waited: now - began,
                 });
             }
+            if let Some(pause) = busy.hold_off {
+                let resume_at = deadline.map_or(now + pause, |deadline| deadline.min(now + pause));
+                sleep_until(resume_at).await;
+                continue;
+            }
             let mut own_wake = busy.wake;
             if own_wake.is_none() && subscription.is_none() {
                 match backend.subscribe(&key).await {

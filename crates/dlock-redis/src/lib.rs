@@ -31,6 +31,7 @@
 
 mod connection;
 mod errors;
+mod redlock;
 mod scripts;
 mod subscriber;
 
@@ -47,6 +48,7 @@ use tokio::time::timeout;
 
 use crate::connection::{Commands, PubSubSource, SentinelMaster};
 use crate::errors::from_redis;
+pub use crate::redlock::{DEFAULT_DRIFT_FACTOR, DEFAULT_NODE_TIMEOUT, RedlockBackend, RedlockBackendBuilder};
 use crate::subscriber::Subscriber;
 
 /// Default key prefix.
@@ -74,6 +76,14 @@ struct Inner {
     prefix: String,
     command_timeout: Duration,
     address: String,
+}
+
+/// What one server answered to an acquire script.
+pub(crate) enum NodeGrant {
+    /// Taken; the server's fencing counter after the bump.
+    Granted(u64),
+    /// Held by another owner, for this long (if the key has a TTL).
+    Busy(Option<Duration>),
 }
 
 /// Settings for [`RedisBackend`]; start with [`RedisBackend::builder`],
@@ -177,7 +187,7 @@ impl RedisBackend {
     }
 
     /// The owner-checked release script, shared by `release` and `abandon`.
-    async fn release_owned(
+    pub(crate) async fn release_owned(
         &self,
         key: &str,
         owner: &OwnerToken,
@@ -199,6 +209,81 @@ impl RedisBackend {
             0 => ReleaseOutcome::NotHeld(NotHeldReason::Expired),
             _ => ReleaseOutcome::NotHeld(NotHeldReason::OtherOwner),
         })
+    }
+
+    /// One acquire script on this server: the fencing token when granted,
+    /// else the holder's remaining TTL (None: the key has no TTL).
+    pub(crate) async fn acquire_once(
+        &self,
+        key: &str,
+        owner: &OwnerToken,
+        ttl: Duration,
+    ) -> Result<NodeGrant, LockError> {
+        let mut invocation = scripts::ACQUIRE.prepare_invoke();
+        invocation
+            .key(self.lock_key(key))
+            .key(self.fence_key(key))
+            .arg(owner.as_str())
+            .arg(millis(ttl));
+        let (status, number): (i64, i64) = self.run(key, "acquiring", invocation).await?;
+        match status {
+            1 => Ok(NodeGrant::Granted(u64::try_from(number).unwrap_or(0))),
+            // -1: the holder's key has no TTL (set by hand); rely on notifications.
+            0 => Ok(NodeGrant::Busy(
+                u64::try_from(number).ok().map(Duration::from_millis),
+            )),
+            2 => Err(LockError::ForeignValue {
+                key: key.to_owned(),
+                found: format!(
+                    "a string at {} that is not a dlock owner token",
+                    self.lock_key(key)
+                ),
+            }),
+            _ => Err(self.broken_counter(key)),
+        }
+    }
+
+    fn broken_counter(&self, key: &str) -> LockError {
+        LockError::ForeignValue {
+            key: key.to_owned(),
+            found: format!(
+                "a fencing counter at {} that is not an integer",
+                self.fence_key(key)
+            ),
+        }
+    }
+
+    /// One owner-checked extension on this server: `None` when extended,
+    /// else why not.
+    pub(crate) async fn extend_once(
+        &self,
+        key: &str,
+        owner: &OwnerToken,
+        ttl: Duration,
+    ) -> Result<Option<NotHeldReason>, LockError> {
+        let mut invocation = scripts::EXTEND.prepare_invoke();
+        invocation
+            .key(self.lock_key(key))
+            .arg(owner.as_str())
+            .arg(millis(ttl));
+        let status: i64 = self.run(key, "extending", invocation).await?;
+        Ok(match status {
+            1 => None,
+            0 => Some(NotHeldReason::Expired),
+            _ => Some(NotHeldReason::OtherOwner),
+        })
+    }
+
+    /// Raises this server's fencing counter for `key` to at least `token`.
+    pub(crate) async fn raise_fence(&self, key: &str, token: u64) -> Result<(), LockError> {
+        let mut invocation = scripts::RAISE_FENCE.prepare_invoke();
+        invocation.key(self.fence_key(key)).arg(token);
+        let status: i64 = self.run(key, "raising the fencing counter", invocation).await?;
+        if status == 1 {
+            Ok(())
+        } else {
+            Err(self.broken_counter(key))
+        }
     }
 
     async fn run<T: redis::FromRedisValue>(
@@ -450,7 +535,7 @@ fn parse_url(url: &str) -> Result<redis::ConnectionInfo, Opening> {
 }
 
 /// The URL with any password replaced, for messages and logs.
-fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -473,59 +558,24 @@ fn millis(duration: Duration) -> u64 {
 impl LockBackend for RedisBackend {
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
         request.require_exclusive()?;
-        let key = request.key;
-        let mut invocation = scripts::ACQUIRE.prepare_invoke();
-        invocation
-            .key(self.lock_key(key))
-            .key(self.fence_key(key))
-            .arg(request.owner.as_str())
-            .arg(millis(request.ttl));
-        let (status, number): (i64, i64) = self.run(key, "acquiring", invocation).await?;
-        match status {
-            1 => {
-                let token = FencingToken::new(u64::try_from(number).unwrap_or(0));
-                let validity = request.ttl.saturating_sub(drift_allowance(request.ttl));
-                Ok(Attempt::Acquired(Grant::new(token, validity)))
-            }
-            0 => {
-                let busy = Busy::new();
-                // -1: the holder's key has no TTL (set by hand); rely on notifications.
-                Ok(Attempt::Busy(match u64::try_from(number) {
-                    Ok(remaining) => busy.retry_after(Duration::from_millis(remaining)),
-                    Err(_) => busy,
-                }))
-            }
-            2 => Err(LockError::ForeignValue {
-                key: key.to_owned(),
-                found: format!(
-                    "a string at {} that is not a dlock owner token",
-                    self.lock_key(key)
-                ),
-            }),
-            _ => Err(LockError::ForeignValue {
-                key: key.to_owned(),
-                found: format!(
-                    "a fencing counter at {} that is not an integer",
-                    self.fence_key(key)
-                ),
-            }),
-        }
+        Ok(
+            match self.acquire_once(request.key, request.owner, request.ttl).await? {
+                NodeGrant::Granted(token) => {
+                    let validity = request.ttl.saturating_sub(drift_allowance(request.ttl));
+                    Attempt::Acquired(Grant::new(FencingToken::new(token), validity))
+                }
+                NodeGrant::Busy(Some(remaining)) => Attempt::Busy(Busy::new().retry_after(remaining)),
+                NodeGrant::Busy(None) => Attempt::Busy(Busy::new()),
+            },
+        )
     }
 
     async fn extend(&self, lease: &Lease, ttl: Duration) -> Result<ExtendOutcome, LockError> {
-        let key = lease.key();
-        let mut invocation = scripts::EXTEND.prepare_invoke();
-        invocation
-            .key(self.lock_key(key))
-            .arg(lease.owner().as_str())
-            .arg(millis(ttl));
-        let status: i64 = self.run(key, "extending", invocation).await?;
-        Ok(match status {
-            1 => ExtendOutcome::Extended {
+        Ok(match self.extend_once(lease.key(), lease.owner(), ttl).await? {
+            None => ExtendOutcome::Extended {
                 validity: ttl.saturating_sub(drift_allowance(ttl)),
             },
-            0 => ExtendOutcome::NotHeld(NotHeldReason::Expired),
-            _ => ExtendOutcome::NotHeld(NotHeldReason::OtherOwner),
+            Some(reason) => ExtendOutcome::NotHeld(reason),
         })
     }
 

@@ -72,3 +72,19 @@ return -1
 ",
     )
 });
+
+/// Redlock: raise the fencing counter to at least `ARGV[1]`, so that a
+/// quorum of nodes agrees on the highest token handed out. Returns 1, or 0
+/// when the counter is not an integer (left alone).
+pub(crate) static RAISE_FENCE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local current = redis.call('GET', KEYS[1])
+if current and not tonumber(current) then return 0 end
+if tonumber(current or '0') < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 1
+",
+    )
+});

@@ -29,6 +29,13 @@ pub fn start_server(name: &str, extra: &[String]) -> Result<ServerProcess> {
     Ok(server)
 }
 
+/// Starts `count` independent redis-servers (Redlock nodes).
+pub fn start_independent(count: usize) -> Result<Vec<ServerProcess>> {
+    (0..count)
+        .map(|index| start_server(&format!("redis-redlock-{index}"), &[]))
+        .collect()
+}
+
 /// Waits until `server` answers PING (after a start or restart).
 pub fn wait_ping(server: &mut ServerProcess) -> Result {
     server.wait_ready(

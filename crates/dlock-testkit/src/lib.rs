@@ -8,6 +8,7 @@
 //! * [`check_mutual_exclusion`]: many clients hammering one key, checked for
 //!   overlapping critical sections and tokens that do not increase.
 //! * [`conformance`]: the behaviour suite every backend passes.
+//! * [`FaultProxy`]: a loopback TCP proxy that makes a link slow or dead on command.
 
 #![forbid(unsafe_code)]
 
@@ -15,7 +16,9 @@ mod checker;
 pub mod conformance;
 mod fenced;
 mod memory;
+mod proxy;
 
 pub use checker::{CheckReport, CheckerConfig, check_mutual_exclusion};
 pub use fenced::{Event, EventKind, FencedResource, HistoryReport, Section, StaleToken, check_history};
 pub use memory::MemoryBackend;
+pub use proxy::FaultProxy;
