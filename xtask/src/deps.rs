@@ -1,14 +1,26 @@
 //! Makes sure the system programs the suites need are installed.
 
+use std::path::Path;
 use std::process::Command;
 
 use crate::Result;
 
-/// A program and the Debian package that ships it.
+/// A program (or, when it starts with `/`, a file) and the Debian package
+/// that ships it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Tool {
     pub(crate) program: &'static str,
     pub(crate) package: &'static str,
+}
+
+impl Tool {
+    fn is_present(&self) -> bool {
+        if self.program.starts_with('/') {
+            Path::new(self.program).is_file()
+        } else {
+            find_program(self.program).is_some()
+        }
+    }
 }
 
 pub(crate) const REDIS_SERVER: Tool = Tool {
@@ -27,18 +39,19 @@ pub(crate) const PROTOC: Tool = Tool {
     program: "protoc",
     package: "protobuf-compiler",
 };
+/// The well-known `.proto` files that etcd-client's build imports.
+pub(crate) const PROTOBUF_INCLUDES: Tool = Tool {
+    program: "/usr/include/google/protobuf/descriptor.proto",
+    package: "libprotobuf-dev",
+};
 
 /// Everything any suite may need (`cargo xtask deps`).
-pub(crate) const ALL: &[Tool] = &[REDIS_SERVER, REDIS_CLI, ETCD, PROTOC];
+pub(crate) const ALL: &[Tool] = &[REDIS_SERVER, REDIS_CLI, ETCD, PROTOC, PROTOBUF_INCLUDES];
 
 /// Installs the missing tools with apt-get when running as root, or fails
 /// with the exact command to run.
 pub(crate) fn ensure(tools: &[Tool]) -> Result {
-    let missing: Vec<Tool> = tools
-        .iter()
-        .copied()
-        .filter(|tool| find_program(tool.program).is_none())
-        .collect();
+    let missing: Vec<Tool> = tools.iter().copied().filter(|tool| !tool.is_present()).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -66,7 +79,7 @@ pub(crate) fn ensure(tools: &[Tool]) -> Result {
     apt(&args)?;
     let still_missing: Vec<&str> = missing
         .iter()
-        .filter(|tool| find_program(tool.program).is_none())
+        .filter(|tool| !tool.is_present())
         .map(|tool| tool.program)
         .collect();
     if still_missing.is_empty() {

@@ -6,13 +6,14 @@
 use std::io::BufRead;
 
 use dlock_servers::ServerProcess;
+use dlock_servers::etcd::EtcdCluster;
 use dlock_servers::redis::{self, RedisCluster, RedisSentinel, SENTINEL_MASTER_NAME};
 
 use crate::Result;
 use crate::deps::{self, Tool};
 
 /// The system programs the servers below need.
-pub(crate) const NEEDED: &[Tool] = &[deps::REDIS_SERVER, deps::REDIS_CLI];
+pub(crate) const NEEDED: &[Tool] = &[deps::REDIS_SERVER, deps::REDIS_CLI, deps::ETCD];
 
 /// The servers of one run; all are stopped when this is dropped.
 #[derive(Debug)]
@@ -21,6 +22,7 @@ pub(crate) struct Servers {
     cluster: RedisCluster,
     sentinel: RedisSentinel,
     redlock: Vec<ServerProcess>,
+    etcd: EtcdCluster,
 }
 
 impl Servers {
@@ -39,6 +41,7 @@ impl Servers {
                 SENTINEL_MASTER_NAME.to_owned(),
             ),
             ("DLOCK_TEST_REDLOCK_URLS", self.redlock_urls().join(",")),
+            ("DLOCK_TEST_ETCD_ENDPOINTS", self.etcd.endpoints().join(",")),
         ]
     }
 
@@ -60,6 +63,7 @@ impl Servers {
         for node in &self.redlock {
             eprintln!("{}", node.log_tail());
         }
+        eprintln!("{}", self.etcd.log_tails());
     }
 }
 
@@ -70,6 +74,7 @@ pub(crate) fn start_all() -> Result<Servers> {
         cluster: RedisCluster::start(3)?,
         sentinel: RedisSentinel::start()?,
         redlock: redis::start_independent(5)?,
+        etcd: EtcdCluster::start(3)?,
     })
 }
 

@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod etcd;
 mod process;
 pub mod redis;
 

@@ -19,6 +19,7 @@ pub struct ServerProcess {
     program: PathBuf,
     arguments: Vec<String>,
     child: Child,
+    killed: bool,
     port: u16,
     log: PathBuf,
     // Declared last: removed after the process is gone.
@@ -46,6 +47,7 @@ impl ServerProcess {
             program: program.to_owned(),
             arguments,
             child,
+            killed: false,
             port,
             log,
             dir,
@@ -121,8 +123,14 @@ impl ServerProcess {
         )
     }
 
+    /// False once [`kill`](Self::kill) was called (until a restart).
+    pub fn is_running(&self) -> bool {
+        !self.killed
+    }
+
     /// Kills the server now (for fault tests); dropping it later is harmless.
     pub fn kill(&mut self) {
+        self.killed = true;
         // An error means the process is already gone, which is the goal.
         let _ = self.child.kill();
         let _ = self.child.wait();

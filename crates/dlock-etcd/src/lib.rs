@@ -1,0 +1,808 @@
+//! etcd backend for [dlock](dlock_core): a fair (FIFO) mutex ordered by
+//! create revision, on session leases kept alive in the background, with
+//! the waiter key's create revision as fencing token.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use dlock_etcd::{EtcdBackend, Locker};
+//!
+//! # async fn demo() -> Result<(), dlock_etcd::LockError> {
+//! let backend = EtcdBackend::connect(["http://127.0.0.1:2379"]).await?;
+//! let locker = Locker::new(backend);
+//! let guard = locker.lock("orders/42").ttl(Duration::from_secs(10)).await?;
+//! let token = guard.fencing_token(); // the key's create revision
+//! # let _ = token;
+//! guard.release().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! How it works: each acquisition writes its own waiter key
+//! `{prefix}{len}/{key}/{owner}` under the session's lease, in a
+//! transaction that also reads the oldest waiter key of the lock. The
+//! oldest one holds the lock; the others watch only their immediate
+//! predecessor's deletion. Locks with auto-renewal share one lease per TTL
+//! (in whole seconds, the unit etcd leases use); `auto_renew(false)` gets
+//! a lease of its own that runs out.
+
+#![forbid(unsafe_code)]
+
+mod errors;
+mod session;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+pub use dlock_core::*;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, SortOrder, SortTarget,
+    Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+
+use crate::errors::from_etcd;
+use crate::session::Session;
+
+/// Default prefix of every key dlock writes.
+pub const DEFAULT_KEY_PREFIX: &str = "/dlock/";
+/// Default limit for one request's round trip.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default limit for connecting (and the first request, which needs a leader).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A lock backend on an etcd cluster. Cheap to clone; clones share the
+/// connection and the sessions.
+#[derive(Clone)]
+pub struct EtcdBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    prefix: String,
+    request_timeout: Duration,
+    endpoints: String,
+    /// Live sessions by TTL in whole seconds.
+    sessions: tokio::sync::Mutex<HashMap<i64, Arc<Session>>>,
+    /// Waiter keys written by requests that are still waiting: owner → create revision.
+    waiting: Mutex<HashMap<String, i64>>,
+}
+
+/// The lease a held lock's key lives on.
+#[derive(Clone)]
+enum Binding {
+    /// A shared, kept-alive session (auto-renewed locks).
+    Session(Arc<Session>),
+    /// A lease of its own that simply runs out (`auto_renew(false)`).
+    Own { id: i64, ttl: Duration },
+}
+
+/// What a held lock keeps for release and renewal.
+struct Held {
+    binding: Mutex<Binding>,
+}
+
+impl Held {
+    fn binding(&self) -> Binding {
+        self.binding
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn rebind(&self, binding: Binding) {
+        *self.binding.lock().unwrap_or_else(PoisonError::into_inner) = binding;
+    }
+}
+
+/// Whole seconds for a TTL, rounded up (etcd leases count in seconds).
+fn whole_seconds(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0))
+        .unwrap_or(i64::MAX)
+        .max(1)
+}
+
+/// Settings for [`EtcdBackend`]; start with [`EtcdBackend::builder`].
+#[derive(Clone)]
+pub struct EtcdBackendBuilder {
+    endpoints: Vec<String>,
+    key_prefix: String,
+    request_timeout: Duration,
+    connect_timeout: Duration,
+    user: Option<(String, String)>,
+}
+
+impl EtcdBackend {
+    /// Connects to the cluster at `endpoints` (`http://host:port` or
+    /// `host:port`) with default settings.
+    pub async fn connect<I, S>(endpoints: I) -> Result<Self, LockError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Self::builder(endpoints).connect().await
+    }
+
+    /// Settings for a connection to `endpoints`.
+    pub fn builder<I, S>(endpoints: I) -> EtcdBackendBuilder
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        EtcdBackendBuilder {
+            endpoints: endpoints
+                .into_iter()
+                .map(|endpoint| endpoint.as_ref().to_owned())
+                .collect(),
+            key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            user: None,
+        }
+    }
+
+    /// The prefix under which `key`'s waiter keys live. The key's length
+    /// comes first, so that no lock's prefix contains another's.
+    pub fn queue_prefix(&self, key: &str) -> String {
+        format!("{}{}/{key}/", self.inner.prefix, key.len())
+    }
+
+    fn waiter_key(&self, key: &str, owner: &OwnerToken) -> String {
+        format!("{}{}", self.queue_prefix(key), owner.as_str())
+    }
+
+    /// Runs one request under the request timeout.
+    async fn call<T>(
+        &self,
+        key: &str,
+        doing: &str,
+        request: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, LockError> {
+        match timeout(self.inner.request_timeout, request).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(from_etcd(Some(key), doing, error)),
+            Err(_) => Err(LockError::unavailable(
+                Some(key),
+                format!(
+                    "{doing}: etcd at {} did not answer within {:?} (no quorum?)",
+                    self.inner.endpoints, self.inner.request_timeout
+                ),
+            )),
+        }
+    }
+
+    /// The live session for `ttl`, started if there is none.
+    async fn session(&self, key: &str, ttl: Duration) -> Result<Arc<Session>, LockError> {
+        let seconds = whole_seconds(ttl);
+        let mut sessions = self.inner.sessions.lock().await;
+        if let Some(session) = sessions.get(&seconds).filter(|session| !session.state().lost) {
+            return Ok(Arc::clone(session));
+        }
+        let session = self
+            .call(
+                key,
+                "starting a session lease",
+                Session::start(&self.inner.client, seconds),
+            )
+            .await?;
+        sessions.insert(seconds, Arc::clone(&session));
+        Ok(session)
+    }
+
+    fn forget_waiting(&self, owner: &OwnerToken) -> Option<i64> {
+        self.inner
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(owner.as_str())
+    }
+
+    /// A lease of its own for a lock without renewal: its id and TTL.
+    async fn own_lease(&self, key: &str, ttl: Duration) -> Result<(i64, Duration), LockError> {
+        let granted = self
+            .call(
+                key,
+                "granting a lease",
+                self.inner.client.lease_client().grant(whole_seconds(ttl), None),
+            )
+            .await?;
+        Ok((
+            granted.id(),
+            Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(1).max(1)),
+        ))
+    }
+
+    /// Moves our key onto `lease` if it is still ours; false if it is gone.
+    async fn rebind_key(
+        &self,
+        key: &str,
+        waiter: &str,
+        revision: i64,
+        lease: i64,
+    ) -> Result<bool, LockError> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(waiter, CompareOp::Equal, revision)])
+            .and_then([TxnOp::put(waiter, "", Some(PutOptions::new().with_lease(lease)))]);
+        let response = self
+            .call(
+                key,
+                "moving the lock to another lease",
+                self.inner.client.kv_client().txn(txn),
+            )
+            .await?;
+        Ok(response.succeeded())
+    }
+
+    /// `None` if our key is still there, else why not.
+    async fn check_ours(
+        &self,
+        key: &str,
+        waiter: &str,
+        revision: i64,
+    ) -> Result<Option<NotHeldReason>, LockError> {
+        let txn = Txn::new()
+            .when([Compare::create_revision(waiter, CompareOp::Equal, revision)])
+            .or_else([TxnOp::get(self.queue_prefix(key), Some(oldest_waiter()))]);
+        let response = self
+            .call(key, "checking the lock", self.inner.client.kv_client().txn(txn))
+            .await?;
+        if response.succeeded() {
+            return Ok(None);
+        }
+        Ok(Some(held_by_other(&response.op_responses())))
+    }
+
+    /// Why a lock we no longer have is not ours: someone holds it now, or nobody.
+    async fn why_not_held(&self, key: &str) -> Result<NotHeldReason, LockError> {
+        let found = self
+            .call(
+                key,
+                "reading the queue",
+                self.inner
+                    .client
+                    .kv_client()
+                    .get(self.queue_prefix(key), Some(oldest_waiter())),
+            )
+            .await?;
+        Ok(if found.kvs().is_empty() {
+            NotHeldReason::Expired
+        } else {
+            NotHeldReason::OtherOwner
+        })
+    }
+
+    /// Revokes a lease in the background (it runs out by itself anyway).
+    fn revoke_later(&self, id: i64) {
+        let mut leases = self.inner.client.lease_client();
+        tokio::spawn(async move {
+            let _ = timeout(Duration::from_secs(2), leases.revoke(id)).await;
+        });
+    }
+
+    /// Resolves when `waiter_key` (created at `revision`) is deleted.
+    fn watch_deletion(
+        &self,
+        waiter_key: String,
+        after_revision: i64,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let client = self.inner.client.clone();
+        async move {
+            let mut watch_from = after_revision + 1;
+            let mut pause = Duration::from_millis(50);
+            loop {
+                let options = WatchOptions::new().with_start_revision(watch_from);
+                if let Ok(mut stream) = client
+                    .watch_client()
+                    .watch(waiter_key.as_str(), Some(options))
+                    .await
+                {
+                    while let Ok(Some(response)) = stream.message().await {
+                        for event in response.events() {
+                            if event.event_type() == EventType::Delete {
+                                return;
+                            }
+                        }
+                        if let Some(header) = response.header() {
+                            watch_from = watch_from.max(header.revision() + 1);
+                        }
+                        if response.canceled() {
+                            break;
+                        }
+                    }
+                }
+                // The stream broke: watch again from where it was.
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+impl EtcdBackendBuilder {
+    /// Prefix of every key dlock writes (default `/dlock/`).
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// Limit for one request (default 3 s); a request that takes longer
+    /// fails with [`LockError::Unavailable`].
+    pub fn request_timeout(mut self, limit: Duration) -> Self {
+        self.request_timeout = limit;
+        self
+    }
+
+    /// Limit for connecting, including a first read that needs a leader
+    /// (default 5 s).
+    pub fn connect_timeout(mut self, limit: Duration) -> Self {
+        self.connect_timeout = limit;
+        self
+    }
+
+    /// User and password for an etcd with auth enabled (default: none).
+    pub fn user(mut self, name: &str, password: &str) -> Self {
+        self.user = Some((name.to_owned(), password.to_owned()));
+        self
+    }
+
+    /// Connects and checks that the cluster answers with a leader. Fails
+    /// with [`LockError::InvalidOptions`] for malformed endpoints or
+    /// settings, and [`LockError::Unavailable`] when no member answers
+    /// within the connect timeout.
+    pub async fn connect(self) -> Result<EtcdBackend, LockError> {
+        let invalid = |reason: String| LockError::InvalidOptions {
+            key: String::new(),
+            reason,
+        };
+        if self.endpoints.is_empty() {
+            return Err(invalid(
+                "no etcd endpoints given; pass http://host:2379 or host:2379".into(),
+            ));
+        }
+        for endpoint in &self.endpoints {
+            check_endpoint(endpoint).map_err(|problem| {
+                invalid(format!(
+                    "{endpoint:?} is not an etcd endpoint ({problem}); expected http://host:port or host:port"
+                ))
+            })?;
+        }
+        for (name, value) in [
+            ("request timeout", self.request_timeout),
+            ("connect timeout", self.connect_timeout),
+        ] {
+            if value.is_zero() || value > Duration::from_secs(300) {
+                return Err(invalid(format!(
+                    "{name} {value:?} is out of range; use 1 ms to 300 s"
+                )));
+            }
+        }
+        let endpoints = self.endpoints.join(", ");
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(self.connect_timeout)
+            .with_timeout(self.request_timeout)
+            .with_require_leader(true)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+        if let Some((name, password)) = &self.user {
+            options = options.with_user(name.clone(), password.clone());
+        }
+        let connecting = format!("connecting to etcd at {endpoints}");
+        let probe = async {
+            let client = Client::connect(&self.endpoints, Some(options)).await?;
+            // A linearizable read: answers only with a leader and quorum.
+            client
+                .kv_client()
+                .get(
+                    self.key_prefix.as_str(),
+                    Some(GetOptions::new().with_count_only()),
+                )
+                .await?;
+            Ok::<_, etcd_client::Error>(client)
+        };
+        let client = match timeout(self.connect_timeout, probe).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(error)) => return Err(from_etcd(None, &connecting, error)),
+            Err(_) => {
+                return Err(LockError::unavailable(
+                    None,
+                    format!(
+                        "{connecting}: no answer with a leader within {:?}",
+                        self.connect_timeout
+                    ),
+                ));
+            }
+        };
+        Ok(EtcdBackend {
+            inner: Arc::new(Inner {
+                client,
+                prefix: self.key_prefix,
+                request_timeout: self.request_timeout,
+                endpoints,
+                sessions: tokio::sync::Mutex::new(HashMap::new()),
+                waiting: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+}
+
+/// `http://host:port`, `https://host:port` or `host:port`.
+fn check_endpoint(endpoint: &str) -> Result<(), &'static str> {
+    let rest = endpoint
+        .strip_prefix("http://")
+        .or_else(|| endpoint.strip_prefix("https://"))
+        .unwrap_or(endpoint);
+    if rest.contains("://") {
+        return Err("unknown scheme");
+    }
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = rest.rsplit_once(':').ok_or("no port")?;
+    if host.is_empty() || host.contains(['/', ' ']) {
+        return Err("bad host");
+    }
+    port.parse::<u16>().map(drop).map_err(|_| "bad port")
+}
+
+/// A Get of the oldest waiter key under a queue prefix (the holder).
+fn oldest_waiter() -> GetOptions {
+    GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
+        .with_limit(1)
+        .with_keys_only()
+}
+
+/// From a failed owner check's Get of the queue head: someone else holds
+/// the lock, or nobody does.
+fn held_by_other(responses: &[TxnOpResponse]) -> NotHeldReason {
+    if first_kv(responses, 0).is_some() {
+        NotHeldReason::OtherOwner
+    } else {
+        NotHeldReason::Expired
+    }
+}
+
+/// The first kv of a Get inside a transaction's responses.
+fn first_kv(responses: &[TxnOpResponse], index: usize) -> Option<(Vec<u8>, i64)> {
+    match responses.get(index) {
+        Some(TxnOpResponse::Get(get)) => get
+            .kvs()
+            .first()
+            .map(|kv| (kv.key().to_vec(), kv.create_revision())),
+        _ => None,
+    }
+}
+
+#[async_trait]
+impl LockBackend for EtcdBackend {
+    async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
+        request.require_exclusive()?;
+        let (key, owner, ttl) = (request.key, request.owner, request.ttl);
+        let started = Instant::now();
+        let waiter = self.waiter_key(key, owner);
+        let oldest = oldest_waiter();
+        let mine = GetOptions::new().with_keys_only();
+        let known = self
+            .inner
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(owner.as_str())
+            .copied();
+        let queue = self.queue_prefix(key);
+
+        // Waiters queue on the kept-alive session for their TTL, so that a
+        // long wait never outlives the waiter key.
+        let session = self.session(key, ttl).await?;
+        let lease = session.lease;
+        let txn = match known {
+            // First attempt: queue up, and read the oldest waiter.
+            None => Txn::new()
+                .when([Compare::create_revision(waiter.as_str(), CompareOp::Equal, 0)])
+                .and_then([
+                    TxnOp::put(waiter.as_str(), "", Some(PutOptions::new().with_lease(lease))),
+                    TxnOp::get(queue.as_str(), Some(oldest.clone())),
+                ])
+                .or_else([
+                    TxnOp::get(waiter.as_str(), Some(mine)),
+                    TxnOp::get(queue.as_str(), Some(oldest)),
+                ]),
+            // After a wait: our key must still be the one we wrote.
+            Some(revision) => Txn::new()
+                .when([Compare::create_revision(
+                    waiter.as_str(),
+                    CompareOp::Equal,
+                    revision,
+                )])
+                .and_then([TxnOp::get(queue.as_str(), Some(oldest))]),
+        };
+        let response = self
+            .call(key, "queueing", self.inner.client.kv_client().txn(txn))
+            .await?;
+        let header_revision = response.header().map_or(0, |header| header.revision());
+        let responses = response.op_responses();
+        let (my_revision, first) = match (known, response.succeeded()) {
+            (None, true) => (header_revision, first_kv(&responses, 1)),
+            (None, false) => match first_kv(&responses, 0) {
+                Some((_, revision)) => (revision, first_kv(&responses, 1)),
+                None => {
+                    return Err(LockError::unavailable(
+                        Some(key),
+                        "the waiter key vanished while queueing",
+                    ));
+                }
+            },
+            (Some(revision), true) => (revision, first_kv(&responses, 0)),
+            (Some(_), false) => {
+                // Our key expired (its lease ended) or was deleted while we
+                // waited: never report success on a key that is gone.
+                self.forget_waiting(owner);
+                return Err(LockError::unavailable(
+                    Some(key),
+                    "the waiter key disappeared while waiting (its lease expired or it was deleted); \
+                     the request will queue again if its wait allows",
+                ));
+            }
+        };
+
+        let is_first = first
+            .as_ref()
+            .is_some_and(|(first_key, _)| first_key == waiter.as_bytes());
+        if is_first {
+            self.forget_waiting(owner);
+            let token = FencingToken::new(u64::try_from(my_revision).unwrap_or(0));
+            let (binding, valid_until) = if request.auto_renew {
+                let valid_until = session.state().valid_until;
+                (Binding::Session(session), valid_until)
+            } else {
+                // A lease of its own that runs out: move the key onto it
+                // (same key, same create revision, so the same token).
+                let sent = Instant::now();
+                let (id, lease_ttl) = self.own_lease(key, ttl).await?;
+                match self.rebind_key(key, &waiter, my_revision, id).await {
+                    Ok(true) => (Binding::Own { id, ttl: lease_ttl }, sent + lease_ttl),
+                    outcome => {
+                        self.revoke_later(id);
+                        outcome?;
+                        return Err(LockError::unavailable(
+                            Some(key),
+                            "the lock key vanished just after it was granted",
+                        ));
+                    }
+                }
+            };
+            let validity = valid_until
+                .saturating_duration_since(started)
+                .saturating_sub(drift_allowance(ttl));
+            let held = Held {
+                binding: Mutex::new(binding),
+            };
+            let signal = self.watch_deletion(waiter, header_revision.max(my_revision));
+            return Ok(Attempt::Acquired(
+                Grant::new(token, validity)
+                    .with_handle(held)
+                    .with_loss_signal(signal),
+            ));
+        }
+
+        if !request.queue {
+            // try_lock: leave the queue at once.
+            self.forget_waiting(owner);
+            let delete = Txn::new()
+                .when([Compare::create_revision(
+                    waiter.as_str(),
+                    CompareOp::Equal,
+                    my_revision,
+                )])
+                .and_then([TxnOp::delete(waiter.as_str(), None)]);
+            self.call(
+                key,
+                "leaving the queue",
+                self.inner.client.kv_client().txn(delete),
+            )
+            .await?;
+            return Ok(Attempt::Busy(Busy::new()));
+        }
+        self.inner
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(owner.as_str().to_owned(), my_revision);
+
+        // Watch only the immediate predecessor.
+        let predecessor = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Descend)
+            .with_max_create_revision(my_revision - 1)
+            .with_limit(1)
+            .with_keys_only();
+        let found = self
+            .call(
+                key,
+                "finding the predecessor",
+                self.inner
+                    .client
+                    .kv_client()
+                    .get(queue.as_str(), Some(predecessor)),
+            )
+            .await?;
+        let Some(before) = found.kvs().first() else {
+            // It left between our two reads: look again at once.
+            return Ok(Attempt::Busy(Busy::new().retry_after(Duration::ZERO)));
+        };
+        let watched = String::from_utf8_lossy(before.key()).into_owned();
+        let seen = found.header().map_or(my_revision, |header| header.revision());
+        let (sender, receiver) = mpsc::channel(1);
+        let deleted = self.watch_deletion(watched, seen);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = sender.closed() => {}
+                () = deleted => { let _ = sender.try_send(()); }
+            }
+        });
+        // The predecessor's key cannot outlive its lease; our TTL is a
+        // reasonable bound for a re-check if the watch itself fails.
+        Ok(Attempt::Busy(
+            Busy::new()
+                .wake(ReleaseEvents::from_channel(receiver))
+                .retry_after(ttl),
+        ))
+    }
+
+    async fn extend(&self, lease: &Lease, ttl: Duration) -> Result<ExtendOutcome, LockError> {
+        let key = lease.key();
+        let started = Instant::now();
+        let waiter = self.waiter_key(key, lease.owner());
+        let revision = i64::try_from(lease.token().get()).unwrap_or(i64::MAX);
+        let Some(held) = lease.handle::<Held>() else {
+            return Ok(ExtendOutcome::NotHeld(NotHeldReason::Expired));
+        };
+        let seconds = whole_seconds(ttl);
+        let (binding, valid_until) = match held.binding() {
+            Binding::Session(session) if session.seconds == seconds && !session.state().lost => {
+                // The session keeps the lease alive; check that the key is still ours.
+                if let Some(reason) = self.check_ours(key, &waiter, revision).await? {
+                    return Ok(ExtendOutcome::NotHeld(reason));
+                }
+                let valid_until = session.state().valid_until;
+                (Binding::Session(session), valid_until)
+            }
+            Binding::Session(_) => {
+                // Another TTL: move the key onto that TTL's session.
+                let session = self.session(key, ttl).await?;
+                if !self.rebind_key(key, &waiter, revision, session.lease).await? {
+                    return Ok(ExtendOutcome::NotHeld(self.why_not_held(key).await?));
+                }
+                let valid_until = session.state().valid_until;
+                (Binding::Session(session), valid_until)
+            }
+            Binding::Own { id, ttl: lease_ttl } if whole_seconds(lease_ttl) >= seconds => {
+                let sent = Instant::now();
+                let renewed = self
+                    .call(key, "renewing the lease", async {
+                        let (mut keeper, mut responses) =
+                            self.inner.client.lease_client().keep_alive(id).await?;
+                        keeper.keep_alive().await?;
+                        responses.message().await
+                    })
+                    .await?;
+                if renewed.is_none_or(|response| response.ttl() <= 0) {
+                    return Ok(ExtendOutcome::NotHeld(self.why_not_held(key).await?));
+                }
+                if let Some(reason) = self.check_ours(key, &waiter, revision).await? {
+                    return Ok(ExtendOutcome::NotHeld(reason));
+                }
+                (Binding::Own { id, ttl: lease_ttl }, sent + lease_ttl)
+            }
+            Binding::Own { id: old, .. } => {
+                // A longer TTL than the lease has: move the key onto a new lease.
+                let sent = Instant::now();
+                let (id, lease_ttl) = self.own_lease(key, ttl).await?;
+                if !self.rebind_key(key, &waiter, revision, id).await? {
+                    self.revoke_later(id);
+                    return Ok(ExtendOutcome::NotHeld(self.why_not_held(key).await?));
+                }
+                self.revoke_later(old);
+                (Binding::Own { id, ttl: lease_ttl }, sent + lease_ttl)
+            }
+        };
+        held.rebind(binding);
+        Ok(ExtendOutcome::Extended {
+            validity: valid_until
+                .saturating_duration_since(started)
+                .saturating_sub(drift_allowance(ttl)),
+        })
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<ReleaseOutcome, LockError> {
+        let key = lease.key();
+        let waiter = self.waiter_key(key, lease.owner());
+        let revision = i64::try_from(lease.token().get()).unwrap_or(i64::MAX);
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                waiter.as_str(),
+                CompareOp::Equal,
+                revision,
+            )])
+            .and_then([TxnOp::delete(waiter.as_str(), None)])
+            .or_else([TxnOp::get(self.queue_prefix(key), Some(oldest_waiter()))]);
+        let response = self
+            .call(key, "releasing", self.inner.client.kv_client().txn(txn))
+            .await?;
+        if let Some(Binding::Own { id, .. }) = lease.handle::<Held>().map(Held::binding) {
+            self.revoke_later(id);
+        }
+        if response.succeeded() {
+            return Ok(ReleaseOutcome::Released);
+        }
+        Ok(ReleaseOutcome::NotHeld(held_by_other(&response.op_responses())))
+    }
+
+    async fn abandon(&self, key: &str, owner: &OwnerToken) -> Result<(), LockError> {
+        self.forget_waiting(owner);
+        let waiter = self.waiter_key(key, owner);
+        self.call(
+            key,
+            "leaving the queue",
+            self.inner.client.kv_client().delete(waiter.as_str(), None),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn subscribe(&self, _key: &str) -> Result<ReleaseEvents, LockError> {
+        // Waiters get a watch on their own predecessor with every Busy.
+        Ok(ReleaseEvents::never())
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default().with_fifo_fairness()
+    }
+}
+
+impl fmt::Debug for EtcdBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdBackend")
+            .field("endpoints", &self.inner.endpoints)
+            .field("prefix", &self.inner.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for EtcdBackendBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdBackendBuilder")
+            .field("endpoints", &self.endpoints)
+            .field("key_prefix", &self.key_prefix)
+            .field("request_timeout", &self.request_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("user", &self.user.as_ref().map(|(name, _)| name))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_endpoint;
+
+    #[test]
+    fn endpoints_are_checked() {
+        for good in [
+            "http://127.0.0.1:2379",
+            "127.0.0.1:2379",
+            "https://etcd.example:2379/",
+        ] {
+            assert!(check_endpoint(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "not a url",
+            "redis://h:1",
+            "http://h",
+            "h:port",
+            "http://:2379",
+        ] {
+            assert!(check_endpoint(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! An etcd cluster of N members on loopback, with kill, restart and
+//! leader lookup for fault tests.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use crate::{Result, ServerProcess, free_port, require_program};
+
+/// How long the cluster may take to become healthy.
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// An etcd cluster; every member is killed when it is dropped.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<ServerProcess>,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members (heartbeat 50 ms, election timeout 500 ms, so
+    /// that a killed leader is replaced within about a second, and leases
+    /// as short as 1 s are allowed) and waits until all report healthy.
+    pub fn start(size: usize) -> Result<EtcdCluster> {
+        let program = require_program("etcd")?;
+        let peers: Vec<u16> = (0..size).map(|_| free_port()).collect::<Result<_>>()?;
+        let initial_cluster = peers
+            .iter()
+            .enumerate()
+            .map(|(index, port)| format!("m{index}=http://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members = Vec::new();
+        for (index, peer) in peers.iter().enumerate() {
+            let initial_cluster = initial_cluster.clone();
+            let member = ServerProcess::start(&format!("etcd-m{index}"), &program, |dir, port| {
+                let client = format!("http://127.0.0.1:{port}");
+                let peer = format!("http://127.0.0.1:{peer}");
+                Ok([
+                    "--name",
+                    &format!("m{index}"),
+                    "--data-dir",
+                    &dir.join("data").display().to_string(),
+                    "--listen-client-urls",
+                    &client,
+                    "--advertise-client-urls",
+                    &client,
+                    "--listen-peer-urls",
+                    &peer,
+                    "--initial-advertise-peer-urls",
+                    &peer,
+                    "--initial-cluster",
+                    &initial_cluster,
+                    "--initial-cluster-state",
+                    "new",
+                    "--initial-cluster-token",
+                    "dlock-test",
+                    "--heartbeat-interval",
+                    "50",
+                    "--election-timeout",
+                    "500",
+                ]
+                .map(str::to_owned)
+                .to_vec())
+            })?;
+            members.push(member);
+        }
+        let cluster = EtcdCluster { members };
+        cluster.wait_healthy()?;
+        Ok(cluster)
+    }
+
+    /// Waits until every running member reports healthy (which needs a leader).
+    pub fn wait_healthy(&self) -> Result {
+        let deadline = Instant::now() + READY_WITHIN;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let healthy = self
+                .members
+                .iter()
+                .filter(|member| member.is_running())
+                .all(|member| {
+                    http(member.port(), "GET", "/health", "").is_ok_and(|body| body.contains("\"true\""))
+                });
+            if healthy {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the etcd cluster was not healthy within {READY_WITHIN:?}:\n{}",
+                    self.log_tails()
+                ));
+            }
+            sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// Client endpoints of every member (`http://127.0.0.1:port`).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|member| format!("http://127.0.0.1:{}", member.port()))
+            .collect()
+    }
+
+    /// The index of the current leader, asked of any live member.
+    pub fn leader(&self) -> Result<usize> {
+        let mut ids = Vec::new();
+        let mut leader = None;
+        for member in &self.members {
+            let status = if member.is_running() {
+                http(member.port(), "POST", "/v3/maintenance/status", "{}").unwrap_or_default()
+            } else {
+                String::new()
+            };
+            ids.push(json_number(&status, "member_id"));
+            leader = leader.or(json_number(&status, "leader"));
+        }
+        let leader = leader.ok_or("no member names a leader")?;
+        ids.iter()
+            .position(|id| *id == Some(leader))
+            .ok_or_else(|| format!("the leader {leader} is not a running member"))
+    }
+
+    /// Kills member `index` (as a crash would).
+    pub fn kill(&mut self, index: usize) {
+        if let Some(member) = self.members.get_mut(index) {
+            member.kill();
+        }
+    }
+
+    /// Starts member `index` again with its data.
+    pub fn restart(&mut self, index: usize) -> Result {
+        self.members
+            .get_mut(index)
+            .ok_or_else(|| format!("no member {index}"))?
+            .restart()
+    }
+
+    /// The tail of every member's log.
+    pub fn log_tails(&self) -> String {
+        self.members
+            .iter()
+            .map(ServerProcess::log_tail)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// The number after `"name":` (etcd's JSON gateway quotes 64-bit numbers).
+fn json_number(json: &str, name: &str) -> Option<u64> {
+    let start = json.find(&format!("\"{name}\":"))? + name.len() + 3;
+    let digits: String = json[start..]
+        .chars()
+        .skip_while(|c| *c == '"' || *c == ' ')
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+/// A minimal HTTP/1.0 request; returns the body.
+fn http(port: u16, method: &str, path: &str, body: &str) -> Result<String> {
+    let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).map_err(|error| error.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|error| error.to_string())?;
+    let request = format!(
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|error| error.to_string())?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|error| error.to_string())?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or("no HTTP body")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        return Err(head.lines().next().unwrap_or_default().to_owned());
+    }
+    Ok(body.to_owned())
+}

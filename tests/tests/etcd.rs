@@ -1,0 +1,134 @@
+//! `EtcdBackend` on a real 3-member etcd cluster started by `cargo xtask integration`.
+
+use std::time::Duration;
+
+use dlock_core::{LockError, Locker};
+use dlock_etcd::EtcdBackend;
+use dlock_testkit::conformance::unique_key;
+use dlock_testkit::{CheckerConfig, check_mutual_exclusion};
+use dlock_tests::{EtcdHarness, etcd_endpoints};
+
+dlock_testkit::conformance_tests!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    EtcdHarness::from_env().await
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_exclusion_16_clients_200_acquisitions() {
+    let endpoints = etcd_endpoints();
+    let mut lockers = Vec::new();
+    for _ in 0..16 {
+        lockers.push(Locker::new(
+            EtcdBackend::connect(&endpoints).await.expect("connect"),
+        ));
+    }
+    let key = unique_key("etcd-checker");
+    let report = check_mutual_exclusion(&lockers, &key, CheckerConfig::default().load(16, 200)).await;
+    report.assert_clean();
+    assert_eq!(report.acquired, 3200);
+}
+
+/// Revision of the cluster now (every write bumps it by one).
+async fn revision(harness: &EtcdHarness) -> i64 {
+    harness
+        .admin()
+        .get("/", Some(etcd_client::GetOptions::new().with_count_only()))
+        .await
+        .expect("get")
+        .header()
+        .expect("header")
+        .revision()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_and_unlock_on_a_warm_session_cost_two_writes() {
+    let harness = EtcdHarness::from_env().await;
+    let locker = Locker::new(EtcdBackend::connect(harness.endpoints()).await.expect("connect"));
+    let key = unique_key("etcd-writes");
+    // Warm the session for this TTL.
+    locker
+        .lock(&key)
+        .ttl(Duration::from_secs(10))
+        .await
+        .expect("lock")
+        .release()
+        .await
+        .expect("release");
+    let before = revision(&harness).await;
+    let guard = locker
+        .lock(&key)
+        .ttl(Duration::from_secs(10))
+        .await
+        .expect("lock");
+    guard.release().await.expect("release");
+    let after = revision(&harness).await;
+    assert_eq!(after - before, 2, "one put and one delete, no lease grant");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_locks_on_one_session_exclude_each_other() {
+    let locker = Locker::new(EtcdBackend::connect(etcd_endpoints()).await.expect("connect"));
+    let key = unique_key("etcd-same-session");
+    let first = locker.lock(&key).await.expect("first");
+    assert!(matches!(
+        locker.try_lock(&key).await,
+        Err(LockError::Contended { .. })
+    ));
+    first.release().await.expect("release");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_whose_lease_is_revoked_learns_it_within_a_second() {
+    let harness = EtcdHarness::from_env().await;
+    let locker = Locker::new(EtcdBackend::connect(harness.endpoints()).await.expect("connect"));
+    let key = unique_key("etcd-revoked");
+    let guard = locker
+        .lock(&key)
+        .ttl(Duration::from_secs(30))
+        .await
+        .expect("lock");
+    let leases = harness.admin().leases().await.expect("list leases");
+    let mut admin = harness.admin();
+    // Revoke the lease under our waiter key, found through the key itself.
+    let (waiter, _) = harness.queue(&key).await.into_iter().next().expect("our key");
+    let found = admin.get(waiter, None).await.expect("get our key");
+    let lease = found.kvs()[0].lease();
+    assert!(leases.leases().iter().any(|status| status.id() == lease));
+    let revoked_at = tokio::time::Instant::now();
+    admin.lease_revoke(lease).await.expect("revoke");
+    tokio::time::timeout(Duration::from_secs(1), guard.lost())
+        .await
+        .expect("the guard learns of the revoked lease within a second");
+    assert!(!guard.is_held());
+    assert!(revoked_at.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_endpoints_are_reported() {
+    let empty: [&str; 0] = [];
+    assert!(matches!(
+        EtcdBackend::connect(empty).await,
+        Err(LockError::InvalidOptions { .. })
+    ));
+    match EtcdBackend::connect(["not a url"]).await {
+        Err(LockError::InvalidOptions { reason, .. }) => {
+            assert!(reason.contains("http://host:port"), "{reason}")
+        }
+        other => panic!("expected InvalidOptions, got {other:?}"),
+    }
+    let port = dlock_servers::free_port().expect("port");
+    let began = tokio::time::Instant::now();
+    let outcome = EtcdBackend::builder([format!("http://127.0.0.1:{port}")])
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await;
+    assert!(
+        matches!(outcome, Err(LockError::Unavailable { .. })),
+        "{outcome:?}"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        began.elapsed()
+    );
+}
