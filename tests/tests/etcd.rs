@@ -132,3 +132,57 @@ async fn bad_endpoints_are_reported() {
         began.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_key_vanished_is_never_granted_on_it() {
+    // etcd 3.4's own lock service can grant a lock whose key expired while
+    // it waited; dlock re-reads its key in the same transaction that finds
+    // it first in line.
+    let harness = EtcdHarness::from_env().await;
+    let holder = Locker::new(
+        EtcdBackend::connect(harness.endpoints())
+            .await
+            .expect("connect holder"),
+    );
+    let waiter = Locker::new(
+        EtcdBackend::connect(harness.endpoints())
+            .await
+            .expect("connect waiter"),
+    );
+    let key = unique_key("etcd-vanished-waiter");
+    let held = holder.lock(&key).await.expect("holder");
+    let waiting = {
+        let key = key.clone();
+        tokio::spawn(async move { waiter.lock(&key).wait(Duration::from_secs(10)).await })
+    };
+    // Wait until the waiter is queued, then delete its key from outside (as
+    // its lease expiring would).
+    let mut queued = Vec::new();
+    for _ in 0..200 {
+        queued = harness.queue(&key).await;
+        if queued.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(queued.len(), 2, "holder and waiter are queued");
+    let (vanished, vanished_revision) = queued[1].clone();
+    harness
+        .admin()
+        .delete(vanished, None)
+        .await
+        .expect("delete the waiter's key");
+    held.release().await.expect("release");
+
+    match waiting.await.expect("waiter task") {
+        Ok(guard) => {
+            // Granted only on a key that exists: a new one, queued after the loss.
+            let token = i64::try_from(guard.fencing_token().get()).expect("token");
+            assert!(token > vanished_revision, "granted on the vanished key");
+            let queue = harness.queue(&key).await;
+            assert!(queue.iter().any(|(_, revision)| *revision == token), "{queue:?}");
+            guard.release().await.expect("release");
+        }
+        Err(error) => assert!(matches!(error, LockError::Unavailable { .. }), "{error:?}"),
+    }
+}

@@ -27,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 mod errors;
+mod members;
 mod session;
 
 use std::collections::HashMap;
@@ -41,8 +42,10 @@ use etcd_client::{
 };
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
+use tracing::debug;
 
 use crate::errors::from_etcd;
+use crate::members::{Failure, Members};
 use crate::session::Session;
 
 /// Default prefix of every key dlock writes.
@@ -60,7 +63,7 @@ pub struct EtcdBackend {
 }
 
 struct Inner {
-    client: Client,
+    members: Arc<Members>,
     prefix: String,
     request_timeout: Duration,
     endpoints: String,
@@ -153,20 +156,24 @@ impl EtcdBackend {
         format!("{}{}", self.queue_prefix(key), owner.as_str())
     }
 
-    /// Runs one request under the request timeout.
-    async fn call<T>(
-        &self,
-        key: &str,
-        doing: &str,
-        request: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, LockError> {
-        match timeout(self.inner.request_timeout, request).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(from_etcd(Some(key), doing, error)),
-            Err(_) => Err(LockError::unavailable(
+    /// Runs one request, failing over between members, within the request
+    /// timeout. `request` may run more than once (on another member): every
+    /// write dlock sends is guarded by a compare on the key, so a repeat
+    /// cannot take or free a lock twice.
+    async fn call<T, F, Fut>(&self, key: &str, doing: &str, request: F) -> Result<T, LockError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match self.inner.members.call(self.inner.request_timeout, request).await {
+            Ok(value) => Ok(value),
+            Err(Failure::Refused(error)) | Err(Failure::NoAnswer(Some(error))) => {
+                Err(from_etcd(Some(key), doing, error))
+            }
+            Err(Failure::NoAnswer(None)) => Err(LockError::unavailable(
                 Some(key),
                 format!(
-                    "{doing}: etcd at {} did not answer within {:?} (no quorum?)",
+                    "{doing}: no etcd member at {} answered within {:?} (down, or no quorum?)",
                     self.inner.endpoints, self.inner.request_timeout
                 ),
             )),
@@ -181,11 +188,9 @@ impl EtcdBackend {
             return Ok(Arc::clone(session));
         }
         let session = self
-            .call(
-                key,
-                "starting a session lease",
-                Session::start(&self.inner.client, seconds),
-            )
+            .call(key, "starting a session lease", |client| {
+                Session::start(client, Arc::clone(&self.inner.members), seconds)
+            })
             .await?;
         sessions.insert(seconds, Arc::clone(&session));
         Ok(session)
@@ -202,11 +207,9 @@ impl EtcdBackend {
     /// A lease of its own for a lock without renewal: its id and TTL.
     async fn own_lease(&self, key: &str, ttl: Duration) -> Result<(i64, Duration), LockError> {
         let granted = self
-            .call(
-                key,
-                "granting a lease",
-                self.inner.client.lease_client().grant(whole_seconds(ttl), None),
-            )
+            .call(key, "granting a lease", |mut client| async move {
+                client.lease_grant(whole_seconds(ttl), None).await
+            })
             .await?;
         Ok((
             granted.id(),
@@ -226,11 +229,9 @@ impl EtcdBackend {
             .when([Compare::create_revision(waiter, CompareOp::Equal, revision)])
             .and_then([TxnOp::put(waiter, "", Some(PutOptions::new().with_lease(lease)))]);
         let response = self
-            .call(
-                key,
-                "moving the lock to another lease",
-                self.inner.client.kv_client().txn(txn),
-            )
+            .call(key, "moving the lock to another lease", |client| {
+                transact(client, &txn)
+            })
             .await?;
         Ok(response.succeeded())
     }
@@ -246,7 +247,7 @@ impl EtcdBackend {
             .when([Compare::create_revision(waiter, CompareOp::Equal, revision)])
             .or_else([TxnOp::get(self.queue_prefix(key), Some(oldest_waiter()))]);
         let response = self
-            .call(key, "checking the lock", self.inner.client.kv_client().txn(txn))
+            .call(key, "checking the lock", |client| transact(client, &txn))
             .await?;
         if response.succeeded() {
             return Ok(None);
@@ -257,14 +258,10 @@ impl EtcdBackend {
     /// Why a lock we no longer have is not ours: someone holds it now, or nobody.
     async fn why_not_held(&self, key: &str) -> Result<NotHeldReason, LockError> {
         let found = self
-            .call(
-                key,
-                "reading the queue",
-                self.inner
-                    .client
-                    .kv_client()
-                    .get(self.queue_prefix(key), Some(oldest_waiter())),
-            )
+            .call(key, "reading the queue", |mut client| {
+                let queue = self.queue_prefix(key);
+                async move { client.get(queue, Some(oldest_waiter())).await }
+            })
             .await?;
         Ok(if found.kvs().is_empty() {
             NotHeldReason::Expired
@@ -273,11 +270,54 @@ impl EtcdBackend {
         })
     }
 
+    /// Keeps trying to delete a waiter key that a failed release or
+    /// clean-up left behind. It matters here more than with Redis: on a
+    /// kept-alive session the key would otherwise block the queue for as
+    /// long as the session lives. Stops when the key is gone, or with the
+    /// backend (whose sessions then end, and their keys with them).
+    fn delete_in_background(&self, key: &str, waiter: String, revision: Option<i64>) {
+        let backend = Arc::downgrade(&self.inner);
+        let key = key.to_owned();
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(100);
+            loop {
+                tokio::time::sleep(pause).await;
+                let Some(inner) = backend.upgrade() else { return };
+                let backend = EtcdBackend { inner };
+                let delete = match revision {
+                    Some(revision) => Txn::new()
+                        .when([Compare::create_revision(
+                            waiter.as_str(),
+                            CompareOp::Equal,
+                            revision,
+                        )])
+                        .and_then([TxnOp::delete(waiter.as_str(), None)]),
+                    None => Txn::new().and_then([TxnOp::delete(waiter.as_str(), None)]),
+                };
+                if backend
+                    .call(&key, "deleting a left-over waiter key", |client| {
+                        transact(client, &delete)
+                    })
+                    .await
+                    .is_ok()
+                {
+                    debug!(key, "a left-over waiter key was deleted");
+                    return;
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+
     /// Revokes a lease in the background (it runs out by itself anyway).
     fn revoke_later(&self, id: i64) {
-        let mut leases = self.inner.client.lease_client();
+        let members = Arc::clone(&self.inner.members);
         tokio::spawn(async move {
-            let _ = timeout(Duration::from_secs(2), leases.revoke(id)).await;
+            let _ = members
+                .call(Duration::from_secs(2), |mut client| async move {
+                    client.lease_revoke(id).await
+                })
+                .await;
         });
     }
 
@@ -287,17 +327,19 @@ impl EtcdBackend {
         waiter_key: String,
         after_revision: i64,
     ) -> impl Future<Output = ()> + Send + 'static {
-        let client = self.inner.client.clone();
+        let members = Arc::clone(&self.inner.members);
         async move {
             let mut watch_from = after_revision + 1;
             let mut pause = Duration::from_millis(50);
             loop {
                 let options = WatchOptions::new().with_start_revision(watch_from);
-                if let Ok(mut stream) = client
-                    .watch_client()
-                    .watch(waiter_key.as_str(), Some(options))
-                    .await
-                {
+                let (member, mut client) = members.current();
+                let opened = timeout(
+                    Duration::from_secs(5),
+                    client.watch(waiter_key.as_str(), Some(options)),
+                )
+                .await;
+                if let Ok(Ok(mut stream)) = opened {
                     while let Ok(Some(response)) = stream.message().await {
                         for event in response.events() {
                             if event.event_type() == EventType::Delete {
@@ -312,7 +354,8 @@ impl EtcdBackend {
                         }
                     }
                 }
-                // The stream broke: watch again from where it was.
+                // The stream broke: watch again from where it was, on the next member.
+                members.failed(member);
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
             }
@@ -388,22 +431,52 @@ impl EtcdBackendBuilder {
             options = options.with_user(name.clone(), password.clone());
         }
         let connecting = format!("connecting to etcd at {endpoints}");
-        let probe = async {
-            let client = Client::connect(&self.endpoints, Some(options)).await?;
-            // A linearizable read: answers only with a leader and quorum.
-            client
-                .kv_client()
-                .get(
-                    self.key_prefix.as_str(),
-                    Some(GetOptions::new().with_count_only()),
-                )
-                .await?;
-            Ok::<_, etcd_client::Error>(client)
-        };
-        let client = match timeout(self.connect_timeout, probe).await {
-            Ok(Ok(client)) => client,
-            Ok(Err(error)) => return Err(from_etcd(None, &connecting, error)),
-            Err(_) => {
+        // One client per member (see `members.rs`). Without auth they
+        // connect lazily; with auth, a member that is down now is left out.
+        let mut clients = Vec::new();
+        let mut last_error = None;
+        for endpoint in &self.endpoints {
+            match timeout(
+                self.connect_timeout,
+                Client::connect([endpoint], Some(options.clone())),
+            )
+            .await
+            {
+                Ok(Ok(client)) => clients.push(client),
+                Ok(Err(error)) => last_error = Some(error),
+                Err(_) => {}
+            }
+        }
+        if clients.is_empty() {
+            return Err(match last_error {
+                Some(error) => from_etcd(None, &connecting, error),
+                None => LockError::unavailable(
+                    None,
+                    format!(
+                        "{connecting}: no member answered within {:?}",
+                        self.connect_timeout
+                    ),
+                ),
+            });
+        }
+        let members = Arc::new(Members::new(clients));
+        // A linearizable read: answers only with a leader and quorum.
+        let probe = members
+            .call(self.connect_timeout, |mut client| {
+                let prefix = self.key_prefix.clone();
+                async move {
+                    client
+                        .get(prefix, Some(GetOptions::new().with_count_only()))
+                        .await
+                }
+            })
+            .await;
+        match probe {
+            Ok(_) => {}
+            Err(Failure::Refused(error)) | Err(Failure::NoAnswer(Some(error))) => {
+                return Err(from_etcd(None, &connecting, error));
+            }
+            Err(Failure::NoAnswer(None)) => {
                 return Err(LockError::unavailable(
                     None,
                     format!(
@@ -412,10 +485,10 @@ impl EtcdBackendBuilder {
                     ),
                 ));
             }
-        };
+        }
         Ok(EtcdBackend {
             inner: Arc::new(Inner {
-                client,
+                members,
                 prefix: self.key_prefix,
                 request_timeout: self.request_timeout,
                 endpoints,
@@ -460,6 +533,11 @@ fn held_by_other(responses: &[TxnOpResponse]) -> NotHeldReason {
     } else {
         NotHeldReason::Expired
     }
+}
+
+/// Sends a transaction (a copy, so that a retry on another member can send it again).
+async fn transact(mut client: Client, txn: &Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+    client.txn(txn.clone()).await
 }
 
 /// The first kv of a Get inside a transaction's responses.
@@ -517,7 +595,7 @@ impl LockBackend for EtcdBackend {
                 .and_then([TxnOp::get(queue.as_str(), Some(oldest))]),
         };
         let response = self
-            .call(key, "queueing", self.inner.client.kv_client().txn(txn))
+            .call(key, "queueing", |client| transact(client, &txn))
             .await?;
         let header_revision = response.header().map_or(0, |header| header.revision());
         let responses = response.op_responses();
@@ -595,12 +673,8 @@ impl LockBackend for EtcdBackend {
                     my_revision,
                 )])
                 .and_then([TxnOp::delete(waiter.as_str(), None)]);
-            self.call(
-                key,
-                "leaving the queue",
-                self.inner.client.kv_client().txn(delete),
-            )
-            .await?;
+            self.call(key, "leaving the queue", |client| transact(client, &delete))
+                .await?;
             return Ok(Attempt::Busy(Busy::new()));
         }
         self.inner
@@ -617,14 +691,10 @@ impl LockBackend for EtcdBackend {
             .with_limit(1)
             .with_keys_only();
         let found = self
-            .call(
-                key,
-                "finding the predecessor",
-                self.inner
-                    .client
-                    .kv_client()
-                    .get(queue.as_str(), Some(predecessor)),
-            )
+            .call(key, "finding the predecessor", |mut client| {
+                let (queue, predecessor) = (queue.clone(), predecessor.clone());
+                async move { client.get(queue, Some(predecessor)).await }
+            })
             .await?;
         let Some(before) = found.kvs().first() else {
             // It left between our two reads: look again at once.
@@ -679,9 +749,8 @@ impl LockBackend for EtcdBackend {
             Binding::Own { id, ttl: lease_ttl } if whole_seconds(lease_ttl) >= seconds => {
                 let sent = Instant::now();
                 let renewed = self
-                    .call(key, "renewing the lease", async {
-                        let (mut keeper, mut responses) =
-                            self.inner.client.lease_client().keep_alive(id).await?;
+                    .call(key, "renewing the lease", |mut client| async move {
+                        let (mut keeper, mut responses) = client.lease_keep_alive(id).await?;
                         keeper.keep_alive().await?;
                         responses.message().await
                     })
@@ -726,9 +795,13 @@ impl LockBackend for EtcdBackend {
             )])
             .and_then([TxnOp::delete(waiter.as_str(), None)])
             .or_else([TxnOp::get(self.queue_prefix(key), Some(oldest_waiter()))]);
-        let response = self
-            .call(key, "releasing", self.inner.client.kv_client().txn(txn))
-            .await?;
+        let response = match self.call(key, "releasing", |client| transact(client, &txn)).await {
+            Ok(response) => response,
+            Err(error) => {
+                self.delete_in_background(key, waiter, Some(revision));
+                return Err(error);
+            }
+        };
         if let Some(Binding::Own { id, .. }) = lease.handle::<Held>().map(Held::binding) {
             self.revoke_later(id);
         }
@@ -741,13 +814,16 @@ impl LockBackend for EtcdBackend {
     async fn abandon(&self, key: &str, owner: &OwnerToken) -> Result<(), LockError> {
         self.forget_waiting(owner);
         let waiter = self.waiter_key(key, owner);
-        self.call(
-            key,
-            "leaving the queue",
-            self.inner.client.kv_client().delete(waiter.as_str(), None),
-        )
-        .await
-        .map(drop)
+        let outcome = self
+            .call(key, "leaving the queue", |mut client| {
+                let waiter = waiter.clone();
+                async move { client.delete(waiter, None).await }
+            })
+            .await;
+        if outcome.is_err() {
+            self.delete_in_background(key, waiter, None);
+        }
+        outcome.map(drop)
     }
 
     async fn subscribe(&self, _key: &str) -> Result<ReleaseEvents, LockError> {

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
+
+use crate::members::Members;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tokio::time::{Instant, sleep, timeout};
@@ -27,28 +29,32 @@ pub(crate) struct Session {
     pub(crate) seconds: i64,
     state: watch::Receiver<SessionState>,
     keeper: AbortHandle,
-    client: Client,
+    members: Arc<Members>,
 }
 
 impl Session {
     /// Grants a lease of `ttl_secs` (the server may raise it to its
     /// minimum) and starts keeping it alive.
-    pub(crate) async fn start(client: &Client, ttl_secs: i64) -> Result<Arc<Session>, etcd_client::Error> {
+    pub(crate) async fn start(
+        mut client: Client,
+        members: Arc<Members>,
+        ttl_secs: i64,
+    ) -> Result<Arc<Session>, etcd_client::Error> {
         let sent = Instant::now();
-        let granted = client.lease_client().grant(ttl_secs, None).await?;
+        let granted = client.lease_grant(ttl_secs, None).await?;
         let ttl = Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(1).max(1));
         let (sender, state) = watch::channel(SessionState {
             valid_until: sent + ttl,
             lost: false,
         });
-        let keeper = tokio::spawn(keep_alive(client.clone(), granted.id(), ttl, sender)).abort_handle();
+        let keeper = tokio::spawn(keep_alive(Arc::clone(&members), granted.id(), ttl, sender)).abort_handle();
         debug!(lease = granted.id(), ?ttl, "session started");
         Ok(Arc::new(Session {
             lease: granted.id(),
             seconds: ttl_secs,
             state,
             keeper,
-            client: client.clone(),
+            members,
         }))
     }
 
@@ -60,11 +66,12 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.keeper.abort();
-        let mut leases = self.client.lease_client();
+        let members = Arc::clone(&self.members);
         let lease = self.lease;
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                let _ = timeout(Duration::from_secs(2), leases.revoke(lease)).await;
+                let revoke = |mut client: Client| async move { client.lease_revoke(lease).await };
+                let _ = members.call(Duration::from_secs(2), revoke).await;
             });
         }
     }
@@ -73,9 +80,9 @@ impl Drop for Session {
 /// Renews the lease every third of its TTL over one keep-alive stream,
 /// reopening the stream after errors, until the lease cannot be confirmed
 /// before it would expire, or the server says it is gone.
-async fn keep_alive(client: Client, lease: i64, ttl: Duration, state: watch::Sender<SessionState>) {
+async fn keep_alive(members: Arc<Members>, lease: i64, ttl: Duration, state: watch::Sender<SessionState>) {
     let period = ttl / 3;
-    let mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
+    let mut stream: Option<(usize, LeaseKeeper, LeaseKeepAliveStream)> = None;
     let mut pause = period;
     loop {
         sleep(pause).await;
@@ -84,9 +91,11 @@ async fn keep_alive(client: Client, lease: i64, ttl: Duration, state: watch::Sen
         let limit = valid_until.saturating_duration_since(sent);
         let answer = timeout(limit, async {
             if stream.is_none() {
-                stream = Some(client.lease_client().keep_alive(lease).await?);
+                let (member, mut client) = members.current();
+                let (keeper, responses) = client.lease_keep_alive(lease).await?;
+                stream = Some((member, keeper, responses));
             }
-            let Some((keeper, responses)) = stream.as_mut() else {
+            let Some((_, keeper, responses)) = stream.as_mut() else {
                 return Ok(None);
             };
             keeper.keep_alive().await?;
@@ -107,11 +116,15 @@ async fn keep_alive(client: Client, lease: i64, ttl: Duration, state: watch::Sen
                 state.send_modify(|state| state.lost = true);
                 return;
             }
-            Ok(Ok(None)) | Ok(Err(_)) => {
-                debug!(lease, "keep-alive failed; reopening the stream");
-                stream = None;
+            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                debug!(
+                    lease,
+                    "keep-alive failed; reopening the stream on the next member"
+                );
+                if let Some((member, _, _)) = stream.take() {
+                    members.failed(member);
+                }
             }
-            Err(_) => stream = None,
         }
         if Instant::now() >= valid_until {
             warn!(

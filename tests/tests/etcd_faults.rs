@@ -1,0 +1,86 @@
+//! `EtcdBackend` when members die. Each test starts its own 3-member
+//! cluster so that killing members harms no other test.
+
+use std::time::Duration;
+
+use dlock_core::{LockError, Locker};
+use dlock_etcd::EtcdBackend;
+use dlock_servers::etcd::EtcdCluster;
+use dlock_testkit::conformance::unique_key;
+use dlock_testkit::{CheckerConfig, check_mutual_exclusion};
+use tokio::task::{block_in_place, spawn_blocking};
+use tokio::time::{Instant, sleep, timeout};
+
+async fn cluster() -> EtcdCluster {
+    match spawn_blocking(|| EtcdCluster::start(3)).await {
+        Ok(Ok(cluster)) => cluster,
+        Ok(Err(message)) => panic!("{message}"),
+        Err(error) => panic!("cluster setup panicked: {error}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_keep_working_when_the_leader_is_killed() {
+    let mut cluster = cluster().await;
+    let endpoints = cluster.endpoints();
+    let mut lockers = Vec::new();
+    for _ in 0..8 {
+        lockers.push(Locker::new(
+            EtcdBackend::connect(&endpoints).await.expect("connect"),
+        ));
+    }
+    let key = unique_key("etcd-leader-killed");
+    let checker = tokio::spawn(async move {
+        check_mutual_exclusion(&lockers, &key, CheckerConfig::default().load(8, 100)).await
+    });
+    sleep(Duration::from_millis(300)).await;
+    assert!(
+        !checker.is_finished(),
+        "the run should still be going when the leader dies"
+    );
+    let leader = block_in_place(|| cluster.leader()).expect("find the leader");
+    cluster.kill(leader);
+    let report = timeout(Duration::from_secs(120), checker)
+        .await
+        .expect("the run finishes")
+        .expect("checker task");
+    report.assert_clean();
+    assert_eq!(
+        report.acquired, 800,
+        "every acquisition succeeds after the election"
+    );
+    assert_ne!(block_in_place(|| cluster.leader()).expect("a new leader"), leader);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_quorum_acquire_fails_and_held_guards_turn_lost() {
+    let mut cluster = cluster().await;
+    let endpoints = cluster.endpoints();
+    let backend = EtcdBackend::builder(&endpoints)
+        .request_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .expect("connect");
+    let locker = Locker::new(backend);
+    let ttl = Duration::from_secs(2);
+    let held = locker.lock("no-quorum/held").ttl(ttl).await.expect("lock");
+    cluster.kill(0);
+    cluster.kill(1);
+
+    let began = Instant::now();
+    match locker.try_lock("no-quorum/new").await {
+        Err(error @ LockError::Unavailable { .. }) => {
+            assert!(error.to_string().contains("no-quorum/new"), "{error}");
+        }
+        other => panic!("expected Unavailable without quorum, got {other:?}"),
+    }
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        began.elapsed()
+    );
+    timeout(ttl * 2, held.lost())
+        .await
+        .expect("the holder learns within its TTL that it cannot keep the lock");
+    assert!(!held.is_held());
+}
