@@ -71,7 +71,7 @@ fn integration() -> Result {
         command.env(name, value);
     }
     let outcome = run(command).and_then(|()| {
-        // The Redis example, end to end, on the single server.
+        // The examples, end to end, on the shared servers.
         let url = running.redis_url();
         run(cargo_command(&[
             "run",
@@ -80,7 +80,10 @@ fn integration() -> Result {
             "redis",
             "--",
             &url,
-        ]))
+        ]))?;
+        let mut etcd = cargo_command(&["run", "--quiet", "--example", "etcd", "--"]);
+        etcd.args(running.etcd_endpoints());
+        run(etcd)
     });
     if outcome.is_err() {
         running.dump_logs();

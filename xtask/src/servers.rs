@@ -41,13 +41,18 @@ impl Servers {
                 SENTINEL_MASTER_NAME.to_owned(),
             ),
             ("DLOCK_TEST_REDLOCK_URLS", self.redlock_urls().join(",")),
-            ("DLOCK_TEST_ETCD_ENDPOINTS", self.etcd.endpoints().join(",")),
+            ("DLOCK_TEST_ETCD_ENDPOINTS", self.etcd_endpoints().join(",")),
         ]
     }
 
     /// The URL of the single redis-server.
     pub(crate) fn redis_url(&self) -> String {
         format!("{}/0", redis::url(self.redis.port()))
+    }
+
+    /// The etcd cluster's client endpoints.
+    pub(crate) fn etcd_endpoints(&self) -> Vec<String> {
+        self.etcd.endpoints()
     }
 
     /// The URLs of the independent Redlock nodes.

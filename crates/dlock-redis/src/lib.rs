@@ -617,11 +617,6 @@ impl fmt::Debug for RedisBackendBuilder {
     }
 }
 
-/// The README's examples, compiled as doctests so that they stay true.
-#[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
-pub struct ReadmeDoctests;
-
 #[cfg(test)]
 mod tests {
     use super::redact;
