@@ -28,43 +28,6 @@ async fn mutual_exclusion_16_clients_200_acquisitions() {
     assert_eq!(report.acquired, 3200);
 }
 
-/// Revision of the cluster now (every write bumps it by one).
-async fn revision(harness: &EtcdHarness) -> i64 {
-    harness
-        .admin()
-        .get("/", Some(etcd_client::GetOptions::new().with_count_only()))
-        .await
-        .expect("get")
-        .header()
-        .expect("header")
-        .revision()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_and_unlock_on_a_warm_session_cost_two_writes() {
-    let harness = EtcdHarness::from_env().await;
-    let locker = Locker::new(EtcdBackend::connect(harness.endpoints()).await.expect("connect"));
-    let key = unique_key("etcd-writes");
-    // Warm the session for this TTL.
-    locker
-        .lock(&key)
-        .ttl(Duration::from_secs(10))
-        .await
-        .expect("lock")
-        .release()
-        .await
-        .expect("release");
-    let before = revision(&harness).await;
-    let guard = locker
-        .lock(&key)
-        .ttl(Duration::from_secs(10))
-        .await
-        .expect("lock");
-    guard.release().await.expect("release");
-    let after = revision(&harness).await;
-    assert_eq!(after - before, 2, "one put and one delete, no lease grant");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_locks_on_one_session_exclude_each_other() {
     let locker = Locker::new(EtcdBackend::connect(etcd_endpoints()).await.expect("connect"));

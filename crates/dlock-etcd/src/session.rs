@@ -88,7 +88,11 @@ async fn keep_alive(members: Arc<Members>, lease: i64, ttl: Duration, state: wat
         sleep(pause).await;
         let valid_until = state.borrow().valid_until;
         let sent = Instant::now();
-        let limit = valid_until.saturating_duration_since(sent);
+        // One member gets at most a period (or half a second): a member that
+        // hangs must not use up the lease.
+        let limit = valid_until
+            .saturating_duration_since(sent)
+            .min(period.max(Duration::from_millis(500)));
         let answer = timeout(limit, async {
             if stream.is_none() {
                 let (member, mut client) = members.current();

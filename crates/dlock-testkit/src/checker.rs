@@ -93,6 +93,19 @@ impl CheckReport {
             "mutual exclusion check failed: {self:#?}"
         );
     }
+
+    /// Panics with the report when safety was violated: overlapping
+    /// accepted writes, tokens that did not increase, acquisitions that
+    /// failed, or releases that errored. Unlike [`assert_clean`](Self::assert_clean)
+    /// it accepts releases that found the lock already gone: under injected
+    /// faults a lease may end, and the holder is told so.
+    #[track_caller]
+    pub fn assert_safe(&self) {
+        assert!(
+            self.history.is_clean() && self.failed == 0 && self.failed_releases == 0,
+            "mutual exclusion check failed: {self:#?}"
+        );
+    }
 }
 
 /// Runs `config.tasks` tasks that each acquire `key` `config.acquisitions_per_task`
