@@ -332,6 +332,33 @@ impl RedisSentinel {
     }
 }
 
+/// Waits until every replica of the master on `port` has acknowledged all
+/// the writes the master has made so far (its `master_repl_offset`). Unlike
+/// `WAIT`, which only covers the calling connection's own writes, this
+/// covers writes made by any client.
+pub fn wait_replicated(port: u16) -> Result {
+    let info = |port| command(port, &["INFO", "replication"]).map(Reply::text);
+    let field = |text: &str, name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|value| value.trim().parse::<u64>().ok())
+    };
+    let target = field(&info(port)?, "master_repl_offset:").ok_or("no master_repl_offset")?;
+    wait_until("the replicas to acknowledge the master's writes", || {
+        let Ok(text) = info(port) else { return false };
+        let offsets: Vec<u64> = text
+            .lines()
+            .filter(|line| line.starts_with("slave"))
+            .filter_map(|line| {
+                line.split(',')
+                    .find_map(|part| part.strip_prefix("offset="))
+                    .and_then(|offset| offset.parse().ok())
+            })
+            .collect();
+        !offsets.is_empty() && offsets.iter().all(|&offset| offset >= target)
+    })
+}
+
 /// Polls `ready` (with growing pauses up to 100 ms) for up to 30 s.
 fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> Result {
     let deadline = Instant::now() + READY_WITHIN;
