@@ -37,8 +37,8 @@ use std::time::Duration;
 
 pub use dlock_core::*;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, SortOrder, SortTarget,
-    Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, SortOrder,
+    SortTarget, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
@@ -115,6 +115,7 @@ pub struct EtcdBackendBuilder {
     request_timeout: Duration,
     connect_timeout: Duration,
     user: Option<(String, String)>,
+    root_certificates: Option<Vec<u8>>,
 }
 
 impl EtcdBackend {
@@ -143,6 +144,7 @@ impl EtcdBackend {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             user: None,
+            root_certificates: None,
         }
     }
 
@@ -390,6 +392,13 @@ impl EtcdBackendBuilder {
         self
     }
 
+    /// Certificates (PEM) of the authorities to trust for `https://`
+    /// endpoints, instead of the system's trust store (the default).
+    pub fn tls_root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificates = Some(pem.into());
+        self
+    }
+
     /// Connects and checks that the cluster answers with a leader. Fails
     /// with [`LockError::InvalidOptions`] for malformed endpoints or
     /// settings, and [`LockError::Unavailable`] when no member answers
@@ -429,6 +438,17 @@ impl EtcdBackendBuilder {
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
         if let Some((name, password)) = &self.user {
             options = options.with_user(name.clone(), password.clone());
+        }
+        if self
+            .endpoints
+            .iter()
+            .any(|endpoint| endpoint.starts_with("https://"))
+        {
+            let tls = match &self.root_certificates {
+                Some(pem) => TlsOptions::new().ca_certificate(Certificate::from_pem(pem)),
+                None => TlsOptions::new().with_native_roots(),
+            };
+            options = options.with_tls(tls);
         }
         let connecting = format!("connecting to etcd at {endpoints}");
         // One client per member (see `members.rs`). Without auth they
@@ -853,6 +873,10 @@ impl fmt::Debug for EtcdBackendBuilder {
             .field("request_timeout", &self.request_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("user", &self.user.as_ref().map(|(name, _)| name))
+            .field(
+                "root_certificates",
+                &self.root_certificates.as_ref().map(Vec::len),
+            )
             .finish()
     }
 }

@@ -96,6 +96,7 @@ pub struct RedisBackendBuilder {
     connect_timeout: Duration,
     username: Option<String>,
     password: Option<String>,
+    root_certificates: Option<Vec<u8>>,
 }
 
 /// Which kind of deployment to connect to.
@@ -320,6 +321,7 @@ impl RedisBackendBuilder {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             username: None,
             password: None,
+            root_certificates: None,
         }
     }
 
@@ -351,6 +353,15 @@ impl RedisBackendBuilder {
         self
     }
 
+    /// Certificates (PEM) of the authorities to trust for `rediss://`
+    /// servers, instead of the system's trust store (the default). For a
+    /// private CA, such as one a test creates. Not supported with Sentinel,
+    /// which uses the system's trust store.
+    pub fn tls_root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificates = Some(pem.into());
+        self
+    }
+
     /// Connects; fails with [`LockError::InvalidOptions`] for a malformed URL
     /// or setting and [`LockError::Unavailable`] when the servers cannot be
     /// reached or refuse the credentials.
@@ -372,6 +383,11 @@ impl RedisBackendBuilder {
             }
         }
         let address = self.describe_target();
+        if self.uses_tls() {
+            // rustls needs a process-wide crypto provider; dlock brings ring.
+            // An error means one is installed already, which is as good.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
         let connecting = format!("connecting to {address}");
         let (commands, pubsub) = match timeout(self.connect_timeout, self.open()).await {
             Ok(Ok(opened)) => opened,
@@ -402,7 +418,7 @@ impl RedisBackendBuilder {
             .set_response_timeout(Some(self.command_timeout));
         match &self.target {
             Target::Single(url) => {
-                let client = redis::Client::open(self.node_info(url)?).map_err(Opening::Failed)?;
+                let client = self.client(self.node_info(url)?)?;
                 let manager = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(self.connect_timeout))
                     .set_response_timeout(Some(self.command_timeout))
@@ -417,12 +433,21 @@ impl RedisBackendBuilder {
                 let nodes = self.node_infos(urls)?;
                 let clients = nodes
                     .iter()
-                    .map(|info| redis::Client::open(info.clone()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(Opening::Failed)?;
-                let connection = redis::cluster::ClusterClient::builder(nodes)
+                    .map(|info| self.client(info.clone()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut cluster = redis::cluster::ClusterClient::builder(nodes)
                     .connection_timeout(self.connect_timeout)
-                    .response_timeout(self.command_timeout)
+                    .response_timeout(self.command_timeout);
+                if urls.iter().any(|url| url.starts_with("rediss://")) {
+                    cluster = cluster.tls(redis::TlsMode::Secure);
+                }
+                if let Some(pem) = &self.root_certificates {
+                    cluster = cluster.certs(redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem.clone()),
+                    });
+                }
+                let connection = cluster
                     .build()
                     .map_err(Opening::Failed)?
                     .get_async_connection()
@@ -445,8 +470,17 @@ impl RedisBackendBuilder {
                         redis_settings = redis_settings.set_username(username);
                     }
                 }
-                let node_settings =
+                if self.root_certificates.is_some() {
+                    return Err(Opening::Invalid(LockError::Unsupported {
+                        key: String::new(),
+                        what: "custom TLS root certificates with Sentinel; use the system trust store".into(),
+                    }));
+                }
+                let mut node_settings =
                     SentinelNodeConnectionInfo::default().set_redis_connection_info(redis_settings);
+                if sentinels.iter().any(|url| url.starts_with("rediss://")) {
+                    node_settings = node_settings.set_tls_mode(redis::TlsMode::Secure);
+                }
                 let client = SentinelClient::build(
                     sentinel_nodes,
                     master.clone(),
@@ -461,6 +495,15 @@ impl RedisBackendBuilder {
         }
     }
 
+    fn uses_tls(&self) -> bool {
+        let urls: Vec<&String> = match &self.target {
+            Target::Single(url) => vec![url],
+            Target::Cluster(urls) => urls.iter().collect(),
+            Target::Sentinel { sentinels, .. } => sentinels.iter().collect(),
+        };
+        urls.iter().any(|url| url.starts_with("rediss://"))
+    }
+
     /// Where this builder connects, for messages (passwords redacted).
     fn describe_target(&self) -> String {
         let list = |urls: &[String]| urls.iter().map(|url| redact(url)).collect::<Vec<_>>().join(", ");
@@ -471,6 +514,21 @@ impl RedisBackendBuilder {
                 format!("the Sentinel master `{master}` (sentinels {})", list(sentinels))
             }
         }
+    }
+
+    /// A client for one node, trusting the builder's root certificates if any.
+    fn client(&self, info: redis::ConnectionInfo) -> Result<redis::Client, Opening> {
+        match &self.root_certificates {
+            Some(pem) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+            None => redis::Client::open(info),
+        }
+        .map_err(Opening::Failed)
     }
 
     /// One Redis node's connection info, with the builder's credentials.
@@ -613,6 +671,10 @@ impl fmt::Debug for RedisBackendBuilder {
             .field("connect_timeout", &self.connect_timeout)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
+            .field(
+                "root_certificates",
+                &self.root_certificates.as_ref().map(Vec::len),
+            )
             .finish()
     }
 }

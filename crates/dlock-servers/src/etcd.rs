@@ -15,6 +15,18 @@ const READY_WITHIN: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct EtcdCluster {
     members: Vec<ServerProcess>,
+    /// Per member, a plain-HTTP port serving `/health` (also with TLS).
+    metrics: Vec<u16>,
+    scheme: &'static str,
+}
+
+/// Certificate and key files for members that serve clients over TLS.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    /// The server certificate (PEM), valid for 127.0.0.1.
+    pub cert_file: std::path::PathBuf,
+    /// Its private key (PEM).
+    pub key_file: std::path::PathBuf,
 }
 
 impl EtcdCluster {
@@ -23,7 +35,18 @@ impl EtcdCluster {
     /// a killed leader is replaced within a few seconds; the shortest lease
     /// is then 2 s) and waits until all report healthy.
     pub fn start(size: usize) -> Result<EtcdCluster> {
+        Self::start_with(size, None)
+    }
+
+    /// Like [`start`](Self::start), with clients served over TLS (`https://`).
+    pub fn start_tls(size: usize, tls: &EtcdTls) -> Result<EtcdCluster> {
+        Self::start_with(size, Some(tls))
+    }
+
+    fn start_with(size: usize, tls: Option<&EtcdTls>) -> Result<EtcdCluster> {
         let program = require_program("etcd")?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let metrics: Vec<u16> = (0..size).map(|_| free_port()).collect::<Result<_>>()?;
         let peers: Vec<u16> = (0..size).map(|_| free_port()).collect::<Result<_>>()?;
         let initial_cluster = peers
             .iter()
@@ -34,10 +57,11 @@ impl EtcdCluster {
         let mut members = Vec::new();
         for (index, peer) in peers.iter().enumerate() {
             let initial_cluster = initial_cluster.clone();
+            let metrics_url = format!("http://127.0.0.1:{}", metrics[index]);
             let member = ServerProcess::start(&format!("etcd-m{index}"), &program, |dir, port| {
-                let client = format!("http://127.0.0.1:{port}");
+                let client = format!("{scheme}://127.0.0.1:{port}");
                 let peer = format!("http://127.0.0.1:{peer}");
-                Ok([
+                let mut arguments: Vec<String> = [
                     "--name",
                     &format!("m{index}"),
                     "--data-dir",
@@ -60,13 +84,28 @@ impl EtcdCluster {
                     "100",
                     "--election-timeout",
                     "1000",
+                    "--listen-metrics-urls",
+                    &metrics_url,
                 ]
                 .map(str::to_owned)
-                .to_vec())
+                .to_vec();
+                if let Some(tls) = tls {
+                    arguments.extend([
+                        "--cert-file".to_owned(),
+                        tls.cert_file.display().to_string(),
+                        "--key-file".to_owned(),
+                        tls.key_file.display().to_string(),
+                    ]);
+                }
+                Ok(arguments)
             })?;
             members.push(member);
         }
-        let cluster = EtcdCluster { members };
+        let cluster = EtcdCluster {
+            members,
+            metrics,
+            scheme,
+        };
         cluster.wait_healthy()?;
         Ok(cluster)
     }
@@ -79,9 +118,10 @@ impl EtcdCluster {
             let healthy = self
                 .members
                 .iter()
-                .filter(|member| member.is_running())
-                .all(|member| {
-                    http(member.port(), "GET", "/health", "").is_ok_and(|body| body.contains("\"true\""))
+                .zip(&self.metrics)
+                .filter(|(member, _)| member.is_running())
+                .all(|(_, &metrics)| {
+                    http(metrics, "GET", "/health", "").is_ok_and(|body| body.contains("\"true\""))
                 });
             if healthy {
                 return Ok(());
@@ -101,11 +141,12 @@ impl EtcdCluster {
     pub fn endpoints(&self) -> Vec<String> {
         self.members
             .iter()
-            .map(|member| format!("http://127.0.0.1:{}", member.port()))
+            .map(|member| format!("{}://127.0.0.1:{}", self.scheme, member.port()))
             .collect()
     }
 
-    /// The index of the current leader, asked of any live member.
+    /// The index of the current leader, asked of any live member (plain
+    /// HTTP clusters only).
     pub fn leader(&self) -> Result<usize> {
         let mut ids = Vec::new();
         let mut leader = None;
