@@ -22,7 +22,7 @@ type Result<T = ()> = std::result::Result<T, String>;
 const USAGE: &str = "usage: cargo xtask <ci | integration | servers | bench [--quick] | deps>
 
   ci           fmt --check, clippy -D warnings, unit + doc tests, then `integration`
-  integration  start the test servers, run the cross-backend suites (crate dlock-tests), stop them
+  integration  start the test servers, run the suites that need them (dlock-tests, dlock-cli), stop them
   servers      start the test servers, print their environment, stop them when Enter is pressed
   bench        start a redis-server, run the benchmarks and print ratios to the raw-client floor;
                without --quick it also rewrites docs/benchmarks.md
@@ -57,7 +57,15 @@ fn ci() -> Result {
     deps::ensure(deps::ALL)?;
     cargo(&["fmt", "--all", "--", "--check"])?;
     cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
-    cargo(&["test", "--workspace", "--exclude", "dlock-tests"])?;
+    // The packages whose tests need servers run in `integration`.
+    cargo(&[
+        "test",
+        "--workspace",
+        "--exclude",
+        "dlock-tests",
+        "--exclude",
+        "dlock-cli",
+    ])?;
     integration()?;
     println!("xtask ci: all steps passed in {:.0?}", started.elapsed());
     Ok(())
@@ -66,7 +74,7 @@ fn ci() -> Result {
 fn integration() -> Result {
     deps::ensure(servers::NEEDED)?;
     let running = servers::start_all()?;
-    let mut command = cargo_command(&["test", "--package", "dlock-tests"]);
+    let mut command = cargo_command(&["test", "--package", "dlock-tests", "--package", "dlock-cli"]);
     for (name, value) in running.environment() {
         command.env(name, value);
     }

@@ -30,6 +30,7 @@ mod guard;
 mod locker;
 mod notify;
 mod options;
+mod status;
 mod token;
 
 pub use backend::{
@@ -44,6 +45,7 @@ pub use options::{
     DEFAULT_TTL, MAX_KEY_LEN, MAX_TTL, MAX_WAIT, MIN_TTL, drift_allowance, validate_key, validate_ttl,
     validate_wait,
 };
+pub use status::KeyStatus;
 pub use token::{FencingToken, OwnerToken};
 
 /// Re-exported so that backends implement [`LockBackend`] with the same macro version.

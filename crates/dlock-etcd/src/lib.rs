@@ -206,6 +206,65 @@ impl EtcdBackend {
             .remove(owner.as_str())
     }
 
+    /// For operators: whether `key` is held, for how long its holder's
+    /// lease still runs, the holder's fencing token, and how many wait.
+    pub async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
+        validate_key(key)?;
+        let queue = self.queue_prefix(key);
+        let listing = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_keys_only();
+        let found = self
+            .call(key, "inspecting", |mut client| {
+                let (queue, listing) = (queue.clone(), listing.clone());
+                async move { client.get(queue, Some(listing)).await }
+            })
+            .await?;
+        let Some(holder) = found.kvs().first() else {
+            return Ok(KeyStatus::new(false, None, None, Some(0)));
+        };
+        let (token, lease) = (holder.create_revision(), holder.lease());
+        let remaining = self
+            .call(key, "reading the holder's lease", |mut client| async move {
+                client.lease_time_to_live(lease, None).await
+            })
+            .await?
+            .ttl();
+        Ok(KeyStatus::new(
+            true,
+            u64::try_from(remaining).ok().map(Duration::from_secs),
+            u64::try_from(token).ok(),
+            Some(found.kvs().len() - 1),
+        ))
+    }
+
+    /// For operators, and unsafe: deletes the holder's key, whoever it is;
+    /// the next waiter gets the lock. The holder learns it at once (its
+    /// watch sees the deletion) but may still be writing; only fencing
+    /// tokens protect the resource from it. Returns whether it was held.
+    pub async fn force_release(&self, key: &str) -> Result<bool, LockError> {
+        validate_key(key)?;
+        let queue = self.queue_prefix(key);
+        let found = self
+            .call(key, "finding the holder", |mut client| {
+                let queue = queue.clone();
+                async move { client.get(queue, Some(oldest_waiter())).await }
+            })
+            .await?;
+        let Some(holder) = found.kvs().first() else {
+            return Ok(false);
+        };
+        let (name, revision) = (holder.key().to_vec(), holder.create_revision());
+        let delete = Txn::new()
+            .when([Compare::create_revision(name.clone(), CompareOp::Equal, revision)])
+            .and_then([TxnOp::delete(name, None)]);
+        let response = self
+            .call(key, "force-releasing", |client| transact(client, &delete))
+            .await?;
+        Ok(response.succeeded())
+    }
+
     /// A lease of its own for a lock without renewal: its id and TTL.
     async fn own_lease(&self, key: &str, ttl: Duration) -> Result<(i64, Duration), LockError> {
         let granted = self

@@ -187,6 +187,35 @@ impl RedisBackend {
         format!("{}:released", self.lock_key(key))
     }
 
+    /// For operators: whether `key` is held, for how long, and the last
+    /// fencing token handed out (never the owner's secret). One round trip.
+    pub async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
+        validate_key(key)?;
+        let mut invocation = scripts::STATUS.prepare_invoke();
+        invocation.key(self.lock_key(key)).key(self.fence_key(key));
+        let (pttl, counter): (i64, i64) = self.run(key, "inspecting", invocation).await?;
+        Ok(KeyStatus::new(
+            pttl != -2,
+            u64::try_from(pttl).ok().map(Duration::from_millis),
+            u64::try_from(counter).ok(),
+            None,
+        ))
+    }
+
+    /// For operators, and unsafe: deletes the lock on `key` whoever holds
+    /// it, and wakes its waiters. The holder is not told until its next
+    /// renewal (within a third of its TTL), and may still be writing; only
+    /// fencing tokens protect the resource from it. Returns whether there
+    /// was a lock.
+    pub async fn force_release(&self, key: &str) -> Result<bool, LockError> {
+        validate_key(key)?;
+        let channel = self.release_channel(key);
+        let mut invocation = scripts::FORCE_RELEASE.prepare_invoke();
+        invocation.key(self.lock_key(key)).arg(&channel);
+        let deleted: i64 = self.run(key, "force-releasing", invocation).await?;
+        Ok(deleted == 1)
+    }
+
     /// The owner-checked release script, shared by `release` and `abandon`.
     pub(crate) async fn release_owned(
         &self,

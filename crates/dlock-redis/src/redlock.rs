@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dlock_core::{
-    AcquireRequest, Attempt, Busy, ExtendOutcome, FencingToken, Grant, Lease, LockBackend, LockError,
-    NotHeldReason, OwnerToken, ReleaseEvents, ReleaseOutcome, async_trait,
+    AcquireRequest, Attempt, Busy, ExtendOutcome, FencingToken, Grant, KeyStatus, Lease, LockBackend,
+    LockError, NotHeldReason, OwnerToken, ReleaseEvents, ReleaseOutcome, async_trait, validate_key,
 };
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -618,6 +618,62 @@ impl RedlockBackend {
                 causes.join("; ")
             ),
         ))
+    }
+}
+
+impl RedlockBackend {
+    /// For operators: held when a majority of nodes hold the key; the
+    /// remaining time is how long a majority still holds it; the last token
+    /// is the highest counter on any node.
+    pub async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
+        validate_key(key)?;
+        let answers = self.fan_out(key, |_, node| node.inspect(key), |_| false).await;
+        let statuses: Vec<&KeyStatus> = answers
+            .iter()
+            .flatten()
+            .filter_map(|answer| answer.as_ref().ok())
+            .collect();
+        if statuses.len() < self.inner.quorum {
+            return Err(LockError::unavailable(
+                Some(key),
+                format!(
+                    "only {} Redlock nodes answered: {}",
+                    statuses.len(),
+                    self.node_failures(&answers)
+                ),
+            ));
+        }
+        let mut remaining: Vec<Duration> = statuses
+            .iter()
+            .filter(|status| status.held)
+            .map(|status| status.remaining.unwrap_or(Duration::MAX))
+            .collect();
+        remaining.sort_unstable_by(|a, b| b.cmp(a));
+        let held = remaining.len() >= self.inner.quorum;
+        Ok(KeyStatus::new(
+            held,
+            held.then(|| remaining[self.inner.quorum - 1])
+                .filter(|left| *left != Duration::MAX),
+            statuses.iter().filter_map(|status| status.last_token).max(),
+            None,
+        ))
+    }
+
+    /// For operators, and unsafe: deletes the lock on every node, whoever
+    /// holds it (see [`RedisBackend::force_release`]). Returns whether any
+    /// node had it.
+    pub async fn force_release(&self, key: &str) -> Result<bool, LockError> {
+        validate_key(key)?;
+        let answers = self
+            .fan_out(key, |_, node| node.force_release(key), |_| false)
+            .await;
+        if failed(&answers) > 0 {
+            return Err(LockError::unavailable(
+                Some(key),
+                format!("force release failed on: {}", self.node_failures(&answers)),
+            ));
+        }
+        Ok(count(&answers, |deleted| *deleted) > 0)
     }
 }
 

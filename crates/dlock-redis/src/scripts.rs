@@ -88,3 +88,28 @@ return 1
 ",
     )
 });
+
+/// For operators: the lock's remaining TTL in ms (-2 free, -1 no TTL) and
+/// the fencing counter (-1 when absent). Reads only.
+pub(crate) static STATUS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local counter = redis.call('GET', KEYS[2])
+return {redis.call('PTTL', KEYS[1]), tonumber(counter or '-1') or -1}
+",
+    )
+});
+
+/// For operators: delete the lock whoever holds it, and announce the
+/// release. Returns 1 if there was a lock.
+pub(crate) static FORCE_RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('DEL', KEYS[1]) == 1 then
+  redis.call('PUBLISH', ARGV[1], '')
+  return 1
+end
+return 0
+",
+    )
+});

@@ -1,0 +1,239 @@
+//! The `dlock` binary, black-box, on the real Redis and etcd servers that
+//! `cargo xtask integration` starts.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const DLOCK: &str = env!("CARGO_BIN_EXE_dlock");
+
+fn redis_backend() -> String {
+    dlock_tests::redis_url()
+}
+
+fn etcd_backend() -> String {
+    let hosts: Vec<String> = dlock_tests::etcd_endpoints()
+        .iter()
+        .map(|endpoint| endpoint.trim_start_matches("http://").to_owned())
+        .collect();
+    format!("etcd://{}", hosts.join(","))
+}
+
+fn unique(name: &str) -> String {
+    format!("cli/{name}/{:016x}", fastrand_key())
+}
+
+fn fastrand_key() -> u64 {
+    // Distinct enough per test run: nanoseconds and the process id.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos() as u64);
+    nanos ^ u64::from(std::process::id()).rotate_left(32)
+}
+
+fn dlock(backend: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(DLOCK);
+    command
+        .arg("--backend")
+        .arg(backend)
+        .args(args)
+        .env_remove("DLOCK_URL");
+    command
+}
+
+fn output(mut command: Command) -> Output {
+    command.output().expect("run dlock")
+}
+
+fn spawn(mut command: Command) -> Child {
+    command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start dlock")
+}
+
+/// Polls `dlock status` until the key is held.
+fn wait_until_held(backend: &str, key: &str) {
+    let began = Instant::now();
+    loop {
+        let status = output(dlock(backend, &["status", key]));
+        if String::from_utf8_lossy(&status.stdout).contains("held: yes") {
+            return;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "{key} never became held"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn is_held(backend: &str, key: &str) -> bool {
+    let status = output(dlock(backend, &["status", key]));
+    String::from_utf8_lossy(&status.stdout).contains("held: yes")
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> i32 {
+    let began = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status.code().unwrap_or(-1);
+        }
+        assert!(began.elapsed() < limit, "dlock did not exit within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Two runs append their start and end times; the intervals must not overlap.
+fn two_runs_never_overlap(backend: &str) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("log");
+    let key = unique("overlap");
+    let script = format!(
+        "echo \"start $(date +%s%N) $DLOCK_FENCING_TOKEN\" >> {log}; sleep 0.3; echo \"end $(date +%s%N)\" >> {log}",
+        log = log.display()
+    );
+    let runs: Vec<Child> = (0..2)
+        .map(|_| {
+            spawn(dlock(
+                backend,
+                &["run", &key, "--wait", "20s", "--", "sh", "-c", &script],
+            ))
+        })
+        .collect();
+    for mut run in runs {
+        assert_eq!(wait_exit(&mut run, Duration::from_secs(30)), 0);
+    }
+    let text = std::fs::read_to_string(&log).expect("read the log");
+    let lines: Vec<Vec<&str>> = text.lines().map(|line| line.split(' ').collect()).collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    // Each run wrote start then end before the other started.
+    assert_eq!(
+        (lines[0][0], lines[1][0], lines[2][0], lines[3][0]),
+        ("start", "end", "start", "end"),
+        "{text}"
+    );
+    let time = |line: &[&str]| line[1].parse::<u128>().expect("time");
+    assert!(time(&lines[1]) <= time(&lines[2]), "overlap: {text}");
+    let token = |line: &[&str]| line[2].parse::<u64>().expect("token");
+    assert!(token(&lines[2]) > token(&lines[0]), "tokens: {text}");
+}
+
+fn no_wait_on_a_held_key_exits_with_75(backend: &str) {
+    let key = unique("no-wait");
+    let mut holder = spawn(dlock(backend, &["run", &key, "--", "sleep", "3"]));
+    wait_until_held(backend, &key);
+    let began = Instant::now();
+    let second = output(dlock(backend, &["run", "--no-wait", &key, "--", "true"]));
+    assert_eq!(second.status.code(), Some(75), "{second:?}");
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        began.elapsed()
+    );
+    assert_eq!(wait_exit(&mut holder, Duration::from_secs(10)), 0);
+}
+
+fn a_lock_deleted_from_outside_stops_the_command(backend: &str) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let marker = dir.path().join("finished");
+    let key = unique("deleted");
+    let script = format!("sleep 20; touch {}", marker.display());
+    let mut run = spawn(dlock(
+        backend,
+        &[
+            "run",
+            "--ttl",
+            "3s",
+            "--kill-grace",
+            "1s",
+            &key,
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    ));
+    wait_until_held(backend, &key);
+    let released = output(dlock(backend, &["release", "--force", "--yes", &key]));
+    assert!(released.status.success(), "{released:?}");
+    assert_eq!(wait_exit(&mut run, Duration::from_secs(10)), 79);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(run.stderr.as_mut().expect("stderr"), &mut stderr).expect("stderr");
+    assert!(stderr.contains("lost the lock"), "{stderr}");
+    assert!(!Path::new(&marker).exists(), "the command ran to its end");
+}
+
+fn a_signal_to_dlock_stops_the_command_and_frees_the_key(backend: &str) {
+    let key = unique("signal");
+    let mut run = spawn(dlock(backend, &["run", &key, "--", "sleep", "20"]));
+    wait_until_held(backend, &key);
+    let killed = Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    // sleep dies of the forwarded SIGTERM: 128 + 15, as a shell reports it.
+    assert_eq!(wait_exit(&mut run, Duration::from_secs(10)), 143);
+    assert!(!is_held(backend, &key), "the key was not freed");
+}
+
+macro_rules! cli_suite {
+    ($module:ident, $backend:expr) => {
+        mod $module {
+            use super::*;
+
+            #[test]
+            fn two_runs_never_overlap() {
+                super::two_runs_never_overlap(&$backend);
+            }
+
+            #[test]
+            fn no_wait_on_a_held_key_exits_with_75() {
+                super::no_wait_on_a_held_key_exits_with_75(&$backend);
+            }
+
+            #[test]
+            fn a_lock_deleted_from_outside_stops_the_command() {
+                super::a_lock_deleted_from_outside_stops_the_command(&$backend);
+            }
+
+            #[test]
+            fn a_signal_to_dlock_stops_the_command_and_frees_the_key() {
+                super::a_signal_to_dlock_stops_the_command_and_frees_the_key(&$backend);
+            }
+        }
+    };
+}
+
+cli_suite!(redis, redis_backend());
+cli_suite!(etcd, etcd_backend());
+
+#[test]
+fn a_bad_url_exits_with_64_and_shows_the_forms() {
+    let out = output(dlock(
+        "redis+cluster://user:secret@nohost",
+        &["run", "k", "--", "true"],
+    ));
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("accepted backend URLs"), "{stderr}");
+    assert!(!stderr.contains("secret"), "{stderr}");
+}
+
+#[test]
+fn an_unreachable_server_exits_with_69() {
+    let port = dlock_servers::free_port().expect("port");
+    let out = output(dlock(
+        &format!("redis://:secret@127.0.0.1:{port}"),
+        &["--timeout", "1s", "run", "k", "--", "true"],
+    ));
+    assert_eq!(out.status.code(), Some(69), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unavailable") || stderr.contains("refused"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("secret"), "{stderr}");
+}
