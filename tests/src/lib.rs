@@ -533,3 +533,27 @@ impl TestCertificates {
         }
     }
 }
+
+/// Asserts that `connecting` ends in [`dlock_core::LockError::Unavailable`]
+/// (naming the cause, not hanging) within `limit`, and returns its message.
+pub async fn assert_unavailable_within<T: std::fmt::Debug>(
+    limit: std::time::Duration,
+    connecting: impl std::future::Future<Output = Result<T, dlock_core::LockError>>,
+) -> String {
+    let began = std::time::Instant::now();
+    let outcome = connecting.await;
+    let took = began.elapsed();
+    match outcome {
+        Err(error @ dlock_core::LockError::Unavailable { .. }) => {
+            assert!(took < limit, "Unavailable only after {took:?} (limit {limit:?})");
+            error.to_string()
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
+/// A URL on a loopback port that was free a moment ago: nothing listens there.
+pub fn unused_address() -> String {
+    let port = dlock_servers::free_port().expect("a free port");
+    format!("127.0.0.1:{port}")
+}
