@@ -29,6 +29,12 @@ const USAGE: &str = "usage: cargo xtask <ci | integration | servers | bench [--q
   deps         install the system packages the suites need (as root), or print the command";
 
 fn main() -> ExitCode {
+    // Ctrl-C, or a SIGTERM from a CI runner: stop the servers before exiting
+    // (destructors do not run when a signal ends the process).
+    let _ = ctrlc::set_handler(|| {
+        dlock_servers::kill_all_servers();
+        std::process::exit(130);
+    });
     let args: Vec<String> = std::env::args().skip(1).collect();
     let outcome = match args.first().map(String::as_str) {
         Some("ci") => ci(),

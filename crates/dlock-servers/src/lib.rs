@@ -13,7 +13,7 @@ pub mod redis;
 
 use std::path::{Path, PathBuf};
 
-pub use process::{ServerProcess, free_port};
+pub use process::{ServerProcess, free_port, kill_all_servers};
 
 /// Errors are messages for the person running the suites.
 pub type Result<T = ()> = std::result::Result<T, String>;

@@ -134,6 +134,7 @@ impl ServerProcess {
         // An error means the process is already gone, which is the goal.
         let _ = self.child.kill();
         let _ = self.child.wait();
+        running().retain(|pid| *pid != self.child.id());
     }
 }
 
@@ -147,14 +148,32 @@ fn spawn(name: &str, program: &Path, arguments: &[String], dir: &Path, log: &Pat
     let log_copy = log_file
         .try_clone()
         .map_err(|error| format!("{name}: log: {error}"))?;
-    Command::new(program)
+    let child = Command::new(program)
         .args(arguments)
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(log_file)
         .stderr(log_copy)
         .spawn()
-        .map_err(|error| format!("{name}: could not start {}: {error}", program.display()))
+        .map_err(|error| format!("{name}: could not start {}: {error}", program.display()))?;
+    running().push(child.id());
+    Ok(child)
+}
+
+/// The process ids of every server this process started and has not killed.
+fn running() -> std::sync::MutexGuard<'static, Vec<u32>> {
+    static RUNNING: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+    RUNNING.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Kills every server still running, for a signal handler: when the process
+/// is ended by a signal, destructors do not run, and the servers would be
+/// left behind. Their temp dirs stay (they are small, in the temp folder).
+pub fn kill_all_servers() {
+    for pid in running().drain(..) {
+        // `kill` the program: std has no way to signal a pid it does not own as a Child.
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
 }
 
 impl Drop for ServerProcess {
