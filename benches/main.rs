@@ -1,9 +1,11 @@
 //! `cargo xtask bench`: dlock against the floor (the same round trips with
 //! the raw redis client) on the same server, in one run, interleaved, as
-//! ratios. Reads the server from `DLOCK_BENCH_REDIS_URL` (xtask starts it).
+//! ratios. Reads the servers from `DLOCK_BENCH_*` variables (xtask starts them).
 //!
-//! Scenarios so far: the uncontended cycle (acquire + release, one task, one
-//! key) and the contended hand-off (8 clients, one key, 1 ms of work each).
+//! Scenarios so far (numbered as in the benchmark issue): 1. the uncontended
+//! cycle on one Redis; 3. the contended hand-off (8 clients, one key, 1 ms
+//! of work each); 4. Redlock on 5 nodes against dlock on one; 5. etcd with a
+//! warm session against the raw transaction and etcd's lock service.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -12,7 +14,7 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use dlock_redis::{LockError, Locker, RedisBackend};
+use dlock_redis::{LockError, Locker, RedisBackend, RedlockBackend};
 use redis::Script;
 use redis::aio::MultiplexedConnection;
 
@@ -37,6 +39,7 @@ end
 return 0
 ";
 
+#[derive(Clone, Copy)]
 struct Settings {
     quick: bool,
     cycles: usize,
@@ -65,6 +68,104 @@ impl Samples {
     }
 }
 
+/// One side of a comparison: does one acquire + release cycle on its own key.
+enum Contender {
+    /// The raw redis client: one EVALSHA to acquire, one to release.
+    FloorRedis(MultiplexedConnection),
+    /// A dlock locker on any backend: `try_lock` + `release`.
+    Dlock(Locker),
+    /// The raw etcd client: the same transaction dlock sends (put if absent
+    /// with a warm lease, read the queue head), then a delete.
+    FloorEtcd { client: etcd_client::Client, lease: i64 },
+    /// etcd's own lock service with a warm lease: `lock` + `unlock`.
+    EtcdLockService { client: etcd_client::Client, lease: i64 },
+}
+
+impl Contender {
+    async fn cycle(&mut self, key: &str) -> Result {
+        match self {
+            Contender::FloorRedis(connection) => {
+                let mut ignored = Samples::default();
+                floor_cycles(connection, key, 1, &mut ignored, &mut Samples::default()).await
+            }
+            Contender::Dlock(locker) => {
+                locker.try_lock(key).await?.release().await?;
+                Ok(())
+            }
+            Contender::FloorEtcd { client, lease } => {
+                let name = format!("/floor/{key}/0123456789abcdef0123456789abcdef");
+                let txn = etcd_client::Txn::new()
+                    .when([etcd_client::Compare::create_revision(
+                        name.as_str(),
+                        etcd_client::CompareOp::Equal,
+                        0,
+                    )])
+                    .and_then([
+                        etcd_client::TxnOp::put(
+                            name.as_str(),
+                            "",
+                            Some(etcd_client::PutOptions::new().with_lease(*lease)),
+                        ),
+                        etcd_client::TxnOp::get(
+                            format!("/floor/{key}/"),
+                            Some(
+                                etcd_client::GetOptions::new()
+                                    .with_prefix()
+                                    .with_sort(
+                                        etcd_client::SortTarget::Create,
+                                        etcd_client::SortOrder::Ascend,
+                                    )
+                                    .with_limit(1)
+                                    .with_keys_only(),
+                            ),
+                        ),
+                    ]);
+                client.txn(txn).await?;
+                client.delete(name, None).await?;
+                Ok(())
+            }
+            Contender::EtcdLockService { client, lease } => {
+                let locked = client
+                    .lock(
+                        format!("/service/{key}"),
+                        Some(etcd_client::LockOptions::new().with_lease(*lease)),
+                    )
+                    .await?;
+                client.unlock(locked.key().to_vec()).await?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Runs the contenders' cycles interleaved (round by round, alternating
+/// who goes first) so that drift in the machine's load hits all alike.
+async fn interleaved(contenders: &mut [Contender], key: &str, settings: &Settings) -> Result<Vec<Samples>> {
+    let mut samples: Vec<Samples> = contenders.iter().map(|_| Samples::default()).collect();
+    for contender in contenders.iter_mut() {
+        for _ in 0..100 {
+            contender.cycle(key).await?; // warm-up: scripts, connections, sessions
+        }
+    }
+    let per_round = settings.cycles / settings.rounds;
+    for round in 0..settings.rounds {
+        let count = contenders.len();
+        for turn in 0..count {
+            let index = (turn + round) % count;
+            for _ in 0..per_round {
+                let started = Instant::now();
+                contenders[index].cycle(key).await?;
+                samples[index].0.push(started.elapsed());
+            }
+        }
+    }
+    Ok(samples)
+}
+
+fn env(name: &str) -> Result<String> {
+    std::env::var(name).map_err(|_| format!("{name} is not set; run `cargo xtask bench`").into())
+}
+
 #[tokio::main]
 async fn main() -> Result {
     let quick = std::env::args().any(|arg| arg == "--quick");
@@ -74,60 +175,18 @@ async fn main() -> Result {
         rounds: 10,
         handoff_for: Duration::from_secs(if quick { 2 } else { 10 }),
     };
-    let url = std::env::var("DLOCK_BENCH_REDIS_URL")
-        .map_err(|_| "DLOCK_BENCH_REDIS_URL is not set; run `cargo xtask bench`")?;
-
-    let floor = floor_connection(&url).await?;
-    let locker = Locker::new(RedisBackend::connect(&url).await?);
-    // Warm up both (script load, connections).
-    floor_cycles(
-        &floor,
-        "warmup",
-        200,
-        &mut Samples::default(),
-        &mut Samples::default(),
-    )
-    .await?;
-    dlock_cycles(&locker, "warmup", 200, &mut Samples::default()).await?;
-
-    let mut floor_cycle = Samples::default();
-    let mut floor_acquire = Samples::default();
-    let mut dlock_cycle = Samples::default();
-    let per_round = settings.cycles / settings.rounds;
-    for round in 0..settings.rounds {
-        // Interleaved, and alternating who goes first, so that drift in the
-        // machine's load hits both alike.
-        if round % 2 == 0 {
-            floor_cycles(
-                &floor,
-                "uncontended",
-                per_round,
-                &mut floor_cycle,
-                &mut floor_acquire,
-            )
-            .await?;
-            dlock_cycles(&locker, "uncontended", per_round, &mut dlock_cycle).await?;
-        } else {
-            dlock_cycles(&locker, "uncontended", per_round, &mut dlock_cycle).await?;
-            floor_cycles(
-                &floor,
-                "uncontended",
-                per_round,
-                &mut floor_cycle,
-                &mut floor_acquire,
-            )
-            .await?;
-        }
-    }
-    let round_trip = floor_acquire.median();
-
-    let handoff = handoff(&url, 8, Duration::from_millis(1), settings.handoff_for).await?;
+    let url = env("DLOCK_BENCH_REDIS_URL")?;
+    let redlock_urls: Vec<String> = env("DLOCK_BENCH_REDLOCK_URLS")?
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    let etcd_endpoints: Vec<String> = env("DLOCK_BENCH_ETCD_ENDPOINTS")?
+        .split(',')
+        .map(str::to_owned)
+        .collect();
 
     let mut table = String::new();
-    let _ = writeln!(
-        table,
-        "| scenario | contender | median | p99 | ratio to floor (median) |"
-    );
+    let _ = writeln!(table, "| scenario | contender | median | p99 | ratio (median) |");
     let _ = writeln!(table, "|---|---|---|---|---|");
     let row = |table: &mut String, scenario: &str, who: &str, samples: &Samples, base: Duration| {
         let _ = writeln!(
@@ -138,23 +197,99 @@ async fn main() -> Result {
             samples.median().as_secs_f64() / base.as_secs_f64().max(1e-9)
         );
     };
+
+    // 1. Uncontended cycle on one Redis, and 4. Redlock on 5 nodes.
+    let mut redis = vec![
+        Contender::FloorRedis(floor_connection(&url).await?),
+        Contender::Dlock(Locker::new(RedisBackend::connect(&url).await?)),
+        Contender::Dlock(Locker::new(RedlockBackend::connect(&redlock_urls).await?)),
+    ];
+    let mut floor_acquire = Samples::default();
+    if let Contender::FloorRedis(connection) = &redis[0] {
+        floor_cycles(
+            connection,
+            "round-trip",
+            1_000,
+            &mut Samples::default(),
+            &mut floor_acquire,
+        )
+        .await?;
+    }
+    let round_trip = floor_acquire.median();
+    let cycles = interleaved(&mut redis, "uncontended", &settings).await?;
+    let floor = cycles[0].median();
     row(
         &mut table,
-        "uncontended acquire + release",
+        "1. uncontended acquire + release, one Redis",
         "floor (raw EVALSHA x2)",
-        &floor_cycle,
-        floor_cycle.median(),
+        &cycles[0],
+        floor,
     );
     row(
         &mut table,
-        "uncontended acquire + release",
+        "1. uncontended acquire + release, one Redis",
         "dlock RedisBackend",
-        &dlock_cycle,
-        floor_cycle.median(),
+        &cycles[1],
+        floor,
     );
     row(
         &mut table,
-        "hand-off: release returns -> next holder's acquire returns",
+        "4. uncontended cycle, Redlock on 5 nodes (ratio to dlock on one node)",
+        "dlock RedlockBackend",
+        &cycles[2],
+        cycles[1].median(),
+    );
+
+    // 5. etcd, warm session.
+    let mut etcd_client = etcd_client::Client::connect(&etcd_endpoints, None).await?;
+    let lease = etcd_client.lease_grant(30, None).await?.id();
+    let (_keeper, _stream) = etcd_client.lease_keep_alive(lease).await?;
+    let mut etcd = vec![
+        Contender::FloorEtcd {
+            client: etcd_client.clone(),
+            lease,
+        },
+        Contender::Dlock(Locker::new(
+            dlock_etcd::EtcdBackend::connect(&etcd_endpoints).await?,
+        )),
+        Contender::EtcdLockService {
+            client: etcd_client.clone(),
+            lease,
+        },
+    ];
+    let etcd_settings = Settings {
+        cycles: settings.cycles / 10,
+        ..settings
+    };
+    let etcd_cycles = interleaved(&mut etcd, "uncontended", &etcd_settings).await?;
+    let etcd_floor = etcd_cycles[0].median();
+    row(
+        &mut table,
+        "5. etcd lock + unlock, warm session",
+        "floor (raw txn + delete)",
+        &etcd_cycles[0],
+        etcd_floor,
+    );
+    row(
+        &mut table,
+        "5. etcd lock + unlock, warm session",
+        "dlock EtcdBackend",
+        &etcd_cycles[1],
+        etcd_floor,
+    );
+    row(
+        &mut table,
+        "5. etcd lock + unlock, warm session",
+        "etcd lock service (lock/unlock)",
+        &etcd_cycles[2],
+        etcd_floor,
+    );
+
+    // 3. Contended hand-off.
+    let handoff = handoff(&url, 8, Duration::from_millis(1), settings.handoff_for).await?;
+    row(
+        &mut table,
+        "3. hand-off: release returns -> next holder's acquire returns (ratio to one round trip)",
         "dlock RedisBackend, 8 clients",
         &handoff.gaps,
         round_trip,
@@ -162,8 +297,8 @@ async fn main() -> Result {
     let counts: Vec<String> = handoff.per_client.iter().map(ToString::to_string).collect();
     let summary = format!(
         "floor round trip (one acquire EVALSHA): median {round_trip:?}\n\
-         hand-off: {} hand-offs in {:?}, {:.0} cycles/s (bar: >= 0.9 / (1 ms hold + one round trip) = {:.0}/s), \
-         gave up: {}, acquisitions per client: [{}]\n",
+         hand-off: {} hand-offs in {:?}, {:.0} cycles/s (bar: >= 0.9 / (1 ms hold + one round trip) = {:.0}/s; \
+         the hold is a tokio sleep of 1 ms, which lasts up to 2 ms), gave up: {}, acquisitions per client: [{}]\n",
         handoff.gaps.0.len(),
         settings.handoff_for,
         handoff.cycles as f64 / settings.handoff_for.as_secs_f64(),
@@ -217,17 +352,6 @@ async fn floor_cycles(
         if released != 1 {
             return Err("the floor's release found no lock".into());
         }
-        cycles.0.push(started.elapsed());
-    }
-    Ok(())
-}
-
-/// `count` dlock cycles: `try_lock` + `release`, with the default settings.
-async fn dlock_cycles(locker: &Locker, key: &str, count: usize, cycles: &mut Samples) -> Result {
-    for _ in 0..count {
-        let started = Instant::now();
-        let guard = locker.try_lock(key).await?;
-        guard.release().await?;
         cycles.0.push(started.elapsed());
     }
     Ok(())

@@ -4,7 +4,7 @@
 //! * `ci`: format check, clippy, unit and doc tests, then the integration suites.
 //! * `integration`: start the servers the suites need, run the suites, stop the servers.
 //! * `servers`: start the servers and print their addresses, until Enter is pressed.
-//! * `bench [--quick]`: start a redis-server, run the benchmarks (package `dlock-bench`), stop it.
+//! * `bench [--quick]`: start the servers, run the benchmarks (package `dlock-bench`), stop them.
 //! * `deps`: install (as root) or name the system packages the suites need.
 
 // xtask talks to the person at the terminal.
@@ -24,7 +24,7 @@ const USAGE: &str = "usage: cargo xtask <ci | integration | servers | bench [--q
   ci           fmt --check, clippy -D warnings, unit + doc tests, then `integration`
   integration  start the test servers, run the suites that need them (dlock-tests, dlock-cli), stop them
   servers      start the test servers, print their environment, stop them when Enter is pressed
-  bench        start a redis-server, run the benchmarks and print ratios to the raw-client floor;
+  bench        start Redis, 5 Redlock nodes and etcd, run the benchmarks, print ratios to the raw-client floor;
                without --quick it also rewrites docs/benchmarks.md
   deps         install the system packages the suites need (as root), or print the command";
 
@@ -107,8 +107,10 @@ fn integration() -> Result {
 }
 
 fn bench(quick: bool) -> Result {
-    deps::ensure(&[deps::REDIS_SERVER])?;
+    deps::ensure(&[deps::REDIS_SERVER, deps::ETCD])?;
     let server = dlock_servers::redis::start_server("redis-bench", &[])?;
+    let redlock = dlock_servers::redis::start_independent(5)?;
+    let etcd = dlock_servers::etcd::EtcdCluster::start(3)?;
     let version = dlock_servers::redis::command(server.port(), &["INFO", "server"])?
         .text()
         .lines()
@@ -125,6 +127,15 @@ fn bench(quick: bool) -> Result {
     }
     command
         .env("DLOCK_BENCH_REDIS_URL", dlock_servers::redis::url(server.port()))
+        .env(
+            "DLOCK_BENCH_REDLOCK_URLS",
+            redlock
+                .iter()
+                .map(|node| dlock_servers::redis::url(node.port()))
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+        .env("DLOCK_BENCH_ETCD_ENDPOINTS", etcd.endpoints().join(","))
         .env("DLOCK_BENCH_REDIS_VERSION", version)
         .env("DLOCK_BENCH_DATE", date);
     let outcome = run(command);
