@@ -451,9 +451,9 @@ fn write_report(table: &str, summary: &str) -> Result {
          Written by `cargo xtask bench` on {date}. Machine: {cores} cores, {cpu}. \
          Redis server {server}, on loopback. dlock {}.\n\n\
          Every contender runs against the same server in the same run, interleaved; ratios are to \
-         the floor measured in that run (the same round trips with the raw `redis` client and no library).\n\n\
+         the floor measured in that run (the same round trips with the raw client, `redis` or `etcd-client`, and no library; Redlock is compared with dlock on one node).\n\n\
          {table}\n```text\n{summary}```\n\n\
-         Not yet measured here: the peer crates (rslock, redsync, distributed-lock), Redlock, etcd, \
+         Not yet measured here: the peer crates (rslock, redsync, distributed-lock), \
          throughput over 64 keys, and the watchdog at scale (see the open benchmark issue).\n",
         env!("CARGO_PKG_VERSION"),
     );
