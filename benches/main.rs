@@ -5,7 +5,8 @@
 //! Scenarios so far (numbered as in the benchmark issue): 1. the uncontended
 //! cycle on one Redis; 3. the contended hand-off (8 clients, one key, 1 ms
 //! of work each); 4. Redlock on 5 nodes against dlock on one; 5. etcd with a
-//! warm session against the raw transaction and etcd's lock service.
+//! warm session against the raw transaction and etcd's lock service; 6. the
+//! watchdog holding many guards.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -294,6 +295,13 @@ async fn main() -> Result {
         &handoff.gaps,
         round_trip,
     );
+    // 6. The watchdog at scale.
+    let (guards, hold) = if settings.quick {
+        (1_000, Duration::from_secs(3))
+    } else {
+        (10_000, Duration::from_secs(30))
+    };
+    let scale = watchdog_at_scale(&url, guards, hold).await?;
     let counts: Vec<String> = handoff.per_client.iter().map(ToString::to_string).collect();
     let summary = format!(
         "floor round trip (one acquire EVALSHA): median {round_trip:?}\n\
@@ -305,6 +313,15 @@ async fn main() -> Result {
         0.9 / (0.001 + round_trip.as_secs_f64()),
         handoff.gave_up,
         counts.join(", "),
+    ) + &format!(
+        "watchdog at scale: {} guards (TTL 3 s, auto-renewed) held for {:.1?}: {} lost; client memory {:.0} bytes per guard \
+         (resident set growth); client CPU {:.0}% of one core; Redis {:.0} commands/s\n",
+        scale.guards,
+        scale.held_for,
+        scale.lost,
+        scale.bytes_per_guard,
+        scale.client_cpu * 100.0,
+        scale.commands_per_second,
     );
     println!("{table}\n{summary}");
     if !settings.quick {
@@ -427,6 +444,93 @@ async fn handoff(url: &str, clients: usize, hold: Duration, duration: Duration) 
     })
 }
 
+/// What the watchdog-at-scale run saw.
+struct Watchdogs {
+    guards: usize,
+    lost: usize,
+    held_for: Duration,
+    bytes_per_guard: f64,
+    client_cpu: f64,
+    commands_per_second: f64,
+}
+
+/// Holds `guards` auto-renewed locks (TTL 3 s, renewed every second) on one
+/// backend for `hold`, then counts the guards that were lost, the client's
+/// memory per guard (resident set growth), its CPU share, and the server's
+/// commands per second.
+async fn watchdog_at_scale(url: &str, guards: usize, hold: Duration) -> Result<Watchdogs> {
+    let backend = RedisBackend::connect(url).await?;
+    let locker = Locker::new(backend);
+    let mut admin = floor_connection(url).await?;
+    let resident_before = resident_bytes();
+    let mut held = Vec::with_capacity(guards);
+    let run = std::process::id();
+    for index in 0..guards {
+        held.push(
+            locker
+                .lock(format!("scale/{run}/{index}"))
+                .ttl(Duration::from_secs(3))
+                .try_lock()
+                .await?,
+        );
+    }
+    let resident_after = resident_bytes();
+    let commands_before = server_commands(&mut admin).await?;
+    let cpu_before = cpu_seconds();
+    let started = Instant::now();
+    tokio::time::sleep(hold).await;
+    let held_for = started.elapsed();
+    let cpu = cpu_seconds() - cpu_before;
+    let commands = server_commands(&mut admin).await? - commands_before;
+    let lost = held.iter().filter(|guard| !guard.is_held()).count();
+    for guard in held {
+        guard.release().await?;
+    }
+    Ok(Watchdogs {
+        guards,
+        lost,
+        held_for,
+        bytes_per_guard: resident_after.saturating_sub(resident_before) as f64 / guards as f64,
+        client_cpu: cpu / held_for.as_secs_f64(),
+        commands_per_second: commands as f64 / held_for.as_secs_f64(),
+    })
+}
+
+/// This process's resident memory in bytes (Linux), 0 if unknown.
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// CPU seconds this process has used (user + system), 0 if unknown.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime is the
+    // 12th, stime the 13th, in clock ticks (100 per second on Linux).
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |index: usize| {
+        fields
+            .get(index)
+            .and_then(|field| field.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The server's count of processed commands.
+async fn server_commands(admin: &mut MultiplexedConnection) -> Result<u64> {
+    let info: String = redis::cmd("INFO").arg("stats").query_async(admin).await?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("total_commands_processed:"))
+        .and_then(|value| value.trim().parse().ok())
+        .ok_or_else(|| "INFO stats has no total_commands_processed".into())
+}
+
 fn record(times: &Mutex<HashMap<u64, Instant>>, token: u64) {
     times
         .lock()
@@ -453,8 +557,8 @@ fn write_report(table: &str, summary: &str) -> Result {
          Every contender runs against the same server in the same run, interleaved; ratios are to \
          the floor measured in that run (the same round trips with the raw client, `redis` or `etcd-client`, and no library; Redlock is compared with dlock on one node).\n\n\
          {table}\n```text\n{summary}```\n\n\
-         Not yet measured here: the peer crates (rslock, redsync, distributed-lock), \
-         throughput over 64 keys, and the watchdog at scale (see the open benchmark issue).\n",
+         Not yet measured here: the peer crates (rslock, redsync, distributed-lock) and \
+         throughput over 64 keys (see the open benchmark issue).\n",
         env!("CARGO_PKG_VERSION"),
     );
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
