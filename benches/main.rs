@@ -6,7 +6,7 @@
 //! cycle on one Redis; 3. the contended hand-off (8 clients, one key, 1 ms
 //! of work each); 4. Redlock on 5 nodes against dlock on one; 5. etcd with a
 //! warm session against the raw transaction and etcd's lock service; 6. the
-//! watchdog holding many guards.
+//! watchdog holding many guards; 2. throughput of 64 tasks on 64 keys.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -295,6 +295,19 @@ async fn main() -> Result {
         &handoff.gaps,
         round_trip,
     );
+    // 2. Throughput: 64 tasks on 64 keys over one connection / one backend,
+    // alternating floor and dlock in four slices.
+    let slice = Duration::from_secs(if settings.quick { 1 } else { 5 }) / 2;
+    let floor_connection_shared = floor_connection(&url).await?;
+    let dlock_shared = Locker::new(RedisBackend::connect(&url).await?);
+    let (mut floor_rate, mut dlock_rate) = (0.0, 0.0);
+    for _ in 0..2 {
+        let connection = floor_connection_shared.clone();
+        floor_rate += throughput(|| Contender::FloorRedis(connection.clone()), 64, slice).await? / 2.0;
+        let locker = dlock_shared.clone();
+        dlock_rate += throughput(|| Contender::Dlock(locker.clone()), 64, slice).await? / 2.0;
+    }
+
     // 6. The watchdog at scale.
     let (guards, hold) = if settings.quick {
         (1_000, Duration::from_secs(3))
@@ -313,6 +326,10 @@ async fn main() -> Result {
         0.9 / (0.001 + round_trip.as_secs_f64()),
         handoff.gave_up,
         counts.join(", "),
+    ) + &format!(
+        "throughput, 64 tasks on 64 keys, one connection: floor {floor_rate:.0} cycles/s, dlock {dlock_rate:.0} cycles/s \
+         ({:.2}x the floor)\n",
+        dlock_rate / floor_rate.max(1.0)
     ) + &format!(
         "watchdog at scale: {} guards (TTL 3 s, auto-renewed) held for {:.1?}: {} lost; client memory {:.0} bytes per guard \
          (resident set growth); client CPU {:.0}% of one core; Redis {:.0} commands/s\n",
@@ -444,6 +461,30 @@ async fn handoff(url: &str, clients: usize, hold: Duration, duration: Duration) 
     })
 }
 
+/// Cycles per second of `tasks` tasks, each on its own key, for `duration`;
+/// every task uses one shared contender (one connection, one backend).
+async fn throughput(make: impl Fn() -> Contender, tasks: usize, duration: Duration) -> Result<f64> {
+    let stop_at = Instant::now() + duration;
+    let mut running = Vec::new();
+    for task in 0..tasks {
+        let mut contender = make();
+        running.push(tokio::spawn(async move {
+            let key = format!("throughput/{task}");
+            let mut cycles = 0u64;
+            while Instant::now() < stop_at {
+                contender.cycle(&key).await.map_err(|error| error.to_string())?;
+                cycles += 1;
+            }
+            Ok::<_, String>(cycles)
+        }));
+    }
+    let mut total = 0u64;
+    for task in running {
+        total += task.await.map_err(|error| error.to_string())??;
+    }
+    Ok(total as f64 / duration.as_secs_f64())
+}
+
 /// What the watchdog-at-scale run saw.
 struct Watchdogs {
     guards: usize,
@@ -557,8 +598,8 @@ fn write_report(table: &str, summary: &str) -> Result {
          Every contender runs against the same server in the same run, interleaved; ratios are to \
          the floor measured in that run (the same round trips with the raw client, `redis` or `etcd-client`, and no library; Redlock is compared with dlock on one node).\n\n\
          {table}\n```text\n{summary}```\n\n\
-         Not yet measured here: the peer crates (rslock, redsync, distributed-lock) and \
-         throughput over 64 keys (see the open benchmark issue).\n",
+         Not yet measured here: the peer crates (rslock, redsync, distributed-lock), \
+         which the benchmark issue asks for beside these figures.\n",
         env!("CARGO_PKG_VERSION"),
     );
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
