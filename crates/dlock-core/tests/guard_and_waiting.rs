@@ -348,3 +348,78 @@ fn locking_outside_a_tokio_runtime_is_an_error_not_a_panic() {
         other => panic!("expected Unsupported, got {other:?}"),
     }
 }
+
+/// A backend that answers its first attempts like a Redlock split vote:
+/// busy, with a hold-off, and wakes every subscriber at once.
+struct SplitVotes {
+    inner: MemoryBackend,
+    hold_offs_left: std::sync::Mutex<usize>,
+    attempts: std::sync::Mutex<Vec<Instant>>,
+}
+
+#[dlock_core::async_trait]
+impl dlock_core::LockBackend for SplitVotes {
+    async fn try_acquire(
+        &self,
+        request: &dlock_core::AcquireRequest<'_>,
+    ) -> Result<dlock_core::Attempt, LockError> {
+        self.attempts.lock().expect("attempts").push(Instant::now());
+        {
+            let mut left = self.hold_offs_left.lock().expect("counter");
+            if *left > 0 {
+                *left -= 1;
+                return Ok(dlock_core::Attempt::Busy(
+                    dlock_core::Busy::new()
+                        .retry_after(Duration::ZERO)
+                        .hold_off(Duration::from_millis(100)),
+                ));
+            }
+        }
+        self.inner.try_acquire(request).await
+    }
+
+    async fn extend(
+        &self,
+        lease: &dlock_core::Lease,
+        ttl: Duration,
+    ) -> Result<dlock_core::ExtendOutcome, LockError> {
+        self.inner.extend(lease, ttl).await
+    }
+
+    async fn release(&self, lease: &dlock_core::Lease) -> Result<dlock_core::ReleaseOutcome, LockError> {
+        self.inner.release(lease).await
+    }
+
+    async fn abandon(&self, key: &str, owner: &OwnerToken) -> Result<(), LockError> {
+        self.inner.abandon(key, owner).await
+    }
+
+    async fn subscribe(&self, key: &str) -> Result<dlock_core::ReleaseEvents, LockError> {
+        self.inner.subscribe(key).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hold_off_keeps_the_waiter_away_even_with_a_zero_retry_hint() {
+    let backend = Arc::new(SplitVotes {
+        inner: MemoryBackend::new(),
+        hold_offs_left: std::sync::Mutex::new(2),
+        attempts: std::sync::Mutex::new(Vec::new()),
+    });
+    let locker = Locker::from_arc(Arc::clone(&backend) as Arc<dyn dlock_core::LockBackend>);
+    let guard = locker
+        .lock("split")
+        .wait(Duration::from_secs(5))
+        .await
+        .expect("granted after two split votes");
+    let attempts = backend.attempts.lock().expect("attempts").clone();
+    assert_eq!(attempts.len(), 3, "two held-off attempts, then the grant");
+    for pair in attempts.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= Duration::from_millis(100),
+            "retried after {:?}, before the hold-off ended",
+            pair[1] - pair[0]
+        );
+    }
+    guard.release().await.expect("release");
+}
