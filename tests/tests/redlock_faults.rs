@@ -89,9 +89,16 @@ async fn three_of_five_killed_means_no_lock_for_anyone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarted_empty_after_the_ttl_keeps_the_lock_safe() {
     let (mut nodes, urls) = five_nodes().await;
-    let ttl = Duration::from_secs(1);
-    let holder = Locker::new(RedlockBackend::connect(&urls).await.expect("connect holder"));
-    let rival = Locker::new(RedlockBackend::connect(&urls).await.expect("connect rival"));
+    // Generous timing: this test is about safety, and a busy 2-core CI
+    // machine can delay a renewal by more than the default 100 ms per node.
+    let ttl = Duration::from_secs(3);
+    let connect = || {
+        RedlockBackend::builder(&urls)
+            .node_timeout(Duration::from_millis(500))
+            .connect()
+    };
+    let holder = Locker::new(connect().await.expect("connect holder"));
+    let rival = Locker::new(connect().await.expect("connect rival"));
     let key = "restart-empty/job";
     let guard = holder.lock(key).ttl(ttl).await.expect("lock");
     let token = guard.fencing_token();
