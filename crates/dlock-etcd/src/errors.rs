@@ -14,6 +14,10 @@ pub(crate) fn from_etcd(key: Option<&str>, doing: &str, error: Error) -> LockErr
                 reason: format!("{doing}: {error}; expected endpoints like http://host:2379"),
             };
         }
+        // etcd answers a wrong password with InvalidArgument and this text.
+        Error::GRpcStatus(status) if status.message().contains("authentication failed") => {
+            "authentication failed; check the user and password"
+        }
         Error::GRpcStatus(status) => match status.code() {
             Code::Unauthenticated => "authentication failed; check the user and password",
             Code::PermissionDenied => "permission denied; the user's role must cover the key prefix",

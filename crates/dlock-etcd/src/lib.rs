@@ -494,7 +494,9 @@ impl EtcdBackendBuilder {
             .with_connect_timeout(self.connect_timeout)
             .with_timeout(self.request_timeout)
             .with_require_leader(true)
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            // etcd's auth tokens expire when idle; a long-lived backend must renew them.
+            .with_auto_token_refresh(true);
         if let Some((name, password)) = &self.user {
             options = options.with_user(name.clone(), password.clone());
         }
