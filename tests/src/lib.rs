@@ -557,3 +557,19 @@ pub fn unused_address() -> String {
     let port = dlock_servers::free_port().expect("a free port");
     format!("127.0.0.1:{port}")
 }
+
+/// Polls the redis-server on `port` until someone listens on `channel`;
+/// false if nobody did within `limit`.
+pub async fn subscribed_within(port: u16, channel: &str, limit: std::time::Duration) -> bool {
+    let began = std::time::Instant::now();
+    while began.elapsed() < limit {
+        let listeners = dlock_servers::redis::command(port, &["PUBSUB", "NUMSUB", channel])
+            .map(dlock_servers::redis::Reply::text)
+            .unwrap_or_default();
+        if listeners.lines().nth(1).is_some_and(|count| count != "0") {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    false
+}

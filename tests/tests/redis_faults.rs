@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use dlock_core::{LockError, Locker};
 use dlock_redis::RedisBackend;
-use dlock_servers::redis::{self as servers, RedisCluster, RedisSentinel, Reply, SENTINEL_MASTER_NAME};
+use dlock_servers::redis::{self as servers, RedisCluster, RedisSentinel, SENTINEL_MASTER_NAME};
 use tokio::task::{block_in_place, spawn_blocking};
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::timeout;
 
 /// Runs a blocking server setup off the async workers; a missing
 /// redis-server fails with the xtask command that installs it.
@@ -22,20 +22,10 @@ async fn start<T: Send + 'static>(setup: impl FnOnce() -> dlock_servers::Result<
 
 /// Waits until someone listens on `channel` of the server on `port`.
 async fn until_subscribed(port: u16, channel: &str) {
-    let began = Instant::now();
-    loop {
-        let listeners = servers::command(port, &["PUBSUB", "NUMSUB", channel])
-            .map(Reply::text)
-            .unwrap_or_default();
-        if listeners.lines().nth(1).is_some_and(|count| count != "0") {
-            return;
-        }
-        assert!(
-            began.elapsed() < Duration::from_secs(10),
-            "nobody subscribed to {channel}"
-        );
-        sleep(Duration::from_millis(10)).await;
-    }
+    assert!(
+        dlock_tests::subscribed_within(port, channel, Duration::from_secs(10)).await,
+        "nobody subscribed to {channel}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

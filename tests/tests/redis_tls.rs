@@ -56,15 +56,7 @@ async fn locks_over_tls_with_a_private_authority() {
     let waiting = tokio::spawn(async move { waiter.lock("tls/job").wait(Duration::from_secs(5)).await });
     // Wait until the waiter listens for the release (asked on the plain port).
     let channel = names.release_channel("tls/job");
-    for _ in 0..500 {
-        let listeners = servers::command(server.port(), &["PUBSUB", "NUMSUB", &channel])
-            .map(servers::Reply::text)
-            .unwrap_or_default();
-        if listeners.lines().nth(1).is_some_and(|count| count != "0") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    dlock_tests::subscribed_within(server.port(), &channel, Duration::from_secs(5)).await;
     let first_token = guard.fencing_token();
     guard.release().await.expect("release");
     // The holder's TTL is 30 s: only a release notification (pub/sub over

@@ -5,6 +5,8 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use dlock_testkit::conformance::unique_key;
+
 const DLOCK: &str = env!("CARGO_BIN_EXE_dlock");
 
 fn redis_backend() -> String {
@@ -17,18 +19,6 @@ fn etcd_backend() -> String {
         .map(|endpoint| endpoint.trim_start_matches("http://").to_owned())
         .collect();
     format!("etcd://{}", hosts.join(","))
-}
-
-fn unique(name: &str) -> String {
-    format!("cli/{name}/{:016x}", fastrand_key())
-}
-
-fn fastrand_key() -> u64 {
-    // Distinct enough per test run: nanoseconds and the process id.
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_nanos() as u64);
-    nanos ^ u64::from(std::process::id()).rotate_left(32)
 }
 
 fn dlock(backend: &str, args: &[&str]) -> Command {
@@ -89,7 +79,7 @@ fn wait_exit(child: &mut Child, limit: Duration) -> i32 {
 fn two_runs_never_overlap(backend: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("log");
-    let key = unique("overlap");
+    let key = unique_key("cli-overlap");
     let script = format!(
         "echo \"start $(date +%s%N) $DLOCK_FENCING_TOKEN\" >> {log}; sleep 0.3; echo \"end $(date +%s%N)\" >> {log}",
         log = log.display()
@@ -121,7 +111,7 @@ fn two_runs_never_overlap(backend: &str) {
 }
 
 fn no_wait_on_a_held_key_exits_with_75(backend: &str) {
-    let key = unique("no-wait");
+    let key = unique_key("cli-no-wait");
     let mut holder = spawn(dlock(backend, &["run", &key, "--", "sleep", "3"]));
     wait_until_held(backend, &key);
     let began = Instant::now();
@@ -138,7 +128,7 @@ fn no_wait_on_a_held_key_exits_with_75(backend: &str) {
 fn a_lock_deleted_from_outside_stops_the_command(backend: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
     let marker = dir.path().join("finished");
-    let key = unique("deleted");
+    let key = unique_key("cli-deleted");
     let script = format!("sleep 20; touch {}", marker.display());
     let mut run = spawn(dlock(
         backend,
@@ -166,7 +156,7 @@ fn a_lock_deleted_from_outside_stops_the_command(backend: &str) {
 }
 
 fn a_signal_to_dlock_stops_the_command_and_frees_the_key(backend: &str) {
-    let key = unique("signal");
+    let key = unique_key("cli-signal");
     let mut run = spawn(dlock(backend, &["run", &key, "--", "sleep", "20"]));
     wait_until_held(backend, &key);
     let killed = Command::new("kill")

@@ -42,8 +42,8 @@ pub use guard::LockGuard;
 pub use locker::{LockRequest, Locker};
 pub use notify::{HubSubscription, ReleaseEvents, ReleaseHub};
 pub use options::{
-    DEFAULT_TTL, MAX_KEY_LEN, MAX_TTL, MAX_WAIT, MIN_TTL, drift_allowance, validate_key, validate_ttl,
-    validate_wait,
+    DEFAULT_TTL, MAX_KEY_LEN, MAX_TTL, MAX_WAIT, MIN_TTL, drift_allowance, validate_key, validate_timeout,
+    validate_ttl, validate_wait,
 };
 pub use status::KeyStatus;
 pub use token::{FencingToken, OwnerToken};

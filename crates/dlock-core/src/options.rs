@@ -81,6 +81,24 @@ pub fn validate_ttl(key: &str, ttl: Duration) -> Result<(), LockError> {
     Ok(())
 }
 
+/// Checks a backend setting that is a time limit (a connect or request
+/// timeout): more than zero and at most `max`.
+///
+/// ```
+/// use std::time::Duration;
+/// assert!(dlock_core::validate_timeout("connect timeout", Duration::from_secs(5), Duration::from_secs(300)).is_ok());
+/// assert!(dlock_core::validate_timeout("connect timeout", Duration::ZERO, Duration::from_secs(300)).is_err());
+/// ```
+pub fn validate_timeout(name: &str, value: Duration, max: Duration) -> Result<(), LockError> {
+    if value.is_zero() || value > max {
+        return Err(LockError::InvalidOptions {
+            key: String::new(),
+            reason: format!("{name} {value:?} is out of range; use 1 ms to {max:?}"),
+        });
+    }
+    Ok(())
+}
+
 /// Checks a `.wait()` duration.
 pub fn validate_wait(key: &str, wait: Duration) -> Result<(), LockError> {
     if wait.is_zero() {

@@ -479,16 +479,9 @@ impl EtcdBackendBuilder {
                 ))
             })?;
         }
-        for (name, value) in [
-            ("request timeout", self.request_timeout),
-            ("connect timeout", self.connect_timeout),
-        ] {
-            if value.is_zero() || value > Duration::from_secs(300) {
-                return Err(invalid(format!(
-                    "{name} {value:?} is out of range; use 1 ms to 300 s"
-                )));
-            }
-        }
+        let longest = Duration::from_secs(300);
+        validate_timeout("request timeout", self.request_timeout, longest)?;
+        validate_timeout("connect timeout", self.connect_timeout, longest)?;
         let endpoints = self.endpoints.join(", ");
         let mut options = ConnectOptions::new()
             .with_connect_timeout(self.connect_timeout)

@@ -55,6 +55,8 @@ use crate::subscriber::Subscriber;
 pub const DEFAULT_KEY_PREFIX: &str = "dlock:";
 /// Default limit for one command's round trip.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest command or connect timeout the builder accepts.
+const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default limit for opening a connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -401,16 +403,8 @@ impl RedisBackendBuilder {
                 self.key_prefix
             )));
         }
-        for (name, value) in [
-            ("command timeout", self.command_timeout),
-            ("connect timeout", self.connect_timeout),
-        ] {
-            if value.is_zero() || value > Duration::from_secs(300) {
-                return Err(invalid(format!(
-                    "{name} {value:?} is out of range; use 1 ms to 300 s"
-                )));
-            }
-        }
+        validate_timeout("command timeout", self.command_timeout, MAX_TIMEOUT)?;
+        validate_timeout("connect timeout", self.connect_timeout, MAX_TIMEOUT)?;
         let address = self.describe_target();
         if self.uses_tls() {
             // rustls needs a process-wide crypto provider; dlock brings ring.
@@ -459,7 +453,7 @@ impl RedisBackendBuilder {
                 Ok((Commands::Direct(connection), PubSubSource::nodes(vec![client])))
             }
             Target::Cluster(urls) => {
-                let nodes = self.node_infos(urls)?;
+                let nodes = self.urls_to_infos(urls, true)?;
                 let clients = nodes
                     .iter()
                     .map(|info| self.client(info.clone()))
@@ -571,10 +565,6 @@ impl RedisBackendBuilder {
             info = info.set_redis_settings(settings);
         }
         Ok(info)
-    }
-
-    fn node_infos(&self, urls: &[String]) -> Result<Vec<redis::ConnectionInfo>, Opening> {
-        self.urls_to_infos(urls, true)
     }
 
     fn urls_to_infos(

@@ -13,6 +13,7 @@ use std::time::Duration;
 use dlock_core::{
     AcquireRequest, Attempt, Busy, ExtendOutcome, FencingToken, Grant, KeyStatus, Lease, LockBackend,
     LockError, NotHeldReason, OwnerToken, ReleaseEvents, ReleaseOutcome, async_trait, validate_key,
+    validate_timeout,
 };
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -304,12 +305,7 @@ impl RedlockBackendBuilder {
                 self.drift_factor
             )));
         }
-        if self.node_timeout.is_zero() || self.node_timeout > Duration::from_secs(60) {
-            return Err(invalid(format!(
-                "node timeout {:?} is out of range; use 1 ms to 60 s",
-                self.node_timeout
-            )));
-        }
+        validate_timeout("node timeout", self.node_timeout, Duration::from_secs(60))?;
         let nodes: Vec<Node> = self
             .urls
             .iter()
