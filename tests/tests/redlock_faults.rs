@@ -102,6 +102,23 @@ async fn a_node_restarted_empty_after_the_ttl_keeps_the_lock_safe() {
     let key = "restart-empty/job";
     let guard = holder.lock(key).ttl(ttl).await.expect("lock");
     let token = guard.fencing_token();
+    // The grant returns at a majority, and the slower nodes get it too
+    // within the node timeout; with it on all five, losing one node must
+    // not cost the lock.
+    let lock_key = format!("dlock:{{{key}}}");
+    let on_all = async {
+        while !nodes.iter().all(|node| {
+            matches!(
+                servers::command(node.port(), &["EXISTS", &lock_key]),
+                Ok(servers::Reply::Integer(1))
+            )
+        }) {
+            sleep(Duration::from_millis(10)).await;
+        }
+    };
+    timeout(Duration::from_secs(1), on_all)
+        .await
+        .expect("the grant reaches every node, not just the first majority");
 
     // Node 0 crashes and loses its data. The delayed-restart rule: it comes
     // back only after the longest TTL in use has passed, so every lease it

@@ -445,7 +445,11 @@ impl RedisBackendBuilder {
                 let manager = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(self.connect_timeout))
                     .set_response_timeout(Some(self.command_timeout))
-                    .set_number_of_retries(1);
+                    // Fail fast while the server is down: the caller decides
+                    // whether to retry (the core's backoff inside a wait, the
+                    // next Redlock attempt), and a Redlock quorum must not
+                    // wait on a dead node's reconnect back-off.
+                    .set_number_of_retries(0);
                 let connection = client
                     .get_connection_manager_with_config(manager)
                     .await

@@ -3,7 +3,9 @@
 //!
 //! Each node runs the same scripts as a single-server [`RedisBackend`] (one
 //! per node, with its own connections and subscriber). An operation goes to
-//! every node at once and ends as soon as its outcome is decided.
+//! every node at once and ends as soon as its outcome is decided; the nodes
+//! that had not answered by then still finish in the background, so a grant
+//! or renewal reaches every live node, not just the fastest majority.
 
 use std::fmt;
 use std::future::Future;
@@ -15,8 +17,6 @@ use dlock_core::{
     LockError, NotHeldReason, OwnerToken, ReleaseEvents, ReleaseOutcome, async_trait, validate_key,
     validate_timeout,
 };
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use tokio::sync::{OnceCell, mpsc};
 use tokio::time::{Instant, timeout};
 use tracing::debug;
@@ -132,51 +132,65 @@ impl RedlockBackend {
         ttl.mul_f64(self.inner.drift_factor) + Duration::from_millis(2)
     }
 
-    /// Runs `operation` (given the node's index) on every node at once, each under the node timeout,
-    /// and returns as soon as `decided` says the outcome is known (or all
-    /// answered). Unanswered nodes are `None`.
-    async fn fan_out<'a, T, F, Fut>(
-        &'a self,
+    /// Runs `operation` on every node at once, each in a task of its own
+    /// under the node timeout, and returns as soon as `decided` says the
+    /// outcome is known (or all answered). Unanswered nodes are `None` in
+    /// [`FanOut::answers`]; their operations still run to the end in the
+    /// background, so that a grant or renewal reaches every live node, not
+    /// just the first majority, and one node failing later does not cost the
+    /// lock. [`FanOut::settle`] waits for them.
+    async fn fan_out<T, F, Fut>(
+        &self,
         key: &str,
         operation: F,
-        mut decided: impl FnMut(&[Option<Result<T, LockError>>]) -> bool,
-    ) -> Vec<Option<Result<T, LockError>>>
+        mut decided: impl FnMut(&Answers<T>) -> bool,
+    ) -> FanOut<T>
     where
-        F: Fn(usize, &'a RedisBackend) -> Fut,
-        Fut: Future<Output = Result<T, LockError>> + 'a,
+        T: Send + 'static,
+        F: Fn(usize, RedisBackend, Arc<str>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, LockError>> + Send + 'static,
     {
-        let node_timeout = self.inner.node_timeout;
-        let mut pending: FuturesUnordered<_> = self
-            .inner
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(index, node)| {
-                let operation = &operation;
-                async move {
-                    let answer = timeout(node_timeout, async {
-                        let backend = node.backend().await?;
-                        operation(index, backend).await
-                    })
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(LockError::unavailable(
-                            Some(key),
-                            format!("no answer within the node timeout of {node_timeout:?}"),
-                        ))
-                    });
-                    (index, answer)
-                }
-            })
-            .collect();
-        let mut answers: Vec<Option<Result<T, LockError>>> = self.inner.nodes.iter().map(|_| None).collect();
-        while let Some((index, answer)) = pending.next().await {
+        let key: Arc<str> = Arc::from(key);
+        let operation = Arc::new(operation);
+        let (sender, mut rest) = mpsc::unbounded_channel();
+        for index in 0..self.inner.nodes.len() {
+            let (inner, operation, sender, key) = (
+                Arc::clone(&self.inner),
+                Arc::clone(&operation),
+                sender.clone(),
+                Arc::clone(&key),
+            );
+            tokio::spawn(async move {
+                let node_timeout = inner.node_timeout;
+                let answer = timeout(node_timeout, async {
+                    let backend = inner.nodes[index].backend().await?.clone();
+                    operation(index, backend, Arc::clone(&key)).await
+                })
+                .await
+                .unwrap_or_else(|_| {
+                    Err(LockError::unavailable(
+                        Some(&key),
+                        format!("no answer within the node timeout of {node_timeout:?}"),
+                    ))
+                });
+                // The caller may have stopped listening: then nobody needs it.
+                let _ = sender.send((index, answer));
+            });
+        }
+        drop(sender);
+        let mut answers: Answers<T> = self.inner.nodes.iter().map(|_| None).collect();
+        let mut heard = 0;
+        while heard < answers.len() {
+            let Some((index, answer)) = rest.recv().await else {
+                break;
+            };
             answers[index] = Some(answer);
+            heard += 1;
             if decided(&answers) {
                 break;
             }
         }
-        answers
+        FanOut { answers, rest }
     }
 
     /// Owner-checked release on every node at once, waiting for all answers.
@@ -184,15 +198,25 @@ impl RedlockBackend {
         &self,
         key: &str,
         owner: &OwnerToken,
-        doing: &str,
-    ) -> Vec<Option<Result<ReleaseOutcome, LockError>>> {
-        self.fan_out(key, |_, node| node.release_owned(key, owner, doing), |_| false)
-            .await
+        doing: &'static str,
+    ) -> Answers<ReleaseOutcome> {
+        let owner = owner.clone();
+        self.fan_out(
+            key,
+            move |_, node, key| {
+                let owner = owner.clone();
+                async move { node.release_owned(&key, &owner, doing).await }
+            },
+            |_| false,
+        )
+        .await
+        .answers
     }
 
     /// Undoes a failed acquisition on every node that may hold our value:
-    /// all but those that answered busy (held by another owner).
-    async fn undo(&self, key: &str, owner: &OwnerToken, answers: &[Option<Result<NodeGrant, LockError>>]) {
+    /// all but those that answered busy (held by another owner). `answers`
+    /// must be settled, so that no grant is still on its way.
+    async fn undo(&self, key: &str, owner: &OwnerToken, answers: &Answers<NodeGrant>) {
         let maybe_ours: Vec<bool> = answers
             .iter()
             .map(|answer| !matches!(answer, Some(Ok(NodeGrant::Busy(_)))))
@@ -200,15 +224,17 @@ impl RedlockBackend {
         if !maybe_ours.contains(&true) {
             return;
         }
+        let owner = owner.clone();
         self.fan_out(
             key,
-            |index, node| {
+            move |index, node, key| {
                 let skip = !maybe_ours[index];
+                let owner = owner.clone();
                 async move {
                     if skip {
                         return Ok(ReleaseOutcome::NotHeld(NotHeldReason::OtherOwner));
                     }
-                    node.release_owned(key, owner, "undoing a failed acquisition")
+                    node.release_owned(&key, &owner, "undoing a failed acquisition")
                         .await
                 }
             },
@@ -240,6 +266,39 @@ fn count<T>(answers: &[Option<Result<T, LockError>>], test: impl Fn(&T) -> bool)
         .iter()
         .filter(|answer| matches!(answer, Some(Ok(value)) if test(value)))
         .count()
+}
+
+/// `(node index, fencing counter)` of every node that granted.
+fn granted_tokens(answers: &Answers<NodeGrant>) -> Vec<(usize, u64)> {
+    answers
+        .iter()
+        .enumerate()
+        .filter_map(|(index, answer)| match answer {
+            Some(Ok(NodeGrant::Granted(token))) => Some((index, *token)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// One answer per node, `None` while a node has not answered.
+type Answers<T> = Vec<Option<Result<T, LockError>>>;
+
+/// What a [`fan_out`](RedlockBackend::fan_out) heard by the time the
+/// outcome was decided.
+struct FanOut<T> {
+    answers: Answers<T>,
+    rest: mpsc::UnboundedReceiver<(usize, Result<T, LockError>)>,
+}
+
+impl<T> FanOut<T> {
+    /// Waits for the nodes that had not answered yet (each bounded by the
+    /// node timeout) and returns every answer.
+    async fn settle(mut self) -> Answers<T> {
+        while let Some((index, answer)) = self.rest.recv().await {
+            self.answers[index] = Some(answer);
+        }
+        self.answers
+    }
 }
 
 fn failed<T>(answers: &[Option<Result<T, LockError>>]) -> usize {
@@ -367,10 +426,14 @@ impl LockBackend for RedlockBackend {
         let started = Instant::now();
         let nodes = self.inner.nodes.len();
         let quorum = self.inner.quorum;
-        let mut answers = self
+        let acquiring = owner.clone();
+        let fan_out = self
             .fan_out(
                 key,
-                |_, node| node.acquire_once(key, owner, ttl),
+                move |_, node, key| {
+                    let owner = acquiring.clone();
+                    async move { node.acquire_once(&key, &owner, ttl).await }
+                },
                 |answers| {
                     let granted = count(answers, |grant| matches!(grant, NodeGrant::Granted(_)));
                     let refused = answers.iter().flatten().count() - granted;
@@ -378,14 +441,7 @@ impl LockBackend for RedlockBackend {
                 },
             )
             .await;
-        let tokens: Vec<(usize, u64)> = answers
-            .iter()
-            .enumerate()
-            .filter_map(|(index, answer)| match answer {
-                Some(Ok(NodeGrant::Granted(token))) => Some((index, *token)),
-                _ => None,
-            })
-            .collect();
+        let tokens = granted_tokens(&fan_out.answers);
         if tokens.len() >= quorum {
             match self.agree_on_token(key, &tokens).await {
                 Ok(token) => {
@@ -402,13 +458,17 @@ impl LockBackend for RedlockBackend {
                     debug!(?elapsed, "Redlock grant came too late to be valid");
                 }
                 Err(error) => {
-                    self.undo(key, owner, &answers).await;
+                    self.undo(key, owner, &fan_out.settle().await).await;
                     return Err(error);
                 }
             }
         }
-        // Not granted: undo what we may hold anywhere, slow nodes included.
+        // Not granted: undo what we may hold anywhere, slow nodes included
+        // once they have answered (or timed out), so no grant lands after
+        // the undo.
+        let mut answers = fan_out.settle().await;
         self.undo(key, owner, &answers).await;
+        let tokens = granted_tokens(&answers);
         let foreign = answers
             .iter()
             .position(|answer| matches!(answer, Some(Err(LockError::ForeignValue { .. }))));
@@ -454,17 +514,22 @@ impl LockBackend for RedlockBackend {
         let (key, owner) = (lease.key(), lease.owner());
         let nodes = self.inner.nodes.len();
         let quorum = self.inner.quorum;
+        let extending = owner.clone();
         let answers = self
             .fan_out(
                 key,
-                |_, node| node.extend_once(key, owner, ttl),
+                move |_, node, key| {
+                    let owner = extending.clone();
+                    async move { node.extend_once(&key, &owner, ttl).await }
+                },
                 |answers| {
                     let extended = count(answers, Option::is_none);
                     let refused = answers.iter().flatten().count() - extended;
                     extended >= quorum || nodes - refused < quorum
                 },
             )
-            .await;
+            .await
+            .answers;
         let extended = count(&answers, Option::is_none);
         if extended >= quorum {
             return Ok(ExtendOutcome::Extended {
@@ -538,7 +603,14 @@ impl LockBackend for RedlockBackend {
     async fn subscribe(&self, key: &str) -> Result<ReleaseEvents, LockError> {
         // Any node's release notification is worth a new attempt.
         let (sender, receiver) = mpsc::channel(1);
-        let answers = self.fan_out(key, |_, node| node.subscribe(key), |_| false).await;
+        let answers = self
+            .fan_out(
+                key,
+                |_, node, key| async move { node.subscribe(&key).await },
+                |_| false,
+            )
+            .await
+            .answers;
         let mut listening = 0;
         for answer in answers {
             let Some(Ok(mut events)) = answer else { continue };
@@ -623,7 +695,14 @@ impl RedlockBackend {
     /// is the highest counter on any node.
     pub async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
         validate_key(key)?;
-        let answers = self.fan_out(key, |_, node| node.inspect(key), |_| false).await;
+        let answers = self
+            .fan_out(
+                key,
+                |_, node, key| async move { node.inspect(&key).await },
+                |_| false,
+            )
+            .await
+            .answers;
         let statuses: Vec<&KeyStatus> = answers
             .iter()
             .flatten()
@@ -661,8 +740,13 @@ impl RedlockBackend {
     pub async fn force_release(&self, key: &str) -> Result<bool, LockError> {
         validate_key(key)?;
         let answers = self
-            .fan_out(key, |_, node| node.force_release(key), |_| false)
-            .await;
+            .fan_out(
+                key,
+                |_, node, key| async move { node.force_release(&key).await },
+                |_| false,
+            )
+            .await
+            .answers;
         if failed(&answers) > 0 {
             return Err(LockError::unavailable(
                 Some(key),
