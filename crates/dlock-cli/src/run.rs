@@ -37,7 +37,20 @@ pub(crate) struct RunArgs {
 }
 
 pub(crate) async fn run(backend: &Backend, args: RunArgs, quiet: bool) -> u8 {
-    let guard = match acquire(backend, &args, quiet).await {
+    // Taken over before anything else, so that a signal that arrives while
+    // the lock is being acquired or the command is starting cannot kill dlock
+    // without its clean-up.
+    let mut signals = Signals::install();
+    let acquired = tokio::select! {
+        acquired = acquire(backend, &args, quiet) => acquired,
+        received = signals.next() => {
+            // A grant still in flight is given back in the background, or
+            // ends with its TTL.
+            eprintln!("dlock: {received:?} while acquiring {:?}; giving up", args.key);
+            return u8::try_from(128 + received as i32).unwrap_or(1);
+        }
+    };
+    let guard = match acquired {
         Ok(guard) => guard,
         Err(error) => {
             if !quiet || !matches!(error, LockError::Contended { .. }) {
@@ -67,7 +80,7 @@ pub(crate) async fn run(backend: &Backend, args: RunArgs, quiet: bool) -> u8 {
         .id()
         .and_then(|id| i32::try_from(id).ok())
         .map(Pid::from_raw);
-    let outcome = supervise(&mut child, group, &guard, &args).await;
+    let outcome = supervise(&mut child, group, &guard, &args, &mut signals).await;
     match outcome {
         Outcome::Exited(status) => match guard.release().await {
             Ok(()) => exit_code(status),
@@ -138,6 +151,7 @@ async fn supervise(
     group: Option<Pid>,
     guard: &LockGuard,
     args: &RunArgs,
+    signals: &mut Signals,
 ) -> Outcome {
     let send = |signal: Signal| {
         if let Some(group) = group {
@@ -145,11 +159,6 @@ async fn supervise(
             let _ = killpg(group, signal);
         }
     };
-    let (mut interrupts, mut terminates) =
-        match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
-            (Ok(interrupts), Ok(terminates)) => (Some(interrupts), Some(terminates)),
-            _ => (None, None),
-        };
     let lost = guard.lost();
     tokio::pin!(lost);
     loop {
@@ -177,8 +186,31 @@ async fn supervise(
                 }
                 return Outcome::Lost;
             }
-            Some(()) = async { interrupts.as_mut()?.recv().await } => send(Signal::SIGINT),
-            Some(()) = async { terminates.as_mut()?.recv().await } => send(Signal::SIGTERM),
+            received = signals.next() => send(received),
+        }
+    }
+}
+
+/// SIGINT and SIGTERM, caught instead of ending dlock.
+struct Signals {
+    interrupts: Option<tokio::signal::unix::Signal>,
+    terminates: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Self {
+        Signals {
+            interrupts: signal(SignalKind::interrupt()).ok(),
+            terminates: signal(SignalKind::terminate()).ok(),
+        }
+    }
+
+    /// The next SIGINT or SIGTERM; never resolves if none could be caught.
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            Some(()) = async { self.interrupts.as_mut()?.recv().await } => Signal::SIGINT,
+            Some(()) = async { self.terminates.as_mut()?.recv().await } => Signal::SIGTERM,
+            else => std::future::pending().await,
         }
     }
 }

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::{Instant, sleep_until};
+use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{Instrument, Span, debug, field, info_span, warn};
 
 use crate::backend::{AcquireRequest, Attempt, LockBackend};
@@ -237,6 +237,7 @@ impl LockRequest {
             backend: Arc::clone(&backend),
             key: key.clone(),
             owner: owner.clone(),
+            ttl,
             armed: true,
         };
         let mut subscription: Option<ReleaseEvents> = None;
@@ -384,6 +385,8 @@ struct PendingAcquisition {
     backend: Arc<dyn LockBackend>,
     key: String,
     owner: OwnerToken,
+    /// The lease length asked for: past it, nothing is left to clean up.
+    ttl: Duration,
     armed: bool,
 }
 
@@ -398,9 +401,24 @@ impl Drop for PendingAcquisition {
         let backend = Arc::clone(&self.backend);
         let key = std::mem::take(&mut self.key);
         let owner = self.owner.clone();
+        let give_up_at = Instant::now() + self.ttl;
         runtime.spawn(async move {
-            if let Err(error) = backend.abandon(&key, &owner).await {
-                debug!(%key, %error, "clean-up after a cancelled request failed; its lease runs out by its TTL");
+            // The failure that ended the request (a broken connection, a
+            // failover) often ends the first clean-up too; try again while
+            // a lease we may have taken could still be alive.
+            let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+            loop {
+                match backend.abandon(&key, &owner).await {
+                    Ok(()) => return,
+                    Err(error @ LockError::Unavailable { .. }) if Instant::now() < give_up_at => {
+                        debug!(%key, %error, "clean-up after a failed or cancelled request; retrying");
+                        sleep(backoff.next_delay()).await;
+                    }
+                    Err(error) => {
+                        debug!(%key, %error, "clean-up after a cancelled request failed; its lease runs out by its TTL");
+                        return;
+                    }
+                }
             }
         });
     }

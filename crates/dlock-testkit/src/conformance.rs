@@ -30,7 +30,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dlock_core::{LockError, Locker, MAX_KEY_LEN, NotHeldReason};
+use dlock_core::{FencingToken, LockError, Locker, MAX_KEY_LEN, NotHeldReason};
 use tokio::time::{Instant, sleep, timeout};
 
 /// What the suite needs from a backend under test.
@@ -50,6 +50,15 @@ pub trait Harness: Send + Sync {
 
     /// Timing and capabilities.
     fn config(&self) -> SuiteConfig;
+}
+
+/// What the paused holder saw when it resumed.
+#[derive(Debug)]
+struct Resumed {
+    token: FencingToken,
+    still_held: bool,
+    lost_signalled: bool,
+    late_write: Result<(), crate::StaleToken>,
 }
 
 /// Timing and capability flags for a suite run.
@@ -584,6 +593,7 @@ macro_rules! conformance_tests {
             cancelled_waiters_leave_nothing,
             bad_input_is_rejected,
             waiters_served_in_turn,
+            paused_holder_is_fenced,
         );
     };
     (@each #[$attribute:meta] $harness:expr; $($check:ident,)*) => {
@@ -595,4 +605,107 @@ macro_rules! conformance_tests {
             }
         )*
     };
+}
+
+/// A holder whose whole process stalls past its TTL (a long GC pause, a
+/// SIGSTOP, a VM migration): when it resumes, its guard reports the loss
+/// (`is_held()` false, `lost()` resolved), another client holds the key
+/// with a higher token, and the paused holder's late write is turned away
+/// by the fence.
+///
+/// Each client runs on a thread of its own with its own runtime, and makes
+/// its locker there, so the stall stops everything the holder's process
+/// runs: its watchdog, its connections, a shared lease keep-alive.
+pub async fn paused_holder_is_fenced(harness: &dyn Harness) {
+    let key = unique_key("paused_holder_is_fenced");
+    let ttl = harness.config().short_ttl;
+    let stall = ttl * 4;
+    let resource = crate::FencedResource::new();
+    let (key, resource) = (&key, &resource);
+    let run = || {
+        std::thread::scope(|scope| {
+            let (acquired, acquired_seen) = std::sync::mpsc::channel::<()>();
+            let (resumed, resumed_seen) = std::sync::mpsc::channel::<()>();
+            let holder = scope.spawn(move || {
+                client_runtime().block_on(async {
+                    let locker = harness.locker().await;
+                    let guard = locker.lock(key).ttl(ttl).await.expect("the holder acquires");
+                    let token = guard.fencing_token();
+                    resource.write(0, token).expect("the holder's first write");
+                    let _ = acquired.send(());
+                    // The whole process stalls: no renewal, no keep-alive.
+                    std::thread::sleep(stall);
+                    let still_held = guard.is_held();
+                    let lost_signalled = timeout(ttl, guard.lost()).await.is_ok();
+                    let late_write = resource.write(0, token);
+                    let _ = resumed.send(());
+                    Resumed {
+                        token,
+                        still_held,
+                        lost_signalled,
+                        late_write,
+                    }
+                })
+            });
+            let rival = scope.spawn(move || {
+                client_runtime().block_on(async {
+                    let locker = harness.locker().await;
+                    acquired_seen.recv().expect("the holder acquired");
+                    let guard = locker
+                        .lock(key)
+                        .ttl(LONG_TTL)
+                        .wait(stall - ttl)
+                        .await
+                        .expect("the rival gets the key once the paused holder's lease ran out");
+                    let token = guard.fencing_token();
+                    resource.write(1, token).expect("the rival's write");
+                    // Hold until the paused holder has looked around.
+                    let _ = resumed_seen.recv();
+                    let still_held = guard.is_held();
+                    guard.release().await.expect("the rival releases");
+                    (token, still_held)
+                })
+            });
+            (holder.join(), rival.join())
+        })
+    };
+    let (holder, rival) =
+        if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+            tokio::task::block_in_place(run)
+        } else {
+            run()
+        };
+    let resumed = holder.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    let (rival_token, rival_held) = rival.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    assert!(
+        !resumed.still_held,
+        "a guard that stalled past its TTL must not claim the lock"
+    );
+    assert!(
+        resumed.lost_signalled,
+        "lost() must resolve once the stalled holder resumes"
+    );
+    assert!(
+        rival_token > resumed.token,
+        "the rival's token {rival_token} must exceed the paused holder's {}",
+        resumed.token
+    );
+    assert!(
+        rival_held,
+        "the rival held the key while the paused holder looked around"
+    );
+    match resumed.late_write {
+        Err(stale) => assert_eq!(stale.highest, rival_token),
+        Ok(()) => panic!("the paused holder's late write must be turned away by the fence"),
+    }
+    let report = resource.check();
+    assert_eq!((report.accepted, report.rejected_stale), (2, 1), "{report:?}");
+}
+
+/// A runtime of its own for one simulated client process.
+fn client_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a Tokio runtime for a client thread")
 }

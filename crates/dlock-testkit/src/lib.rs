@@ -21,4 +21,4 @@ mod proxy;
 pub use checker::{CheckReport, CheckerConfig, check_mutual_exclusion};
 pub use fenced::{Event, EventKind, FencedResource, HistoryReport, Section, StaleToken, check_history};
 pub use memory::MemoryBackend;
-pub use proxy::FaultProxy;
+pub use proxy::{Direction, FaultProxy};
