@@ -7,6 +7,11 @@
 //! of work each); 4. Redlock on 5 nodes against dlock on one; 5. etcd with a
 //! warm session against the raw transaction and etcd's lock service; 6. the
 //! watchdog holding many guards; 2. throughput of 64 tasks on 64 keys.
+//!
+//! The peers from crates.io run at their default settings on the same
+//! servers in the same run: `rslock` (Redlock, also on one node),
+//! `redsync` (blocking, so its calls go to Tokio's blocking pool) and
+//! `distributed-lock`'s Redis backend.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -70,6 +75,7 @@ impl Samples {
 }
 
 /// One side of a comparison: does one acquire + release cycle on its own key.
+#[derive(Clone)]
 enum Contender {
     /// The raw redis client: one EVALSHA to acquire, one to release.
     FloorRedis(MultiplexedConnection),
@@ -80,6 +86,37 @@ enum Contender {
     FloorEtcd { client: etcd_client::Client, lease: i64 },
     /// etcd's own lock service with a warm lease: `lock` + `unlock`.
     EtcdLockService { client: etcd_client::Client, lease: i64 },
+    /// rslock at its defaults: `lock` + `unlock` (one or N nodes).
+    Rslock(rslock::LockManager),
+    /// redsync at its defaults: `lock` + `unlock`, a blocking client (one
+    /// new connection per command), called on the blocking pool as an
+    /// async program would.
+    Redsync(Arc<redsync::Redsync<redsync::RedisInstance>>),
+    /// distributed-lock's Redis backend at its defaults: `try_acquire` + `release`.
+    DistributedLock(Arc<distributed_lock_redis::RedisLockProvider>),
+}
+
+/// The three peers on the servers at `urls` (one URL: a single server).
+async fn peers(urls: &[String]) -> Result<Vec<(&'static str, Contender)>> {
+    let instances = urls
+        .iter()
+        .map(|url| redsync::RedisInstance::new(url.as_str()))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let provider = distributed_lock_redis::RedisLockProvider::builder()
+        .urls(urls)
+        .build()
+        .await?;
+    Ok(vec![
+        (
+            "rslock",
+            Contender::Rslock(rslock::LockManager::new(urls.to_vec())),
+        ),
+        (
+            "redsync",
+            Contender::Redsync(Arc::new(redsync::Redsync::new(instances))),
+        ),
+        ("distributed-lock", Contender::DistributedLock(Arc::new(provider))),
+    ])
 }
 
 impl Contender {
@@ -135,9 +172,36 @@ impl Contender {
                 client.unlock(locked.key().to_vec()).await?;
                 Ok(())
             }
+            Contender::Rslock(manager) => {
+                let lock = manager.lock(key, PEER_TTL).await?;
+                manager.unlock(&lock).await;
+                Ok(())
+            }
+            Contender::Redsync(redsync) => {
+                let (redsync, key) = (Arc::clone(redsync), key.to_owned());
+                tokio::task::spawn_blocking(move || -> Result {
+                    let lock = redsync.lock(&key, PEER_TTL)?;
+                    redsync.unlock(&lock)?;
+                    Ok(())
+                })
+                .await?
+            }
+            Contender::DistributedLock(provider) => {
+                use distributed_lock_core::prelude::*;
+                let handle = provider
+                    .create_lock(key)
+                    .try_acquire()
+                    .await?
+                    .ok_or("distributed-lock: the uncontended key was held")?;
+                handle.release().await?;
+                Ok(())
+            }
         }
     }
 }
+
+/// The TTL the peers are asked for (dlock's default is 30 s too).
+const PEER_TTL: Duration = Duration::from_secs(30);
 
 /// Runs the contenders' cycles interleaved (round by round, alternating
 /// who goes first) so that drift in the machine's load hits all alike.
@@ -199,12 +263,17 @@ async fn main() -> Result {
         );
     };
 
-    // 1. Uncontended cycle on one Redis, and 4. Redlock on 5 nodes.
+    // 1. Uncontended cycle on one Redis, and 4. Redlock on 5 nodes; the
+    // peers on the same servers, interleaved with the rest.
+    let single_peers = peers(std::slice::from_ref(&url)).await?;
+    let redlock_peers = peers(&redlock_urls).await?;
     let mut redis = vec![
         Contender::FloorRedis(floor_connection(&url).await?),
         Contender::Dlock(Locker::new(RedisBackend::connect(&url).await?)),
         Contender::Dlock(Locker::new(RedlockBackend::connect(&redlock_urls).await?)),
     ];
+    redis.extend(single_peers.iter().map(|(_, contender)| contender.clone()));
+    redis.extend(redlock_peers.iter().map(|(_, contender)| contender.clone()));
     let mut floor_acquire = Samples::default();
     if let Contender::FloorRedis(connection) = &redis[0] {
         floor_cycles(
@@ -219,27 +288,35 @@ async fn main() -> Result {
     let round_trip = floor_acquire.median();
     let cycles = interleaved(&mut redis, "uncontended", &settings).await?;
     let floor = cycles[0].median();
+    const UNCONTENDED: &str = "1. uncontended acquire + release, one Redis";
     row(
         &mut table,
-        "1. uncontended acquire + release, one Redis",
+        UNCONTENDED,
         "floor (raw EVALSHA x2)",
         &cycles[0],
         floor,
     );
+    row(&mut table, UNCONTENDED, "dlock RedisBackend", &cycles[1], floor);
+    for (index, (name, _)) in single_peers.iter().enumerate() {
+        row(&mut table, UNCONTENDED, name, &cycles[3 + index], floor);
+    }
+    const REDLOCK: &str = "4. uncontended cycle, Redlock on 5 nodes (ratio to dlock on one node)";
     row(
         &mut table,
-        "1. uncontended acquire + release, one Redis",
-        "dlock RedisBackend",
-        &cycles[1],
-        floor,
-    );
-    row(
-        &mut table,
-        "4. uncontended cycle, Redlock on 5 nodes (ratio to dlock on one node)",
+        REDLOCK,
         "dlock RedlockBackend",
         &cycles[2],
         cycles[1].median(),
     );
+    for (index, (name, _)) in redlock_peers.iter().enumerate() {
+        row(
+            &mut table,
+            REDLOCK,
+            name,
+            &cycles[3 + single_peers.len() + index],
+            cycles[1].median(),
+        );
+    }
 
     // 5. etcd, warm session.
     let mut etcd_client = etcd_client::Client::connect(&etcd_endpoints, None).await?;
@@ -301,12 +378,26 @@ async fn main() -> Result {
     let floor_connection_shared = floor_connection(&url).await?;
     let dlock_shared = Locker::new(RedisBackend::connect(&url).await?);
     let (mut floor_rate, mut dlock_rate) = (0.0, 0.0);
+    let mut peer_rates = vec![0.0; single_peers.len()];
     for _ in 0..2 {
         let connection = floor_connection_shared.clone();
         floor_rate += throughput(|| Contender::FloorRedis(connection.clone()), 64, slice).await? / 2.0;
         let locker = dlock_shared.clone();
         dlock_rate += throughput(|| Contender::Dlock(locker.clone()), 64, slice).await? / 2.0;
+        for ((_, peer), rate) in single_peers.iter().zip(&mut peer_rates) {
+            *rate += throughput(|| peer.clone(), 64, slice).await? / 2.0;
+        }
     }
+    let peer_throughput: Vec<String> = single_peers
+        .iter()
+        .zip(&peer_rates)
+        .map(|((name, _), rate)| {
+            format!(
+                "{name} {rate:.0} cycles/s (dlock {:.2}x)",
+                dlock_rate / rate.max(1.0)
+            )
+        })
+        .collect();
 
     // 6. The watchdog at scale.
     let (guards, hold) = if settings.quick {
@@ -319,7 +410,7 @@ async fn main() -> Result {
     let summary = format!(
         "floor round trip (one acquire EVALSHA): median {round_trip:?}\n\
          hand-off: {} hand-offs in {:?}, {:.0} cycles/s (bar: >= 0.9 / (1 ms hold + one round trip) = {:.0}/s; \
-         the hold is a tokio sleep of 1 ms, which lasts up to 2 ms), gave up: {}, acquisitions per client: [{}]\n",
+         the hold is a 1 ms thread sleep on the blocking pool), gave up: {}, acquisitions per client: [{}]\n",
         handoff.gaps.0.len(),
         settings.handoff_for,
         handoff.cycles as f64 / settings.handoff_for.as_secs_f64(),
@@ -328,8 +419,9 @@ async fn main() -> Result {
         counts.join(", "),
     ) + &format!(
         "throughput, 64 tasks on 64 keys, one connection: floor {floor_rate:.0} cycles/s, dlock {dlock_rate:.0} cycles/s \
-         ({:.2}x the floor)\n",
-        dlock_rate / floor_rate.max(1.0)
+         ({:.2}x the floor); peers (one shared client each): {}\n",
+        dlock_rate / floor_rate.max(1.0),
+        peer_throughput.join(", ")
     ) + &format!(
         "watchdog at scale: {} guards (TTL 3 s, auto-renewed) held for {:.1?}: {} lost; client memory {:.0} bytes per guard \
          (resident set growth); client CPU {:.0}% of one core; Redis {:.0} commands/s\n",
@@ -423,7 +515,10 @@ async fn handoff(url: &str, clients: usize, hold: Duration, duration: Duration) 
                         let token = guard.fencing_token().get();
                         record(&acquired_at, token);
                         acquired += 1;
-                        tokio::time::sleep(hold).await;
+                        // 1 ms of work: Tokio's timer rounds a 1 ms sleep up
+                        // to the next millisecond tick (up to 2 ms), a thread
+                        // sleep on the blocking pool keeps close to 1 ms.
+                        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(hold)).await;
                         guard.release().await?;
                         record(&released_at, token);
                     }

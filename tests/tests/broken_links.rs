@@ -47,36 +47,27 @@ async fn nothing_left(harness: &dyn Harness, key: &str, limit: Duration) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_garbage_reply_is_a_typed_error_and_leaves_no_lock() {
+async fn redis_garbled_or_cut_replies_are_typed_errors_and_leave_no_lock() {
     let (proxy, locker, harness) = redis_through_proxy().await;
-    let key = unique_key("garbage-reply");
-    proxy.corrupt_next_reply();
-    // The acquire script ran on the server; only its reply was garbled.
-    let outcome = locker.lock(&key).ttl(Duration::from_secs(30)).await;
-    assert!(
-        matches!(outcome, Err(LockError::Unavailable { .. })),
-        "{outcome:?}"
-    );
-    // The unknown outcome is cleaned up well before the 30 s TTL.
-    nothing_left(&harness, &key, Duration::from_secs(5)).await;
-    // The backend is usable again.
-    let guard = locker.try_lock(&key).await.expect("free again");
-    guard.release().await.expect("release");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_reply_cut_midway_is_a_typed_error_and_leaves_no_lock() {
-    let (proxy, locker, harness) = redis_through_proxy().await;
-    let key = unique_key("cut-reply");
-    proxy.break_next_reply();
-    let outcome = locker.lock(&key).ttl(Duration::from_secs(30)).await;
-    assert!(
-        matches!(outcome, Err(LockError::Unavailable { .. })),
-        "{outcome:?}"
-    );
-    nothing_left(&harness, &key, Duration::from_secs(5)).await;
-    let guard = locker.try_lock(&key).await.expect("free again");
-    guard.release().await.expect("release");
+    for (round, break_it) in [("garbage", false), ("cut", true)] {
+        let key = unique_key(&format!("redis-{round}-reply"));
+        if break_it {
+            proxy.break_next_reply();
+        } else {
+            proxy.corrupt_next_reply();
+        }
+        // The acquire script ran on the server; only its reply was broken.
+        let outcome = locker.lock(&key).ttl(Duration::from_secs(30)).await;
+        assert!(
+            matches!(outcome, Err(LockError::Unavailable { .. })),
+            "{round}: {outcome:?}"
+        );
+        // The unknown outcome is cleaned up well before the 30 s TTL.
+        nothing_left(&harness, &key, Duration::from_secs(5)).await;
+        // The backend is usable again.
+        let guard = locker.try_lock(&key).await.expect("free again");
+        guard.release().await.expect("release");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,8 @@
 //! * `integration`: start the servers the suites need, run the suites, stop the servers.
 //! * `servers`: start the servers and print their addresses, until Enter is pressed.
 //! * `bench [--quick]`: start the servers, run the benchmarks (package `dlock-bench`), stop them.
+//! * `chaos [--quick] [--seed N] [--only D]`: fault-injection runs (package `dlock-chaos`), which
+//!   start and break their own servers.
 //! * `deps`: install (as root) or name the system packages the suites need.
 
 // xtask talks to the person at the terminal.
@@ -19,13 +21,15 @@ use std::time::Instant;
 
 type Result<T = ()> = std::result::Result<T, String>;
 
-const USAGE: &str = "usage: cargo xtask <ci | integration | servers | bench [--quick] | deps>
+const USAGE: &str = "usage: cargo xtask <ci | integration | servers | bench [--quick] | chaos [--quick] [--seed N] [--only D] | deps>
 
   ci           fmt --check, clippy -D warnings, unit + doc tests, then `integration`
   integration  start the test servers, run the suites that need them (dlock-tests, dlock-cli), stop them
   servers      start the test servers, print their environment, stop them when Enter is pressed
   bench        start Redis, 5 Redlock nodes and etcd, run the benchmarks, print ratios to the raw-client floor;
                without --quick it also rewrites docs/benchmarks.md
+  chaos        every deployment under every fault class, history checked; without --quick it
+               also rewrites docs/reliability.md; --only single|sentinel|cluster|redlock|etcd
   deps         install the system packages the suites need (as root), or print the command";
 
 fn main() -> ExitCode {
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
         Some("integration") => integration(),
         Some("servers") => servers::interactive(),
         Some("bench") => bench(args.iter().any(|arg| arg == "--quick")),
+        Some("chaos") => chaos(&args[1..]),
         Some("deps") => deps::ensure(deps::ALL),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
@@ -73,6 +78,8 @@ fn ci() -> Result {
         "dlock-cli",
     ])?;
     integration()?;
+    // The short form, with a fixed seed so that a failure can be replayed.
+    chaos(&["--quick".to_owned(), "--seed".to_owned(), "1".to_owned()])?;
     println!("xtask ci: all steps passed in {:.0?}", started.elapsed());
     Ok(())
 }
@@ -104,6 +111,17 @@ fn integration() -> Result {
     }
     drop(running);
     outcome
+}
+
+fn chaos(args: &[String]) -> Result {
+    deps::ensure(servers::NEEDED)?;
+    let mut command = cargo_command(&["run", "--quiet", "--package", "dlock-chaos", "--"]);
+    command.args(args);
+    if !args.iter().any(|arg| arg == "--quick" || arg == "--only") {
+        let document = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/reliability.md");
+        command.arg("--write").arg(document);
+    }
+    run(command)
 }
 
 fn bench(quick: bool) -> Result {

@@ -98,3 +98,31 @@ impl fmt::Debug for OwnerToken {
         f.write_str("OwnerToken(<redacted>)")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn owner_tokens_are_128_random_bits_and_never_repeat() {
+        let tokens: Vec<OwnerToken> = (0..10_000)
+            .map(|_| OwnerToken::generate().expect("the OS random generator"))
+            .collect();
+        let distinct: HashSet<&str> = tokens.iter().map(OwnerToken::as_str).collect();
+        assert_eq!(distinct.len(), tokens.len(), "a token repeated");
+        for token in &tokens {
+            assert_eq!(token.as_str().len(), 32);
+            assert!(token.as_str().bytes().all(|digit| digit.is_ascii_hexdigit()));
+        }
+        // Every hex digit turns up in every position: no fixed bits.
+        for position in 0..32 {
+            let seen: HashSet<u8> = tokens
+                .iter()
+                .map(|token| token.as_str().as_bytes()[position])
+                .collect();
+            assert_eq!(seen.len(), 16, "position {position} is not uniformly random");
+        }
+    }
+}
