@@ -12,6 +12,9 @@
 //! servers in the same run: `rslock` (Redlock, also on one node),
 //! `redsync` (blocking, so its calls go to Tokio's blocking pool) and
 //! `distributed-lock`'s Redis backend.
+//!
+//! `DLOCK_BENCH_PROFILE=throughput` runs only dlock's scenario 2 for 15 s,
+//! for a profiler to attach to.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -241,6 +244,13 @@ async fn main() -> Result {
         handoff_for: Duration::from_secs(if quick { 2 } else { 10 }),
     };
     let url = env("DLOCK_BENCH_REDIS_URL")?;
+    if std::env::var("DLOCK_BENCH_PROFILE").is_ok_and(|only| only == "throughput") {
+        // Only dlock's scenario 2, long enough to attach a profiler.
+        let locker = Locker::new(RedisBackend::connect(&url).await?);
+        let rate = throughput(|| Contender::Dlock(locker.clone()), 64, Duration::from_secs(15)).await?;
+        println!("dlock throughput, 64 tasks on 64 keys: {rate:.0} cycles/s");
+        return Ok(());
+    }
     let redlock_urls: Vec<String> = env("DLOCK_BENCH_REDLOCK_URLS")?
         .split(',')
         .map(str::to_owned)

@@ -17,6 +17,8 @@ use dlock_core::{
     LockError, NotHeldReason, OwnerToken, ReleaseEvents, ReleaseOutcome, async_trait, validate_key,
     validate_timeout,
 };
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::{OnceCell, mpsc};
 use tokio::time::{Instant, timeout};
 use tracing::debug;
@@ -132,13 +134,14 @@ impl RedlockBackend {
         ttl.mul_f64(self.inner.drift_factor) + Duration::from_millis(2)
     }
 
-    /// Runs `operation` on every node at once, each in a task of its own
-    /// under the node timeout, and returns as soon as `decided` says the
-    /// outcome is known (or all answered). Unanswered nodes are `None` in
-    /// [`FanOut::answers`]; their operations still run to the end in the
-    /// background, so that a grant or renewal reaches every live node, not
-    /// just the first majority, and one node failing later does not cost the
-    /// lock. [`FanOut::settle`] waits for them.
+    /// Runs `operation` on every node at once, each under the node timeout,
+    /// and returns as soon as `decided` says the outcome is known (or all
+    /// answered). Unanswered nodes are `None` in [`FanOut::answers`]; once the
+    /// outcome is decided their operations are not cancelled but finish in
+    /// a background task, so
+    /// that a grant or renewal reaches every live node, not just the first
+    /// majority, and one node failing later does not cost the lock.
+    /// [`FanOut::settle`] waits for them.
     async fn fan_out<T, F, Fut>(
         &self,
         key: &str,
@@ -152,43 +155,43 @@ impl RedlockBackend {
     {
         let key: Arc<str> = Arc::from(key);
         let operation = Arc::new(operation);
-        let (sender, mut rest) = mpsc::unbounded_channel();
-        for index in 0..self.inner.nodes.len() {
-            let (inner, operation, sender, key) = (
-                Arc::clone(&self.inner),
-                Arc::clone(&operation),
-                sender.clone(),
-                Arc::clone(&key),
-            );
-            tokio::spawn(async move {
-                let node_timeout = inner.node_timeout;
-                let answer = timeout(node_timeout, async {
-                    let backend = inner.nodes[index].backend().await?.clone();
-                    operation(index, backend, Arc::clone(&key)).await
-                })
-                .await
-                .unwrap_or_else(|_| {
-                    Err(LockError::unavailable(
-                        Some(&key),
-                        format!("no answer within the node timeout of {node_timeout:?}"),
-                    ))
-                });
-                // The caller may have stopped listening: then nobody needs it.
-                let _ = sender.send((index, answer));
-            });
-        }
-        drop(sender);
+        let mut pending: FuturesUnordered<_> = (0..self.inner.nodes.len())
+            .map(|index| {
+                let (inner, operation, key) =
+                    (Arc::clone(&self.inner), Arc::clone(&operation), Arc::clone(&key));
+                async move {
+                    let node_timeout = inner.node_timeout;
+                    let answer = timeout(node_timeout, async {
+                        let backend = inner.nodes[index].backend().await?.clone();
+                        operation(index, backend, Arc::clone(&key)).await
+                    })
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(LockError::unavailable(
+                            Some(&key),
+                            format!("no answer within the node timeout of {node_timeout:?}"),
+                        ))
+                    });
+                    (index, answer)
+                }
+            })
+            .collect();
         let mut answers: Answers<T> = self.inner.nodes.iter().map(|_| None).collect();
-        let mut heard = 0;
-        while heard < answers.len() {
-            let Some((index, answer)) = rest.recv().await else {
-                break;
-            };
+        while let Some((index, answer)) = pending.next().await {
             answers[index] = Some(answer);
-            heard += 1;
             if decided(&answers) {
                 break;
             }
+        }
+        let (sender, rest) = mpsc::unbounded_channel();
+        if !pending.is_empty() {
+            // One task for the stragglers, spawned only when there are some.
+            tokio::spawn(async move {
+                while let Some(answer) = pending.next().await {
+                    // The caller may have stopped listening: then nobody needs it.
+                    let _ = sender.send(answer);
+                }
+            });
         }
         FanOut { answers, rest }
     }
