@@ -251,7 +251,16 @@ impl Servers {
                 Ok(())
             }
             (Servers::Etcd(cluster), Fault::LeaderKill) => {
-                let leader = cluster.leader()?;
+                // Polled: right after a restart a member may not answer its
+                // status yet, and then the leader's id matches no member.
+                let give_up = std::time::Instant::now() + Duration::from_secs(10);
+                let leader = loop {
+                    match cluster.leader() {
+                        Ok(leader) => break leader,
+                        Err(message) if std::time::Instant::now() >= give_up => return Err(message),
+                        Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                    }
+                };
                 cluster.kill(leader);
                 std::thread::sleep(Duration::from_secs(2));
                 cluster.restart(leader)?;

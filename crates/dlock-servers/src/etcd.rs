@@ -162,7 +162,7 @@ impl EtcdCluster {
         let leader = leader.ok_or("no member names a leader")?;
         ids.iter()
             .position(|id| *id == Some(leader))
-            .ok_or_else(|| format!("the leader {leader} is not a running member"))
+            .ok_or_else(|| format!("the leader {leader} is not a running member (members: {ids:?})"))
     }
 
     /// Kills member `index` (as a crash would).

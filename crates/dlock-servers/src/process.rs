@@ -65,6 +65,7 @@ impl ServerProcess {
             self.dir.path(),
             &self.log,
         )?;
+        self.killed = false;
         Ok(())
     }
 
