@@ -1,6 +1,7 @@
 //! A guard around a server process: its own temp dir and free port, a
 //! readiness poll, its log on failure, and kill + wait on every exit path.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -183,14 +184,53 @@ impl Drop for ServerProcess {
     }
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, for a server to bind.
+///
+/// Not from the kernel's ephemeral range (which binding port 0 would give):
+/// outgoing connections take their source ports from there, so such a port
+/// can be taken by some client before the server binds it. Never the same
+/// port twice in one process.
 pub fn free_port() -> Result<u16> {
+    static HANDED_OUT: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    let (low, high) = ephemeral_range().unwrap_or((32_768, 60_999));
+    let (first, last) = if low > 11_000 {
+        (10_000, low - 1)
+    } else {
+        (high.saturating_add(1), u16::MAX)
+    };
+    let span = u64::from(last.saturating_sub(first)) + 1;
+    let mut state = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos() as u64)
+        ^ u64::from(std::process::id()).rotate_left(32)
+        | 1;
+    let mut handed_out = HANDED_OUT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for _ in 0..1_000 {
+        // xorshift: cheap, and different in every process.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let port = first + u16::try_from(state % span).unwrap_or(0);
+        if !handed_out.contains(&port) && TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            handed_out.insert(port);
+            return Ok(port);
+        }
+    }
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .map_err(|error| format!("could not find a free loopback port: {error}"))?;
     listener
         .local_addr()
         .map(|address| address.port())
         .map_err(|error| format!("free port: {error}"))
+}
+
+/// The kernel's range for outgoing connections' source ports.
+fn ephemeral_range() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut numbers = text.split_whitespace().map(|number| number.parse::<u16>().ok());
+    Some((numbers.next()??, numbers.next()??))
 }
 
 #[cfg(test)]
