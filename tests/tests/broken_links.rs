@@ -37,6 +37,15 @@ async fn redis_through_proxy() -> (FaultProxy, Locker, RedisHarness) {
     (proxy, Locker::new(backend), RedisHarness::from_env().await)
 }
 
+/// Arms the proxy's one-shot fault: half a reply and a close, or garbage.
+fn break_next_reply(proxy: &FaultProxy, cut: bool) {
+    if cut {
+        proxy.break_next_reply();
+    } else {
+        proxy.corrupt_next_reply();
+    }
+}
+
 /// Polls until the server keeps nothing for `key`, within `limit`.
 async fn nothing_left(harness: &dyn Harness, key: &str, limit: Duration) {
     let deadline = Instant::now() + limit;
@@ -51,11 +60,7 @@ async fn redis_garbled_or_cut_replies_are_typed_errors_and_leave_no_lock() {
     let (proxy, locker, harness) = redis_through_proxy().await;
     for (round, break_it) in [("garbage", false), ("cut", true)] {
         let key = unique_key(&format!("redis-{round}-reply"));
-        if break_it {
-            proxy.break_next_reply();
-        } else {
-            proxy.corrupt_next_reply();
-        }
+        break_next_reply(&proxy, break_it);
         // The acquire script ran on the server; only its reply was broken.
         let outcome = locker.lock(&key).ttl(Duration::from_secs(30)).await;
         assert!(
@@ -115,11 +120,7 @@ async fn etcd_garbage_and_cut_replies_are_typed_errors_and_leave_no_lock() {
     let locker = Locker::new(backend);
     for (round, break_it) in [("garbage", false), ("cut", true)] {
         let key = unique_key(&format!("etcd-{round}-reply"));
-        if break_it {
-            proxy.break_next_reply();
-        } else {
-            proxy.corrupt_next_reply();
-        }
+        break_next_reply(&proxy, break_it);
         match locker.lock(&key).ttl(Duration::from_secs(30)).await {
             Err(LockError::Unavailable { .. }) => {}
             // The broken chunk may have been a keep-alive frame rather than

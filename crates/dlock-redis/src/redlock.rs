@@ -196,6 +196,16 @@ impl RedlockBackend {
         FanOut { answers, rest }
     }
 
+    /// [`fan_out`](Self::fan_out) that waits for every node's answer.
+    async fn fan_out_all<T, F, Fut>(&self, key: &str, operation: F) -> Answers<T>
+    where
+        T: Send + 'static,
+        F: Fn(usize, RedisBackend, Arc<str>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, LockError>> + Send + 'static,
+    {
+        self.fan_out(key, operation, |_| false).await.answers
+    }
+
     /// Owner-checked release on every node at once, waiting for all answers.
     async fn release_on(
         &self,
@@ -204,16 +214,11 @@ impl RedlockBackend {
         doing: &'static str,
     ) -> Answers<ReleaseOutcome> {
         let owner = owner.clone();
-        self.fan_out(
-            key,
-            move |_, node, key| {
-                let owner = owner.clone();
-                async move { node.release_owned(&key, &owner, doing).await }
-            },
-            |_| false,
-        )
+        self.fan_out_all(key, move |_, node, key| {
+            let owner = owner.clone();
+            async move { node.release_owned(&key, &owner, doing).await }
+        })
         .await
-        .answers
     }
 
     /// Undoes a failed acquisition on every node that may hold our value:
@@ -228,21 +233,17 @@ impl RedlockBackend {
             return;
         }
         let owner = owner.clone();
-        self.fan_out(
-            key,
-            move |index, node, key| {
-                let skip = !maybe_ours[index];
-                let owner = owner.clone();
-                async move {
-                    if skip {
-                        return Ok(ReleaseOutcome::NotHeld(NotHeldReason::OtherOwner));
-                    }
-                    node.release_owned(&key, &owner, "undoing a failed acquisition")
-                        .await
+        self.fan_out_all(key, move |index, node, key| {
+            let skip = !maybe_ours[index];
+            let owner = owner.clone();
+            async move {
+                if skip {
+                    return Ok(ReleaseOutcome::NotHeld(NotHeldReason::OtherOwner));
                 }
-            },
-            |_| false,
-        )
+                node.release_owned(&key, &owner, "undoing a failed acquisition")
+                    .await
+            }
+        })
         .await;
     }
 
@@ -607,13 +608,8 @@ impl LockBackend for RedlockBackend {
         // Any node's release notification is worth a new attempt.
         let (sender, receiver) = mpsc::channel(1);
         let answers = self
-            .fan_out(
-                key,
-                |_, node, key| async move { node.subscribe(&key).await },
-                |_| false,
-            )
-            .await
-            .answers;
+            .fan_out_all(key, |_, node, key| async move { node.subscribe(&key).await })
+            .await;
         let mut listening = 0;
         for answer in answers {
             let Some(Ok(mut events)) = answer else { continue };
@@ -699,13 +695,8 @@ impl RedlockBackend {
     pub async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
         validate_key(key)?;
         let answers = self
-            .fan_out(
-                key,
-                |_, node, key| async move { node.inspect(&key).await },
-                |_| false,
-            )
-            .await
-            .answers;
+            .fan_out_all(key, |_, node, key| async move { node.inspect(&key).await })
+            .await;
         let statuses: Vec<&KeyStatus> = answers
             .iter()
             .flatten()
@@ -743,13 +734,8 @@ impl RedlockBackend {
     pub async fn force_release(&self, key: &str) -> Result<bool, LockError> {
         validate_key(key)?;
         let answers = self
-            .fan_out(
-                key,
-                |_, node, key| async move { node.force_release(&key).await },
-                |_| false,
-            )
-            .await
-            .answers;
+            .fan_out_all(key, |_, node, key| async move { node.force_release(&key).await })
+            .await;
         if failed(&answers) > 0 {
             return Err(LockError::unavailable(
                 Some(key),
