@@ -38,6 +38,26 @@ end
 return redis.call('PTTL', KEYS[1])
 ";
 
+const DLOCK_ACQUIRE: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local token = redis.pcall('INCR', KEYS[2])
+  if type(token) == 'table' then
+    redis.call('DEL', KEYS[1])
+    return {3, 0}
+  end
+  return {1, token}
+end
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, tonumber(redis.call('GET', KEYS[2]) or '0')}
+end
+if string.len(holder) ~= 32 or string.find(holder, '[^0-9a-f]') then
+  return {2, 0}
+end
+return {0, redis.call('PTTL', KEYS[1])}
+";
+
 /// The floor's release: owner-checked delete and a release notification.
 const FLOOR_RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -82,13 +102,20 @@ impl Samples {
 enum Contender {
     /// The raw redis client: one EVALSHA to acquire, one to release.
     FloorRedis(MultiplexedConnection),
+    Experiment(MultiplexedConnection),
     /// A dlock locker on any backend: `try_lock` + `release`.
     Dlock(Locker),
     /// The raw etcd client: the same transaction dlock sends (put if absent
     /// with a warm lease, read the queue head), then a delete.
-    FloorEtcd { client: etcd_client::Client, lease: i64 },
+    FloorEtcd {
+        client: etcd_client::Client,
+        lease: i64,
+    },
     /// etcd's own lock service with a warm lease: `lock` + `unlock`.
-    EtcdLockService { client: etcd_client::Client, lease: i64 },
+    EtcdLockService {
+        client: etcd_client::Client,
+        lease: i64,
+    },
     /// rslock at its defaults: `lock` + `unlock` (one or N nodes).
     Rslock(rslock::LockManager),
     /// redsync at its defaults: `lock` + `unlock`, a blocking client (one
@@ -131,6 +158,32 @@ impl Contender {
             }
             Contender::Dlock(locker) => {
                 locker.try_lock(key).await?.release().await?;
+                Ok(())
+            }
+            Contender::Experiment(connection) => {
+                let lock_key = format!("exp:{{{key}}}");
+                let fence_key = format!("exp:{{{key}}}:fence");
+                let acquire = Script::new(DLOCK_ACQUIRE);
+                let (status, _token): (i64, i64) = acquire
+                    .key(&lock_key)
+                    .key(&fence_key)
+                    .arg("0123456789abcdef0123456789abcdef")
+                    .arg(30000)
+                    .invoke_async(connection)
+                    .await?;
+                if status != 1 {
+                    return Err("busy".into());
+                }
+                let release = Script::new(FLOOR_RELEASE);
+                let released: i64 = release
+                    .key(&lock_key)
+                    .arg("0123456789abcdef0123456789abcdef")
+                    .arg("chan")
+                    .invoke_async(connection)
+                    .await?;
+                if released != 1 {
+                    return Err("x".into());
+                }
                 Ok(())
             }
             Contender::FloorEtcd { client, lease } => {
@@ -249,6 +302,45 @@ async fn main() -> Result {
         let locker = Locker::new(RedisBackend::connect(&url).await?);
         let rate = throughput(|| Contender::Dlock(locker.clone()), 64, Duration::from_secs(15)).await?;
         println!("dlock throughput, 64 tasks on 64 keys: {rate:.0} cycles/s");
+        return Ok(());
+    }
+    if std::env::var("DLOCK_BENCH_PROFILE").is_ok_and(|only| only == "compare") {
+        let floor = floor_connection(&url).await?;
+        let mut admin = floor_connection(&url).await?;
+        let locker = Locker::new(RedisBackend::connect(&url).await?);
+        let rslock = rslock::LockManager::new(vec![url.clone()]);
+        let contenders: Vec<(&str, Contender)> = vec![
+            ("floor", Contender::FloorRedis(floor.clone())),
+            ("dlock", Contender::Dlock(locker.clone())),
+            ("rslock", Contender::Rslock(rslock.clone())),
+            ("multi", Contender::Experiment(floor.clone())),
+        ];
+        let mut seen: Vec<Vec<(f64, f64, f64)>> = contenders.iter().map(|_| Vec::new()).collect();
+        for _ in 0..8 {
+            for ((_, contender), seen) in contenders.iter().zip(&mut seen) {
+                let slice = Duration::from_secs(1);
+                let client_before = cpu_seconds();
+                let server_before = server_cpu(&mut admin).await?;
+                let rate = throughput(|| contender.clone(), 64, slice).await?;
+                let cycles = rate * slice.as_secs_f64();
+                let client = (cpu_seconds() - client_before) / cycles * 1e6;
+                let server = (server_cpu(&mut admin).await? - server_before) / cycles * 1e6;
+                seen.push((rate, client, server));
+            }
+        }
+        for ((name, _), seen) in contenders.iter().zip(&mut seen) {
+            let median = |pick: fn(&(f64, f64, f64)) -> f64| {
+                let mut values: Vec<f64> = seen.iter().map(pick).collect();
+                values.sort_by(f64::total_cmp);
+                values[values.len() / 2]
+            };
+            println!(
+                "{name:8} {:7.0}/s client {:5.1} us/cycle server {:5.1} us/cycle",
+                median(|s| s.0),
+                median(|s| s.1),
+                median(|s| s.2)
+            );
+        }
         return Ok(());
     }
     let redlock_urls: Vec<String> = env("DLOCK_BENCH_REDLOCK_URLS")?
@@ -666,6 +758,18 @@ fn cpu_seconds() -> f64 {
             .unwrap_or(0.0)
     };
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The server's CPU seconds (user + system).
+async fn server_cpu(admin: &mut MultiplexedConnection) -> Result<f64> {
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(admin).await?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Ok(field("used_cpu_user:") + field("used_cpu_sys:"))
 }
 
 /// The server's count of processed commands.

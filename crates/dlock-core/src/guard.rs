@@ -288,8 +288,13 @@ impl GuardShared {
         let span = info_span!("dlock.release", key = %self.lease.key(), token = %self.lease.token());
         async {
             let outcome = self.backend.release(&self.lease).await;
-            // Whatever the answer, this guard no longer claims the lock.
-            self.state.send_modify(|state| state.lost = true);
+            // Whatever the answer, this guard no longer claims the lock. No
+            // one can be waiting on `lost()`: that borrows the guard, which
+            // releasing consumed; so there is no one to notify.
+            self.state.send_if_modified(|state| {
+                state.lost = true;
+                false
+            });
             match outcome? {
                 ReleaseOutcome::Released => {
                     debug!("released");

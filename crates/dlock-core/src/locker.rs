@@ -233,10 +233,11 @@ impl LockRequest {
         } = self;
         let began = Instant::now();
         let deadline = wait.filter(|_| waiting).map(|wait| began + wait);
+        // Owns the key and owner token until a guard takes them over.
         let mut pending = PendingAcquisition {
             backend: Arc::clone(&backend),
-            key: key.clone(),
-            owner: owner.clone(),
+            key,
+            owner,
             ttl,
             armed: true,
         };
@@ -244,7 +245,7 @@ impl LockRequest {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
             let started = Instant::now();
-            let request = AcquireRequest::new(&key, &owner, ttl, auto_renew, waiting);
+            let request = AcquireRequest::new(&pending.key, &pending.owner, ttl, auto_renew, waiting);
             // On error the outcome on the server is unknown; `pending` stays
             // armed and cleans up in the background.
             let attempt = match backend.try_acquire(&request).await {
@@ -256,7 +257,7 @@ impl LockRequest {
             };
             let busy = match attempt {
                 Attempt::Acquired(grant) => {
-                    pending.armed = false;
+                    let (key, owner) = pending.disarm();
                     Span::current().record("token", grant.token.get());
                     debug!(waited_ms = began.elapsed().as_millis() as u64, "acquired");
                     return Ok(LockGuard::start(Acquired {
@@ -273,13 +274,13 @@ impl LockRequest {
             };
             if !waiting {
                 // A single attempt leaves nothing behind when busy.
-                pending.armed = false;
+                let (key, _) = pending.disarm();
                 return Err(LockError::Contended { key });
             }
             let now = Instant::now();
             if deadline.is_some_and(|deadline| now >= deadline) {
                 return Err(LockError::Timeout {
-                    key,
+                    key: pending.key.clone(),
                     waited: now - began,
                 });
             }
@@ -290,7 +291,7 @@ impl LockRequest {
             }
             let mut own_wake = busy.wake;
             if own_wake.is_none() && subscription.is_none() {
-                match backend.subscribe(&key).await {
+                match backend.subscribe(&pending.key).await {
                     Ok(events) => subscription = Some(events),
                     Err(error) => ride_out(error, deadline, &mut backoff).await?,
                 }
@@ -388,6 +389,14 @@ struct PendingAcquisition {
     /// The lease length asked for: past it, nothing is left to clean up.
     ttl: Duration,
     armed: bool,
+}
+
+impl PendingAcquisition {
+    /// Nothing is left to clean up: hands back the key and owner token.
+    fn disarm(&mut self) -> (String, OwnerToken) {
+        self.armed = false;
+        (std::mem::take(&mut self.key), self.owner.clone())
+    }
 }
 
 impl Drop for PendingAcquisition {

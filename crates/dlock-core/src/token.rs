@@ -62,32 +62,68 @@ impl From<FencingToken> for u64 {
 /// # Ok::<(), dlock_core::LockError>(())
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct OwnerToken(String);
+pub struct OwnerToken([u8; OwnerToken::RANDOM_BYTES * 2]);
 
 impl OwnerToken {
     /// Number of random bytes in a token.
     pub const RANDOM_BYTES: usize = 16;
 
     /// Draws a fresh token from the OS random generator.
+    ///
+    /// The OS is asked for several tokens' worth of bytes at a time (one
+    /// system call per [`POOL_TOKENS`] tokens, on each thread); each byte
+    /// is handed out once and wiped from the pool.
     pub fn generate() -> Result<Self, LockError> {
-        let mut bytes = [0u8; Self::RANDOM_BYTES];
-        getrandom::fill(&mut bytes).map_err(|error| {
-            LockError::unavailable(
-                None,
-                format!("the operating system's random generator failed: {error}"),
-            )
-        })?;
-        let mut hex = String::with_capacity(Self::RANDOM_BYTES * 2);
-        for byte in bytes {
-            hex.push(char::from(HEX_DIGITS[usize::from(byte >> 4)]));
-            hex.push(char::from(HEX_DIGITS[usize::from(byte & 0x0f)]));
+        let bytes = RANDOM_POOL.with_borrow_mut(RandomPool::take)?;
+        let mut hex = [0u8; Self::RANDOM_BYTES * 2];
+        for (pair, byte) in hex.chunks_exact_mut(2).zip(bytes) {
+            pair[0] = HEX_DIGITS[usize::from(byte >> 4)];
+            pair[1] = HEX_DIGITS[usize::from(byte & 0x0f)];
         }
         Ok(OwnerToken(hex))
     }
 
     /// The token as stored in the backend.
     pub fn as_str(&self) -> &str {
-        &self.0
+        // Always lowercase hex digits, so always UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+/// How many tokens' worth of OS randomness a thread fetches at once.
+const POOL_TOKENS: usize = 16;
+
+thread_local! {
+    static RANDOM_POOL: std::cell::RefCell<RandomPool> = const {
+        std::cell::RefCell::new(RandomPool { bytes: [0; POOL_TOKENS * OwnerToken::RANDOM_BYTES], used: POOL_TOKENS * OwnerToken::RANDOM_BYTES })
+    };
+}
+
+/// Random bytes from the OS, not yet handed out. (A process that forks
+/// without exec would share a pool with its child; Tokio programs do not
+/// survive such a fork anyway.)
+struct RandomPool {
+    bytes: [u8; POOL_TOKENS * OwnerToken::RANDOM_BYTES],
+    used: usize,
+}
+
+impl RandomPool {
+    fn take(&mut self) -> Result<[u8; OwnerToken::RANDOM_BYTES], LockError> {
+        if self.used == self.bytes.len() {
+            getrandom::fill(&mut self.bytes).map_err(|error| {
+                LockError::unavailable(
+                    None,
+                    format!("the operating system's random generator failed: {error}"),
+                )
+            })?;
+            self.used = 0;
+        }
+        let mut taken = [0u8; OwnerToken::RANDOM_BYTES];
+        let next = &mut self.bytes[self.used..self.used + OwnerToken::RANDOM_BYTES];
+        taken.copy_from_slice(next);
+        next.fill(0);
+        self.used += OwnerToken::RANDOM_BYTES;
+        Ok(taken)
     }
 }
 

@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use redis::aio::{ConnectionManager, MultiplexedConnection, PubSub};
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::SentinelClient;
-use redis::{AsyncConnectionConfig, FromRedisValue, RedisResult, ScriptInvocation};
+use redis::{AsyncConnectionConfig, FromRedisValue, RedisResult};
+
+use crate::scripts::ScriptCall;
 
 /// Where lock commands go.
 pub(crate) enum Commands {
@@ -26,14 +28,11 @@ pub(crate) enum Commands {
 
 impl Commands {
     /// Runs a script (EVALSHA, loading it on NOSCRIPT).
-    pub(crate) async fn invoke<T: FromRedisValue>(
-        &self,
-        invocation: &ScriptInvocation<'_>,
-    ) -> RedisResult<T> {
+    pub(crate) async fn invoke<T: FromRedisValue>(&self, call: &ScriptCall) -> RedisResult<T> {
         match self {
-            Commands::Direct(connection) => invocation.invoke_async(&mut connection.clone()).await,
-            Commands::Cluster(connection) => invocation.invoke_async(&mut connection.clone()).await,
-            Commands::Sentinel(master) => master.invoke(invocation).await,
+            Commands::Direct(connection) => call.run(&mut connection.clone()).await,
+            Commands::Cluster(connection) => call.run(&mut connection.clone()).await,
+            Commands::Sentinel(master) => master.invoke(call).await,
         }
     }
 }
@@ -90,9 +89,9 @@ impl SentinelMaster {
         self.sentinels.lock().await.async_get_client().await
     }
 
-    async fn invoke<T: FromRedisValue>(&self, invocation: &ScriptInvocation<'_>) -> RedisResult<T> {
+    async fn invoke<T: FromRedisValue>(&self, call: &ScriptCall) -> RedisResult<T> {
         let (generation, mut connection) = self.connection().await?;
-        let result = invocation.invoke_async(&mut connection).await;
+        let result = call.run(&mut connection).await;
         if let Err(error) = &result {
             if master_may_have_moved(error) {
                 self.forget(generation);

@@ -49,6 +49,7 @@ use tokio::time::timeout;
 use crate::connection::{Commands, PubSubSource, SentinelMaster};
 use crate::errors::from_redis;
 pub use crate::redlock::{DEFAULT_DRIFT_FACTOR, DEFAULT_NODE_TIMEOUT, RedlockBackend, RedlockBackendBuilder};
+use crate::scripts::ScriptCall;
 use crate::subscriber::Subscriber;
 
 /// Default key prefix.
@@ -181,21 +182,20 @@ impl RedisBackend {
 
     /// The Redis key that holds the fencing counter for `key`.
     pub fn fence_key(&self, key: &str) -> String {
-        format!("{}:fence", self.lock_key(key))
+        format!("{}{{{key}}}:fence", self.inner.prefix)
     }
 
     /// The pub/sub channel on which releases of `key` are announced.
     pub fn release_channel(&self, key: &str) -> String {
-        format!("{}:released", self.lock_key(key))
+        format!("{}{{{key}}}:released", self.inner.prefix)
     }
 
     /// For operators: whether `key` is held, for how long, and the last
     /// fencing token handed out (never the owner's secret). One round trip.
     pub async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
         validate_key(key)?;
-        let mut invocation = scripts::STATUS.prepare_invoke();
-        invocation.key(self.lock_key(key)).key(self.fence_key(key));
-        let (pttl, counter): (i64, i64) = self.run(key, "inspecting", invocation).await?;
+        let call = ScriptCall::new(&scripts::STATUS, &[&self.lock_key(key), &self.fence_key(key)]);
+        let (pttl, counter): (i64, i64) = self.run(key, "inspecting", &call).await?;
         Ok(KeyStatus::new(
             pttl != -2,
             u64::try_from(pttl).ok().map(Duration::from_millis),
@@ -212,9 +212,8 @@ impl RedisBackend {
     pub async fn force_release(&self, key: &str) -> Result<bool, LockError> {
         validate_key(key)?;
         let channel = self.release_channel(key);
-        let mut invocation = scripts::FORCE_RELEASE.prepare_invoke();
-        invocation.key(self.lock_key(key)).arg(&channel);
-        let deleted: i64 = self.run(key, "force-releasing", invocation).await?;
+        let call = ScriptCall::new(&scripts::FORCE_RELEASE, &[&self.lock_key(key)]).arg(&channel);
+        let deleted: i64 = self.run(key, "force-releasing", &call).await?;
         Ok(deleted == 1)
     }
 
@@ -226,12 +225,10 @@ impl RedisBackend {
         doing: &str,
     ) -> Result<ReleaseOutcome, LockError> {
         let channel = self.release_channel(key);
-        let mut invocation = scripts::RELEASE.prepare_invoke();
-        invocation
-            .key(self.lock_key(key))
+        let call = ScriptCall::new(&scripts::RELEASE, &[&self.lock_key(key)])
             .arg(owner.as_str())
             .arg(&channel);
-        let status: i64 = self.run(key, doing, invocation).await?;
+        let status: i64 = self.run(key, doing, &call).await?;
         Ok(match status {
             1 => {
                 // Local waiters need not wait for the message to come back.
@@ -251,27 +248,25 @@ impl RedisBackend {
         owner: &OwnerToken,
         ttl: Duration,
     ) -> Result<NodeGrant, LockError> {
-        let mut invocation = scripts::ACQUIRE.prepare_invoke();
-        invocation
-            .key(self.lock_key(key))
-            .key(self.fence_key(key))
+        let call = ScriptCall::new(&scripts::ACQUIRE, &[&self.lock_key(key), &self.fence_key(key)])
             .arg(owner.as_str())
             .arg(millis(ttl));
-        let (status, number): (i64, i64) = self.run(key, "acquiring", invocation).await?;
-        match status {
-            1 => Ok(NodeGrant::Granted(u64::try_from(number).unwrap_or(0))),
-            // -1: the holder's key has no TTL (set by hand); rely on notifications.
-            0 => Ok(NodeGrant::Busy(
-                u64::try_from(number).ok().map(Duration::from_millis),
-            )),
-            2 => Err(LockError::ForeignValue {
+        let reply: redis::Value = self.run(key, "acquiring", &call).await?;
+        match reply {
+            redis::Value::Int(token) if token >= 1 => Ok(NodeGrant::Granted(token.unsigned_abs())),
+            // 0: the holder's key has no TTL (set by hand); rely on notifications.
+            redis::Value::Int(0) => Ok(NodeGrant::Busy(None)),
+            redis::Value::Int(busy) => Ok(NodeGrant::Busy(Some(Duration::from_millis(
+                (-1 - busy).unsigned_abs(),
+            )))),
+            redis::Value::BulkString(text) if text == b"counter" => Err(self.broken_counter(key)),
+            _ => Err(LockError::ForeignValue {
                 key: key.to_owned(),
                 found: format!(
                     "a string at {} that is not a dlock owner token",
                     self.lock_key(key)
                 ),
             }),
-            _ => Err(self.broken_counter(key)),
         }
     }
 
@@ -293,12 +288,10 @@ impl RedisBackend {
         owner: &OwnerToken,
         ttl: Duration,
     ) -> Result<Option<NotHeldReason>, LockError> {
-        let mut invocation = scripts::EXTEND.prepare_invoke();
-        invocation
-            .key(self.lock_key(key))
+        let call = ScriptCall::new(&scripts::EXTEND, &[&self.lock_key(key)])
             .arg(owner.as_str())
             .arg(millis(ttl));
-        let status: i64 = self.run(key, "extending", invocation).await?;
+        let status: i64 = self.run(key, "extending", &call).await?;
         Ok(match status {
             1 => None,
             0 => Some(NotHeldReason::Expired),
@@ -308,9 +301,8 @@ impl RedisBackend {
 
     /// Raises this server's fencing counter for `key` to at least `token`.
     pub(crate) async fn raise_fence(&self, key: &str, token: u64) -> Result<(), LockError> {
-        let mut invocation = scripts::RAISE_FENCE.prepare_invoke();
-        invocation.key(self.fence_key(key)).arg(token);
-        let status: i64 = self.run(key, "raising the fencing counter", invocation).await?;
+        let call = ScriptCall::new(&scripts::RAISE_FENCE, &[&self.fence_key(key)]).arg(token);
+        let status: i64 = self.run(key, "raising the fencing counter", &call).await?;
         if status == 1 {
             Ok(())
         } else {
@@ -322,14 +314,9 @@ impl RedisBackend {
         &self,
         key: &str,
         doing: &str,
-        invocation: redis::ScriptInvocation<'_>,
+        call: &ScriptCall,
     ) -> Result<T, LockError> {
-        match timeout(
-            self.inner.command_timeout,
-            self.inner.commands.invoke(&invocation),
-        )
-        .await
-        {
+        match timeout(self.inner.command_timeout, self.inner.commands.invoke(call)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => Err(from_redis(Some(key), doing, error)),
             Err(_) => Err(LockError::unavailable(
@@ -444,7 +431,10 @@ impl RedisBackendBuilder {
                 let client = self.client(self.node_info(url)?)?;
                 let manager = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(self.connect_timeout))
-                    .set_response_timeout(Some(self.command_timeout))
+                    // `RedisBackend::run` limits every call (retries of a
+                    // NOSCRIPT included); a second timer per command would
+                    // only cost time on the hot path.
+                    .set_response_timeout(None)
                     // Fail fast while the server is down: the caller decides
                     // whether to retry (the core's backoff inside a wait, the
                     // next Redlock attempt), and a Redlock quorum must not
