@@ -1,4 +1,4 @@
-//! The guard of a held lock and the watchdog that keeps it alive.
+//! The guard of a held lock, and how it is kept alive (with `renewals`).
 
 use std::fmt;
 use std::future::pending;
@@ -7,18 +7,19 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
-use tokio::time::{Instant, sleep, sleep_until, timeout_at};
+use tokio::time::{Instant, sleep, timeout_at};
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::backend::{ExtendOutcome, Grant, Lease, LockBackend, LossSignal, ReleaseOutcome};
+use crate::backend::{ExtendOutcome, Grant, Lease, LockBackend, ReleaseOutcome};
 use crate::backoff::Backoff;
 use crate::error::LockError;
 use crate::options::validate_ttl;
+use crate::renewals::Renewals;
 use crate::token::{FencingToken, OwnerToken};
 
 /// Proof of holding a lock, with the means to keep it and to learn when it is lost.
 ///
-/// While the guard lives, a watchdog task renews the lease every `ttl / 3`
+/// While the guard lives, its locker renews the lease every `ttl / 3`
 /// (unless the request said `.auto_renew(false)`), each time checking that
 /// the lock is still ours. The guard turns *lost* when a renewal finds
 /// another owner or no lease, when renewals keep failing until the lease's
@@ -48,15 +49,19 @@ use crate::token::{FencingToken, OwnerToken};
 #[must_use = "dropping a LockGuard releases the lock at once; keep it for as long as you need the lock"]
 pub struct LockGuard {
     shared: Arc<GuardShared>,
-    watchdog: Option<AbortHandle>,
+    /// The task that waits for the backend's loss signal, if it gave one.
+    loss_watch: Option<AbortHandle>,
     finished: bool,
 }
 
-struct GuardShared {
+pub(crate) struct GuardShared {
     backend: Arc<dyn LockBackend>,
     lease: Lease,
     auto_renew: bool,
     state: watch::Sender<GuardState>,
+    /// The locker's renewal schedule, and this guard's entry in it.
+    renewals: Arc<Renewals>,
+    entry: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -80,6 +85,7 @@ pub(crate) struct Acquired {
     pub(crate) auto_renew: bool,
     pub(crate) started: Instant,
     pub(crate) grant: Grant,
+    pub(crate) renewals: Arc<Renewals>,
 }
 
 impl LockGuard {
@@ -92,6 +98,7 @@ impl LockGuard {
             auto_renew,
             started,
             grant,
+            renewals,
         } = acquired;
         let Grant {
             token,
@@ -106,17 +113,28 @@ impl LockGuard {
             measured_from: started,
             lost: false,
         };
+        let entry = renewals.next_id();
         let shared = Arc::new(GuardShared {
             backend,
             lease: Lease::new(key, owner, token, handle),
             auto_renew,
             state: watch::Sender::new(state),
+            renewals,
+            entry,
         });
-        let span = info_span!("dlock.watchdog", key = %shared.lease.key(), token = %token);
-        let watchdog = tokio::spawn(watch_lease(Arc::clone(&shared), loss_signal).instrument(span));
+        shared.schedule_next();
+        let loss_watch = loss_signal.map(|signal| {
+            let span = info_span!("dlock.loss_watch", key = %shared.lease.key(), token = %token);
+            let watched = Arc::clone(&shared);
+            let watch = async move {
+                signal.await;
+                watched.mark_lost("the backend reported the lease gone");
+            };
+            tokio::spawn(watch.instrument(span)).abort_handle()
+        });
         LockGuard {
             shared,
-            watchdog: Some(watchdog.abort_handle()),
+            loss_watch,
             finished: false,
         }
     }
@@ -198,7 +216,7 @@ impl LockGuard {
     /// with [`LockError::Unavailable`] when the backend cannot be reached; the
     /// lease then runs out after its TTL.
     pub async fn release(mut self) -> Result<(), LockError> {
-        self.stop_watchdog();
+        self.stop_watching();
         self.finished = true;
         self.shared.release().await
     }
@@ -206,20 +224,23 @@ impl LockGuard {
     /// Drops the guard without releasing: renewal stops and the lease runs
     /// out by itself after its TTL, as if this process had died.
     pub fn forget(mut self) {
-        self.stop_watchdog();
+        self.stop_watching();
         self.finished = true;
     }
 
-    fn stop_watchdog(&mut self) {
-        if let Some(watchdog) = self.watchdog.take() {
-            watchdog.abort();
+    /// No more renewals or loss signals for this guard. A renewal already
+    /// under way finishes, but finds the guard given up and changes nothing.
+    fn stop_watching(&mut self) {
+        self.shared.renewals.cancel(self.shared.entry);
+        if let Some(loss_watch) = self.loss_watch.take() {
+            loss_watch.abort();
         }
     }
 }
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        self.stop_watchdog();
+        self.stop_watching();
         if self.finished || self.shared.state.borrow().lost {
             return;
         }
@@ -287,14 +308,15 @@ impl GuardShared {
     async fn release(&self) -> Result<(), LockError> {
         let span = info_span!("dlock.release", key = %self.lease.key(), token = %self.lease.token());
         async {
-            let outcome = self.backend.release(&self.lease).await;
-            // Whatever the answer, this guard no longer claims the lock. No
-            // one can be waiting on `lost()`: that borrows the guard, which
-            // releasing consumed; so there is no one to notify.
+            // Whatever the answer, this guard no longer claims the lock, and
+            // a renewal still under way must not report it lost. No one can
+            // be waiting on `lost()`: that borrows the guard, which releasing
+            // consumed; so there is no one to notify.
             self.state.send_if_modified(|state| {
                 state.lost = true;
                 false
             });
+            let outcome = self.backend.release(&self.lease).await;
             match outcome? {
                 ReleaseOutcome::Released => {
                     debug!("released");
@@ -321,43 +343,43 @@ fn valid_until(started: Instant, validity: Duration, ttl: Duration) -> Instant {
     started.checked_add(validity.min(ttl)).unwrap_or(started)
 }
 
-/// The watchdog: keeps the lease alive (or watches it run out) and turns the
-/// guard lost when it ends. Stops when the guard is released or dropped.
-async fn watch_lease(shared: Arc<GuardShared>, loss_signal: Option<LossSignal>) {
-    let backend_says_lost = async move {
-        match loss_signal {
-            Some(signal) => signal.await,
-            None => pending().await,
-        }
-    };
-    tokio::select! {
-        biased;
-        () = backend_says_lost => shared.mark_lost("the backend reported the lease gone"),
-        () = keep_alive(&shared) => {}
+impl GuardShared {
+    /// Puts this guard on the renewal schedule for its next look: a third
+    /// of the TTL after the last renewal began (but no later than halfway
+    /// to the end of its validity), or, without auto-renewal, the end of
+    /// its validity.
+    fn schedule_next(self: &Arc<Self>) {
+        let state = *self.state.borrow();
+        let at = if self.auto_renew {
+            let now = Instant::now();
+            let regular = state.measured_from + state.ttl / 3;
+            let halfway = now + state.valid_until.saturating_duration_since(now) / 2;
+            regular.min(halfway)
+        } else {
+            state.valid_until
+        };
+        self.renewals.schedule_at(self.entry, at, Arc::downgrade(self));
     }
-}
 
-async fn keep_alive(shared: &GuardShared) {
-    loop {
-        let state = *shared.state.borrow();
+    /// What the renewal schedule runs when this guard's time comes: renew
+    /// (or, without auto-renewal, see whether the lease ran out), then
+    /// schedule the next look.
+    pub(crate) async fn on_deadline(self: Arc<Self>) {
+        let state = *self.state.borrow();
         if state.lost {
             return;
         }
-        if !shared.auto_renew {
-            sleep_until(state.valid_until).await;
+        if !self.auto_renew {
             // A manual `extend` may have moved the deadline meanwhile.
-            if Instant::now() >= shared.state.borrow().valid_until {
-                shared.mark_lost("the lease ran out (auto-renewal is off)");
-                return;
+            if Instant::now() >= state.valid_until {
+                self.mark_lost("the lease ran out (auto-renewal is off)");
+            } else {
+                self.schedule_next();
             }
-            continue;
-        }
-        let now = Instant::now();
-        let regular = state.measured_from + state.ttl / 3;
-        let halfway = now + state.valid_until.saturating_duration_since(now) / 2;
-        sleep_until(regular.min(halfway)).await;
-        if !renew(shared).await {
             return;
+        }
+        if renew(&self).await && !self.state.borrow().lost {
+            self.schedule_next();
         }
     }
 }

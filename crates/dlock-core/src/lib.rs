@@ -30,6 +30,7 @@ mod guard;
 mod locker;
 mod notify;
 mod options;
+mod renewals;
 mod status;
 mod token;
 

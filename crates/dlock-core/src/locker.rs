@@ -15,6 +15,7 @@ use crate::error::LockError;
 use crate::guard::{Acquired, LockGuard};
 use crate::notify::ReleaseEvents;
 use crate::options::{DEFAULT_TTL, validate_key, validate_ttl, validate_wait};
+use crate::renewals::Renewals;
 use crate::token::OwnerToken;
 
 /// Hands out locks from one backend.
@@ -50,19 +51,21 @@ use crate::token::OwnerToken;
 #[derive(Clone)]
 pub struct Locker {
     backend: Arc<dyn LockBackend>,
+    renewals: Arc<Renewals>,
 }
 
 impl Locker {
     /// A locker over `backend`.
     pub fn new(backend: impl LockBackend) -> Self {
-        Locker {
-            backend: Arc::new(backend),
-        }
+        Locker::from_arc(Arc::new(backend))
     }
 
     /// A locker over a backend that is already shared.
     pub fn from_arc(backend: Arc<dyn LockBackend>) -> Self {
-        Locker { backend }
+        Locker {
+            backend,
+            renewals: Arc::default(),
+        }
     }
 
     /// The backend behind this locker.
@@ -76,6 +79,7 @@ impl Locker {
     pub fn lock(&self, key: impl Into<String>) -> LockRequest {
         LockRequest {
             backend: Arc::clone(&self.backend),
+            renewals: Arc::clone(&self.renewals),
             key: key.into(),
             ttl: DEFAULT_TTL,
             wait: None,
@@ -113,6 +117,7 @@ impl fmt::Debug for Locker {
 #[must_use = "a LockRequest does nothing until it is awaited"]
 pub struct LockRequest {
     backend: Arc<dyn LockBackend>,
+    renewals: Arc<Renewals>,
     key: String,
     ttl: Duration,
     wait: Option<Duration>,
@@ -226,6 +231,7 @@ impl LockRequest {
     async fn acquire_as(self, owner: OwnerToken, waiting: bool) -> Result<LockGuard, LockError> {
         let LockRequest {
             backend,
+            renewals,
             key,
             ttl,
             wait,
@@ -268,6 +274,7 @@ impl LockRequest {
                         auto_renew,
                         started,
                         grant,
+                        renewals,
                     }));
                 }
                 Attempt::Busy(busy) => busy,

@@ -1,0 +1,144 @@
+//! The renewal schedule: one task per locker keeps every guard's lease alive.
+//!
+//! A guard is an entry in a deadline-ordered map, not a task of its own:
+//! taking and giving back a lock then costs two map operations instead of
+//! spawning, waking and cancelling a task, which matters on the hot path
+//! (a cycle is a few microseconds of client work). The driver task sleeps
+//! until the earliest deadline and starts the renewals that are due side
+//! by side, so renewals falling due together share the connection's writes.
+//!
+//! The driver runs while its locker (or a guard from it) lives; it is
+//! started by the first guard, and started again by the next one if it has
+//! ended (for instance with the runtime it ran on).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until};
+use tracing::Instrument;
+
+use crate::guard::GuardShared;
+
+/// The deadlines of one locker's guards, and its driver task.
+pub(crate) struct Renewals {
+    schedule: Mutex<Schedule>,
+    /// Wakes the driver when a deadline earlier than its timer arrives, or
+    /// when this schedule is dropped.
+    wake: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct Schedule {
+    due: BTreeMap<(Instant, u64), Weak<GuardShared>>,
+    deadline_of: HashMap<u64, Instant>,
+    next_id: u64,
+    /// When the driver looks at `due` next; `None` while it waits for a wake-up only.
+    driver_wakes_at: Option<Instant>,
+    driver: Option<JoinHandle<()>>,
+}
+
+impl Default for Renewals {
+    fn default() -> Self {
+        Renewals {
+            schedule: Mutex::new(Schedule::default()),
+            wake: Arc::new(Notify::new()),
+        }
+    }
+}
+
+impl Drop for Renewals {
+    fn drop(&mut self) {
+        // The driver holds only a weak reference; let it see that it is done.
+        self.wake.notify_one();
+    }
+}
+
+impl Renewals {
+    fn schedule(&self) -> std::sync::MutexGuard<'_, Schedule> {
+        self.schedule.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A fresh id for a guard's entry.
+    pub(crate) fn next_id(&self) -> u64 {
+        let mut schedule = self.schedule();
+        schedule.next_id += 1;
+        schedule.next_id
+    }
+
+    /// Asks for `guard` (entry `id`) to be looked at `at`: renewed, or
+    /// (without auto-renewal) checked for running out. Needs a Tokio runtime.
+    pub(crate) fn schedule_at(self: &Arc<Self>, id: u64, at: Instant, guard: Weak<GuardShared>) {
+        let mut schedule = self.schedule();
+        if let Some(previous) = schedule.deadline_of.insert(id, at) {
+            schedule.due.remove(&(previous, id));
+        }
+        schedule.due.insert((at, id), guard);
+        let running = schedule.driver.as_ref().is_some_and(|driver| !driver.is_finished());
+        if !running {
+            let span = tracing::info_span!("dlock.renewals");
+            let driver = drive(Arc::downgrade(self), Arc::clone(&self.wake)).instrument(span);
+            schedule.driver = Some(tokio::spawn(driver));
+            schedule.driver_wakes_at = Some(at);
+        } else if schedule.driver_wakes_at.is_none_or(|wakes_at| at < wakes_at) {
+            schedule.driver_wakes_at = Some(at);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Takes entry `id` off the schedule (the guard was released, forgotten,
+    /// dropped or lost).
+    pub(crate) fn cancel(&self, id: u64) {
+        let mut schedule = self.schedule();
+        if let Some(at) = schedule.deadline_of.remove(&id) {
+            schedule.due.remove(&(at, id));
+        }
+    }
+
+    /// Removes and returns the entries due by `now`; records when the driver
+    /// looks next.
+    fn take_due(&self, now: Instant) -> (Vec<Weak<GuardShared>>, Option<Instant>) {
+        let mut schedule = self.schedule();
+        let mut due = Vec::new();
+        while let Some(entry) = schedule.due.first_entry() {
+            let (at, id) = *entry.key();
+            if at > now {
+                break;
+            }
+            due.push(entry.remove());
+            schedule.deadline_of.remove(&id);
+        }
+        let next = schedule.due.first_key_value().map(|((at, _), _)| *at);
+        schedule.driver_wakes_at = next;
+        (due, next)
+    }
+}
+
+/// The driver: sleeps until the earliest deadline (or a wake-up), then
+/// starts the work that is due. Ends when the schedule is gone.
+async fn drive(renewals: Weak<Renewals>, wake: Arc<Notify>) {
+    loop {
+        let next = {
+            let Some(renewals) = renewals.upgrade() else {
+                return;
+            };
+            let (due, next) = renewals.take_due(Instant::now());
+            for guard in due.iter().filter_map(Weak::upgrade) {
+                // Each renewal may retry for a while (a failover); they run
+                // side by side, so one slow key holds up no other.
+                tokio::spawn(guard.on_deadline());
+            }
+            next
+        };
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    () = wake.notified() => {}
+                    () = sleep_until(at) => {}
+                }
+            }
+            None => wake.notified().await,
+        }
+    }
+}
