@@ -14,7 +14,8 @@
 //! `distributed-lock`'s Redis backend.
 //!
 //! `DLOCK_BENCH_PROFILE=throughput` runs only dlock's scenario 2 for 15 s,
-//! for a profiler to attach to.
+//! for a profiler to attach to; `DLOCK_BENCH_PROFILE=handoff` only dlock's
+//! scenario 3.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -23,9 +24,11 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use dlock_redis::{LockError, Locker, RedisBackend, RedlockBackend};
+use dlock_redis::{Locker, RedisBackend, RedlockBackend};
 use redis::Script;
 use redis::aio::MultiplexedConnection;
+
+mod plot;
 
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -36,26 +39,6 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return redis.call('INCR', KEYS[2])
 end
 return redis.call('PTTL', KEYS[1])
-";
-
-const DLOCK_ACQUIRE: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local token = redis.pcall('INCR', KEYS[2])
-  if type(token) == 'table' then
-    redis.call('DEL', KEYS[1])
-    return {3, 0}
-  end
-  return {1, token}
-end
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {1, tonumber(redis.call('GET', KEYS[2]) or '0')}
-end
-if string.len(holder) ~= 32 or string.find(holder, '[^0-9a-f]') then
-  return {2, 0}
-end
-return {0, redis.call('PTTL', KEYS[1])}
 ";
 
 /// The floor's release: owner-checked delete and a release notification.
@@ -102,20 +85,13 @@ impl Samples {
 enum Contender {
     /// The raw redis client: one EVALSHA to acquire, one to release.
     FloorRedis(MultiplexedConnection),
-    Experiment(MultiplexedConnection),
     /// A dlock locker on any backend: `try_lock` + `release`.
     Dlock(Locker),
     /// The raw etcd client: the same transaction dlock sends (put if absent
     /// with a warm lease, read the queue head), then a delete.
-    FloorEtcd {
-        client: etcd_client::Client,
-        lease: i64,
-    },
+    FloorEtcd { client: etcd_client::Client, lease: i64 },
     /// etcd's own lock service with a warm lease: `lock` + `unlock`.
-    EtcdLockService {
-        client: etcd_client::Client,
-        lease: i64,
-    },
+    EtcdLockService { client: etcd_client::Client, lease: i64 },
     /// rslock at its defaults: `lock` + `unlock` (one or N nodes).
     Rslock(rslock::LockManager),
     /// redsync at its defaults: `lock` + `unlock`, a blocking client (one
@@ -158,32 +134,6 @@ impl Contender {
             }
             Contender::Dlock(locker) => {
                 locker.try_lock(key).await?.release().await?;
-                Ok(())
-            }
-            Contender::Experiment(connection) => {
-                let lock_key = format!("exp:{{{key}}}");
-                let fence_key = format!("exp:{{{key}}}:fence");
-                let acquire = Script::new(DLOCK_ACQUIRE);
-                let (status, _token): (i64, i64) = acquire
-                    .key(&lock_key)
-                    .key(&fence_key)
-                    .arg("0123456789abcdef0123456789abcdef")
-                    .arg(30000)
-                    .invoke_async(connection)
-                    .await?;
-                if status != 1 {
-                    return Err("busy".into());
-                }
-                let release = Script::new(FLOOR_RELEASE);
-                let released: i64 = release
-                    .key(&lock_key)
-                    .arg("0123456789abcdef0123456789abcdef")
-                    .arg("chan")
-                    .invoke_async(connection)
-                    .await?;
-                if released != 1 {
-                    return Err("x".into());
-                }
                 Ok(())
             }
             Contender::FloorEtcd { client, lease } => {
@@ -304,43 +254,24 @@ async fn main() -> Result {
         println!("dlock throughput, 64 tasks on 64 keys: {rate:.0} cycles/s");
         return Ok(());
     }
-    if std::env::var("DLOCK_BENCH_PROFILE").is_ok_and(|only| only == "compare") {
-        let floor = floor_connection(&url).await?;
-        let mut admin = floor_connection(&url).await?;
-        let locker = Locker::new(RedisBackend::connect(&url).await?);
-        let rslock = rslock::LockManager::new(vec![url.clone()]);
-        let contenders: Vec<(&str, Contender)> = vec![
-            ("floor", Contender::FloorRedis(floor.clone())),
-            ("dlock", Contender::Dlock(locker.clone())),
-            ("rslock", Contender::Rslock(rslock.clone())),
-            ("multi", Contender::Experiment(floor.clone())),
-        ];
-        let mut seen: Vec<Vec<(f64, f64, f64)>> = contenders.iter().map(|_| Vec::new()).collect();
-        for _ in 0..8 {
-            for ((_, contender), seen) in contenders.iter().zip(&mut seen) {
-                let slice = Duration::from_secs(1);
-                let client_before = cpu_seconds();
-                let server_before = server_cpu(&mut admin).await?;
-                let rate = throughput(|| contender.clone(), 64, slice).await?;
-                let cycles = rate * slice.as_secs_f64();
-                let client = (cpu_seconds() - client_before) / cycles * 1e6;
-                let server = (server_cpu(&mut admin).await? - server_before) / cycles * 1e6;
-                seen.push((rate, client, server));
-            }
-        }
-        for ((name, _), seen) in contenders.iter().zip(&mut seen) {
-            let median = |pick: fn(&(f64, f64, f64)) -> f64| {
-                let mut values: Vec<f64> = seen.iter().map(pick).collect();
-                values.sort_by(f64::total_cmp);
-                values[values.len() / 2]
-            };
-            println!(
-                "{name:8} {:7.0}/s client {:5.1} us/cycle server {:5.1} us/cycle",
-                median(|s| s.0),
-                median(|s| s.1),
-                median(|s| s.2)
-            );
-        }
+    if std::env::var("DLOCK_BENCH_PROFILE").is_ok_and(|only| only == "handoff") {
+        // Only dlock's scenario 3.
+        let run = handoff(
+            "dlock",
+            &url,
+            8,
+            Duration::from_millis(1),
+            Duration::from_secs(10),
+        )
+        .await?;
+        println!(
+            "dlock hand-off: {} cycles in 10 s, median gap {:?}, p99 {:?}, gave up {}, per client {:?}",
+            run.cycles,
+            run.gaps.median(),
+            run.gaps.p99(),
+            run.gave_up,
+            run.per_client
+        );
         return Ok(());
     }
     let redlock_urls: Vec<String> = env("DLOCK_BENCH_REDLOCK_URLS")?
@@ -465,40 +396,42 @@ async fn main() -> Result {
         etcd_floor,
     );
 
-    // 3. Contended hand-off.
-    let handoff = handoff(&url, 8, Duration::from_millis(1), settings.handoff_for).await?;
-    row(
-        &mut table,
-        "3. hand-off: release returns -> next holder's acquire returns (ratio to one round trip)",
-        "dlock RedisBackend, 8 clients",
-        &handoff.gaps,
-        round_trip,
-    );
-    // 2. Throughput: 64 tasks on 64 keys over one connection / one backend,
-    // alternating floor and dlock in four slices.
-    let slice = Duration::from_secs(if settings.quick { 1 } else { 5 }) / 2;
-    let floor_connection_shared = floor_connection(&url).await?;
-    let dlock_shared = Locker::new(RedisBackend::connect(&url).await?);
-    let (mut floor_rate, mut dlock_rate) = (0.0, 0.0);
-    let mut peer_rates = vec![0.0; single_peers.len()];
-    for _ in 0..2 {
-        let connection = floor_connection_shared.clone();
-        floor_rate += throughput(|| Contender::FloorRedis(connection.clone()), 64, slice).await? / 2.0;
-        let locker = dlock_shared.clone();
-        dlock_rate += throughput(|| Contender::Dlock(locker.clone()), 64, slice).await? / 2.0;
-        for ((_, peer), rate) in single_peers.iter().zip(&mut peer_rates) {
-            *rate += throughput(|| peer.clone(), 64, slice).await? / 2.0;
+    // 3. Contended hand-off, every library with 8 clients of its own.
+    const HANDOFF: &str = "3. hand-off, 8 clients on one key, 1 ms hold: release returns -> next holder's acquire returns (ratio to one round trip)";
+    let mut handoffs = Vec::new();
+    for kind in ["dlock", "rslock", "redsync", "distributed-lock"] {
+        let run = handoff(kind, &url, 8, Duration::from_millis(1), settings.handoff_for).await?;
+        row(&mut table, HANDOFF, kind, &run.gaps, round_trip);
+        handoffs.push((kind, run));
+    }
+
+    // 2. Throughput: 64 tasks on 64 keys over one shared client each,
+    // interleaved in short slices; the client's and the server's CPU time
+    // per cycle show where the time goes.
+    let (slices, slice) = if settings.quick {
+        (2, Duration::from_millis(500))
+    } else {
+        (8, Duration::from_secs(1))
+    };
+    let mut admin = floor_connection(&url).await?;
+    let mut shared = vec![
+        ("floor", Contender::FloorRedis(floor_connection(&url).await?)),
+        (
+            "dlock",
+            Contender::Dlock(Locker::new(RedisBackend::connect(&url).await?)),
+        ),
+    ];
+    shared.extend(single_peers.iter().cloned());
+    let mut loads: Vec<Vec<Load>> = shared.iter().map(|_| Vec::new()).collect();
+    for _ in 0..slices {
+        for ((_, contender), loads) in shared.iter().zip(&mut loads) {
+            loads.push(measured_throughput(contender, slice, &mut admin).await?);
         }
     }
-    let peer_throughput: Vec<String> = single_peers
+    let throughput_rows: Vec<(&str, Load)> = shared
         .iter()
-        .zip(&peer_rates)
-        .map(|((name, _), rate)| {
-            format!(
-                "{name} {rate:.0} cycles/s (dlock {:.2}x)",
-                dlock_rate / rate.max(1.0)
-            )
-        })
+        .zip(&loads)
+        .map(|((name, _), loads)| (*name, Load::median(loads)))
         .collect();
 
     // 6. The watchdog at scale.
@@ -508,25 +441,48 @@ async fn main() -> Result {
         (10_000, Duration::from_secs(30))
     };
     let scale = watchdog_at_scale(&url, guards, hold).await?;
-    let counts: Vec<String> = handoff.per_client.iter().map(ToString::to_string).collect();
-    let summary = format!(
-        "floor round trip (one acquire EVALSHA): median {round_trip:?}\n\
-         hand-off: {} hand-offs in {:?}, {:.0} cycles/s (bar: >= 0.9 / (1 ms hold + one round trip) = {:.0}/s; \
-         the hold is a 1 ms thread sleep on the blocking pool), gave up: {}, acquisitions per client: [{}]\n",
-        handoff.gaps.0.len(),
-        settings.handoff_for,
-        handoff.cycles as f64 / settings.handoff_for.as_secs_f64(),
-        0.9 / (0.001 + round_trip.as_secs_f64()),
-        handoff.gave_up,
-        counts.join(", "),
-    ) + &format!(
-        "throughput, 64 tasks on 64 keys, one connection: floor {floor_rate:.0} cycles/s, dlock {dlock_rate:.0} cycles/s \
-         ({:.2}x the floor); peers (one shared client each): {}\n",
-        dlock_rate / floor_rate.max(1.0),
-        peer_throughput.join(", ")
-    ) + &format!(
+    let mut summary = format!("floor round trip (one acquire EVALSHA): median {round_trip:?}\n");
+    let bar = 0.9 / (0.001 + round_trip.as_secs_f64());
+    let _ = writeln!(
+        summary,
+        "hand-off, 8 clients, {:?} each (bar for dlock: >= 0.9 / (1 ms hold + one round trip) = {bar:.0} cycles/s; \
+         the hold is a 1 ms thread sleep on the blocking pool):",
+        settings.handoff_for
+    );
+    for (kind, run) in &handoffs {
+        let counts: Vec<String> = run.per_client.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            summary,
+            "  {kind}: {:.0} cycles/s, median hand-off {:.2} round trips (p99 {:.2}), gave up {}, acquisitions per client [{}]",
+            run.cycles as f64 / settings.handoff_for.as_secs_f64(),
+            run.gaps.median().as_secs_f64() / round_trip.as_secs_f64().max(1e-9),
+            run.gaps.p99().as_secs_f64() / round_trip.as_secs_f64().max(1e-9),
+            run.gave_up,
+            counts.join(", "),
+        );
+    }
+    let dlock_rate = throughput_rows
+        .iter()
+        .find(|(name, _)| *name == "dlock")
+        .map_or(0.0, |(_, load)| load.rate);
+    let _ = writeln!(
+        summary,
+        "throughput, 64 tasks on 64 keys, one shared client each, median of {slices} slices of {slice:?}:"
+    );
+    for (name, load) in &throughput_rows {
+        let _ = writeln!(
+            summary,
+            "  {name}: {:.0} cycles/s (dlock {:.2}x); CPU per cycle: client {:.1} us, Redis {:.1} us",
+            load.rate,
+            dlock_rate / load.rate.max(1.0),
+            load.client_micros,
+            load.server_micros,
+        );
+    }
+    let _ = writeln!(
+        summary,
         "watchdog at scale: {} guards (TTL 3 s, auto-renewed) held for {:.1?}: {} lost; client memory {:.0} bytes per guard \
-         (resident set growth); client CPU {:.0}% of one core; Redis {:.0} commands/s\n",
+         (resident set growth); client CPU {:.0}% of one core; Redis {:.0} commands/s",
         scale.guards,
         scale.held_for,
         scale.lost,
@@ -534,9 +490,30 @@ async fn main() -> Result {
         scale.client_cpu * 100.0,
         scale.commands_per_second,
     );
+    let mut uncontended: Vec<(&str, &Samples)> = vec![("floor", &cycles[0]), ("dlock", &cycles[1])];
+    uncontended.extend(
+        single_peers
+            .iter()
+            .zip(&cycles[3..])
+            .map(|((name, _), samples)| (*name, samples)),
+    );
+    let mut redlock_series: Vec<(&str, &Samples)> = vec![("dlock", &cycles[2])];
+    redlock_series.extend(
+        redlock_peers
+            .iter()
+            .zip(&cycles[3 + single_peers.len()..])
+            .map(|((name, _), samples)| (*name, samples)),
+    );
+    let handoff_series: Vec<(&str, &Samples)> =
+        handoffs.iter().map(|(kind, run)| (*kind, &run.gaps)).collect();
+    let plot = plot::latency_svg(&[
+        ("1. uncontended cycle, one Redis", &uncontended),
+        ("4. uncontended cycle, Redlock on 5 nodes", &redlock_series),
+        ("3. hand-off gap, 8 clients on one key", &handoff_series),
+    ]);
     println!("{table}\n{summary}");
     if !settings.quick {
-        write_report(&table, &summary)?;
+        write_report(&table, &summary, &plot)?;
     }
     Ok(())
 }
@@ -592,43 +569,143 @@ struct Handoff {
     per_client: Vec<usize>,
 }
 
-/// `clients` clients (own backends) loop on one key for `duration`: acquire,
-/// hold for `hold`, release, ask again at once. A hand-off is the time from
-/// one holder's `release()` returning to the next holder's `lock()`
-/// returning (zero when the waiter was told first).
-async fn handoff(url: &str, clients: usize, hold: Duration, duration: Duration) -> Result<Handoff> {
-    // Fencing tokens on one key rise by one per grant, so the hand-off
-    // from token t is the gap between its release and the grant of t + 1.
-    let acquired_at = Arc::new(Mutex::new(HashMap::<u64, Instant>::new()));
-    let released_at = Arc::new(Mutex::new(HashMap::<u64, Instant>::new()));
-    let key = format!("handoff-{}", std::process::id());
+/// One client of the hand-off scenario: its own connections, as if it were
+/// a process of its own.
+enum Waiter {
+    Dlock(Locker),
+    Rslock(rslock::LockManager),
+    Redsync(Arc<redsync::Redsync<redsync::RedisInstance>>),
+    DistributedLock(distributed_lock_redis::RedisLockProvider),
+}
+
+/// A lock a [`Waiter`] holds.
+enum Held {
+    Dlock(dlock_redis::LockGuard),
+    Rslock(rslock::Lock),
+    Redsync(redsync::Lock),
+    DistributedLock(distributed_lock_redis::RedisLockHandle),
+}
+
+impl Waiter {
+    async fn connect(kind: &str, url: &str) -> Result<Waiter> {
+        Ok(match kind {
+            "dlock" => Waiter::Dlock(Locker::new(RedisBackend::connect(url).await?)),
+            "rslock" => Waiter::Rslock(rslock::LockManager::new(vec![url.to_owned()])),
+            "redsync" => Waiter::Redsync(Arc::new(redsync::Redsync::new(vec![
+                redsync::RedisInstance::new(url)?,
+            ]))),
+            _ => Waiter::DistributedLock(
+                distributed_lock_redis::RedisLockProvider::builder()
+                    .url(url)
+                    .build()
+                    .await?,
+            ),
+        })
+    }
+
+    /// Waits for the lock as the library's waiting call does at its
+    /// defaults (dlock and distributed-lock: up to 5 s; rslock and redsync
+    /// retry a fixed number of times). `None`: it gave up.
+    async fn acquire(&self, key: &str) -> Result<Option<Held>> {
+        use distributed_lock_core::prelude::*;
+        match self {
+            Waiter::Dlock(locker) => match locker.lock(key).wait(Duration::from_secs(5)).await {
+                Ok(guard) => Ok(Some(Held::Dlock(guard))),
+                Err(dlock_redis::LockError::Timeout { .. }) => Ok(None),
+                Err(error) => Err(error.into()),
+            },
+            Waiter::Rslock(manager) => match manager.lock(key, PEER_TTL).await {
+                Ok(lock) => Ok(Some(Held::Rslock(lock))),
+                Err(rslock::LockError::Unavailable) => Ok(None),
+                Err(error) => Err(error.into()),
+            },
+            Waiter::Redsync(redsync) => {
+                let (redsync, key) = (Arc::clone(redsync), key.to_owned());
+                tokio::task::spawn_blocking(move || match redsync.lock(&key, PEER_TTL) {
+                    Ok(lock) => Ok(Some(Held::Redsync(lock))),
+                    Err(redsync::RedsyncError::LockRetriesExceeded(_)) => Ok(None),
+                    Err(error) => Err(error.into()),
+                })
+                .await?
+            }
+            Waiter::DistributedLock(provider) => {
+                match provider
+                    .create_lock(key)
+                    .acquire(Some(Duration::from_secs(5)))
+                    .await
+                {
+                    Ok(handle) => Ok(Some(Held::DistributedLock(handle))),
+                    Err(distributed_lock_core::error::LockError::Timeout(_)) => Ok(None),
+                    Err(error) => Err(error.into()),
+                }
+            }
+        }
+    }
+
+    async fn release(&self, held: Held) -> Result {
+        use distributed_lock_core::prelude::*;
+        match (self, held) {
+            (_, Held::Dlock(guard)) => guard.release().await?,
+            (Waiter::Rslock(manager), Held::Rslock(lock)) => manager.unlock(&lock).await,
+            (Waiter::Redsync(redsync), Held::Redsync(lock)) => {
+                let redsync = Arc::clone(redsync);
+                tokio::task::spawn_blocking(move || redsync.unlock(&lock)).await??;
+            }
+            (_, Held::DistributedLock(handle)) => handle.release().await?,
+            _ => return Err("a lock released through another library".into()),
+        }
+        Ok(())
+    }
+}
+
+/// `clients` clients of library `kind` (each with its own connections) loop
+/// on one key for `duration`: acquire, hold for `hold`, release, ask again
+/// at once. A hand-off is the time from one holder's release returning to
+/// the next holder's acquire returning (zero when the next holder was told
+/// first).
+async fn handoff(
+    kind: &str,
+    url: &str,
+    clients: usize,
+    hold: Duration,
+    duration: Duration,
+) -> Result<Handoff> {
+    // Acquisitions of the one key are numbered in the order they return;
+    // the hand-off after acquisition n is the gap to acquisition n + 1.
+    let acquired_at = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let released_at = Arc::new(Mutex::new(HashMap::<usize, Instant>::new()));
+    let key = format!("handoff-{kind}-{}", std::process::id());
     let stop_at = Instant::now() + duration;
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        let locker = Locker::new(RedisBackend::connect(url).await?);
+        let waiter = Waiter::connect(kind, url).await?;
         let (acquired_at, released_at) = (Arc::clone(&acquired_at), Arc::clone(&released_at));
         let key = key.clone();
         tasks.push(tokio::spawn(async move {
             let mut acquired = 0usize;
             let mut gave_up = 0usize;
             while Instant::now() < stop_at {
-                match locker.lock(&key).wait(Duration::from_secs(5)).await {
-                    Ok(guard) => {
-                        let token = guard.fencing_token().get();
-                        record(&acquired_at, token);
-                        acquired += 1;
-                        // 1 ms of work: Tokio's timer rounds a 1 ms sleep up
-                        // to the next millisecond tick (up to 2 ms), a thread
-                        // sleep on the blocking pool keeps close to 1 ms.
-                        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(hold)).await;
-                        guard.release().await?;
-                        record(&released_at, token);
-                    }
-                    Err(LockError::Timeout { .. }) => gave_up += 1,
-                    Err(error) => return Err(error),
-                }
+                let Some(held) = waiter.acquire(&key).await? else {
+                    gave_up += 1;
+                    continue;
+                };
+                let sequence = {
+                    let mut acquired_at = acquired_at.lock().unwrap_or_else(PoisonError::into_inner);
+                    acquired_at.push(Instant::now());
+                    acquired_at.len() - 1
+                };
+                acquired += 1;
+                // 1 ms of work: Tokio's timer rounds a 1 ms sleep up to the
+                // next millisecond tick (up to 2 ms), a thread sleep on the
+                // blocking pool keeps close to 1 ms.
+                let _ = tokio::task::spawn_blocking(move || std::thread::sleep(hold)).await;
+                waiter.release(held).await?;
+                released_at
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(sequence, Instant::now());
             }
-            Ok((acquired, gave_up))
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((acquired, gave_up))
         }));
     }
     let mut per_client = Vec::new();
@@ -643,18 +720,59 @@ async fn handoff(url: &str, clients: usize, hold: Duration, duration: Duration) 
     let gaps = Samples(
         released_at
             .iter()
-            .filter_map(|(token, released)| {
-                let next = acquired_at.get(&(token + 1))?;
+            .filter_map(|(sequence, released)| {
+                let next = acquired_at.get(sequence + 1)?;
                 Some(next.saturating_duration_since(*released))
             })
             .collect(),
     );
-    let cycles = per_client.iter().sum();
     Ok(Handoff {
         gaps,
-        cycles,
+        cycles: per_client.iter().sum(),
         gave_up,
         per_client,
+    })
+}
+
+/// One throughput slice: cycles per second, and CPU time per cycle in this
+/// process and in the Redis server.
+#[derive(Clone, Copy)]
+struct Load {
+    rate: f64,
+    client_micros: f64,
+    server_micros: f64,
+}
+
+impl Load {
+    /// The median of each figure on its own.
+    fn median(loads: &[Load]) -> Load {
+        let median = |pick: fn(&Load) -> f64| {
+            let mut values: Vec<f64> = loads.iter().map(pick).collect();
+            values.sort_by(f64::total_cmp);
+            values.get(values.len() / 2).copied().unwrap_or(0.0)
+        };
+        Load {
+            rate: median(|load| load.rate),
+            client_micros: median(|load| load.client_micros),
+            server_micros: median(|load| load.server_micros),
+        }
+    }
+}
+
+/// 64 tasks on 64 keys through one shared `contender` for `slice`.
+async fn measured_throughput(
+    contender: &Contender,
+    slice: Duration,
+    admin: &mut MultiplexedConnection,
+) -> Result<Load> {
+    let client_before = cpu_seconds();
+    let server_before = server_cpu(admin).await?;
+    let rate = throughput(|| contender.clone(), 64, slice).await?;
+    let cycles = (rate * slice.as_secs_f64()).max(1.0);
+    Ok(Load {
+        rate,
+        client_micros: (cpu_seconds() - client_before) / cycles * 1e6,
+        server_micros: (server_cpu(admin).await? - server_before) / cycles * 1e6,
     })
 }
 
@@ -781,14 +899,7 @@ async fn server_commands(admin: &mut MultiplexedConnection) -> Result<u64> {
         .ok_or_else(|| "INFO stats has no total_commands_processed".into())
 }
 
-fn record(times: &Mutex<HashMap<u64, Instant>>, token: u64) {
-    times
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(token, Instant::now());
-}
-
-fn write_report(table: &str, summary: &str) -> Result {
+fn write_report(table: &str, summary: &str, plot: &str) -> Result {
     let cores = std::thread::available_parallelism().map_or(0, usize::from);
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -810,11 +921,14 @@ fn write_report(table: &str, summary: &str) -> Result {
          The peers run at their defaults and do less per acquisition: rslock, redsync and \
          distributed-lock take the lock with a plain `SET NX PX` and release it with a scripted \
          delete, with no fencing counter and no release notification; redsync is a blocking \
-         client that opens a new connection per command.\n",
+         client that opens a new connection per command.\n\n\
+         Latency distributions (share of samples at or below each latency, log scale):\n\n\
+         ![latency distributions](benchmarks-latency.svg)\n",
         env!("CARGO_PKG_VERSION"),
     );
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md");
-    std::fs::write(&path, text)?;
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    std::fs::write(docs.join("benchmarks.md"), text)?;
+    std::fs::write(docs.join("benchmarks-latency.svg"), plot)?;
     println!("wrote docs/benchmarks.md");
     Ok(())
 }

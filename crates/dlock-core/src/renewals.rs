@@ -75,7 +75,10 @@ impl Renewals {
             schedule.due.remove(&(previous, id));
         }
         schedule.due.insert((at, id), guard);
-        let running = schedule.driver.as_ref().is_some_and(|driver| !driver.is_finished());
+        let running = schedule
+            .driver
+            .as_ref()
+            .is_some_and(|driver| !driver.is_finished());
         if !running {
             let span = tracing::info_span!("dlock.renewals");
             let driver = drive(Arc::downgrade(self), Arc::clone(&self.wake)).instrument(span);

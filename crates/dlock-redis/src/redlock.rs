@@ -560,7 +560,24 @@ impl LockBackend for RedlockBackend {
 
     async fn release(&self, lease: &Lease) -> Result<ReleaseOutcome, LockError> {
         let key = lease.key();
-        let answers = self.release_on(key, lease.owner(), "releasing").await;
+        // Decided once a majority confirmed (others can then take the lock)
+        // or can no longer confirm; the rest finish in the background.
+        let (nodes, quorum) = (self.inner.nodes.len(), self.inner.quorum);
+        let owner = lease.owner().clone();
+        let answers = self
+            .fan_out(
+                key,
+                move |_, node, key| {
+                    let owner = owner.clone();
+                    async move { node.release_owned(&key, &owner, "releasing").await }
+                },
+                |answers| {
+                    let confirmed = answers.iter().flatten().filter(|answer| answer.is_ok()).count();
+                    confirmed >= quorum || nodes - failed(answers) < quorum
+                },
+            )
+            .await
+            .answers;
         let answered = answers.iter().flatten().filter(|answer| answer.is_ok()).count();
         if answered < self.inner.quorum {
             // Too few nodes confirm: a majority may still hold our value.
