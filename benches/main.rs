@@ -453,12 +453,15 @@ async fn main() -> Result {
         let counts: Vec<String> = run.per_client.iter().map(ToString::to_string).collect();
         let _ = writeln!(
             summary,
-            "  {kind}: {:.0} cycles/s, median hand-off {:.2} round trips (p99 {:.2}), gave up {}, acquisitions per client [{}]",
+            "  {kind}: {:.0} cycles/s, median hand-off {:.2} round trips (p99 {:.2}), gave up {}, acquisitions per client [{}]; \
+             medians: hold {:?}, release {:?}",
             run.cycles as f64 / settings.handoff_for.as_secs_f64(),
             run.gaps.median().as_secs_f64() / round_trip.as_secs_f64().max(1e-9),
             run.gaps.p99().as_secs_f64() / round_trip.as_secs_f64().max(1e-9),
             run.gave_up,
             counts.join(", "),
+            run.holds.median(),
+            run.releases.median(),
         );
     }
     let dlock_rate = throughput_rows
@@ -564,6 +567,9 @@ async fn floor_cycles(
 
 struct Handoff {
     gaps: Samples,
+    /// How long the 1 ms of work really took, and the release calls.
+    holds: Samples,
+    releases: Samples,
     cycles: usize,
     gave_up: usize,
     per_client: Vec<usize>,
@@ -674,12 +680,14 @@ async fn handoff(
     // the hand-off after acquisition n is the gap to acquisition n + 1.
     let acquired_at = Arc::new(Mutex::new(Vec::<Instant>::new()));
     let released_at = Arc::new(Mutex::new(HashMap::<usize, Instant>::new()));
+    let durations = Arc::new(Mutex::new((Samples::default(), Samples::default())));
     let key = format!("handoff-{kind}-{}", std::process::id());
     let stop_at = Instant::now() + duration;
     let mut tasks = Vec::new();
     for _ in 0..clients {
         let waiter = Waiter::connect(kind, url).await?;
         let (acquired_at, released_at) = (Arc::clone(&acquired_at), Arc::clone(&released_at));
+        let durations = Arc::clone(&durations);
         let key = key.clone();
         tasks.push(tokio::spawn(async move {
             let mut acquired = 0usize;
@@ -698,12 +706,18 @@ async fn handoff(
                 // 1 ms of work: Tokio's timer rounds a 1 ms sleep up to the
                 // next millisecond tick (up to 2 ms), a thread sleep on the
                 // blocking pool keeps close to 1 ms.
+                let holding = Instant::now();
                 let _ = tokio::task::spawn_blocking(move || std::thread::sleep(hold)).await;
+                let releasing = Instant::now();
                 waiter.release(held).await?;
+                let released = Instant::now();
                 released_at
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .insert(sequence, Instant::now());
+                    .insert(sequence, released);
+                let mut durations = durations.lock().unwrap_or_else(PoisonError::into_inner);
+                durations.0.0.push(releasing - holding);
+                durations.1.0.push(released - releasing);
             }
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>((acquired, gave_up))
         }));
@@ -726,8 +740,11 @@ async fn handoff(
             })
             .collect(),
     );
+    let (holds, releases) = std::mem::take(&mut *durations.lock().unwrap_or_else(PoisonError::into_inner));
     Ok(Handoff {
         gaps,
+        holds,
+        releases,
         cycles: per_client.iter().sum(),
         gave_up,
         per_client,

@@ -423,3 +423,58 @@ async fn a_hold_off_keeps_the_waiter_away_even_with_a_zero_retry_hint() {
     }
     guard.release().await.expect("release");
 }
+
+/// Renewals run in one task per locker; a locker that outlives the runtime
+/// its first guard was renewed on still renews guards on the next runtime.
+#[test]
+fn a_locker_keeps_renewing_on_a_second_runtime() {
+    let (backend, locker) = setup();
+    let paused_runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("a runtime")
+    };
+    paused_runtime().block_on(async {
+        let guard = locker
+            .lock("first")
+            .ttl(Duration::from_secs(3))
+            .await
+            .expect("acquire");
+        sleep(Duration::from_secs(10)).await;
+        assert!(guard.is_held(), "renewed on the first runtime");
+        guard.release().await.expect("release");
+    });
+    // The first runtime, and the renewal task on it, are gone.
+    paused_runtime().block_on(async {
+        let guard = locker
+            .lock("second")
+            .ttl(Duration::from_secs(3))
+            .await
+            .expect("acquire");
+        let before = backend.operations();
+        sleep(Duration::from_secs(10)).await;
+        assert!(
+            backend.operations() - before >= 9,
+            "renewals on the second runtime"
+        );
+        assert!(guard.is_held(), "renewed on the second runtime");
+        guard.release().await.expect("release");
+    });
+}
+
+/// A released guard leaves the schedule: no renewal is sent for it later.
+#[tokio::test(start_paused = true)]
+async fn a_released_guard_is_not_renewed() {
+    let (backend, locker) = setup();
+    let guard = locker
+        .lock("done")
+        .ttl(Duration::from_secs(3))
+        .await
+        .expect("acquire");
+    guard.release().await.expect("release");
+    let before = backend.operations();
+    sleep(Duration::from_secs(10)).await;
+    assert_eq!(backend.operations(), before, "no operation after the release");
+}
