@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use dlock_redis::{Locker, RedisBackend, RedlockBackend};
 use redis::Script;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use redis::aio::MultiplexedConnection;
 
 mod plot;
@@ -40,6 +42,9 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 return redis.call('PTTL', KEYS[1])
 ";
+
+/// The owner value the floor writes.
+const OWNER: &str = "0123456789abcdef0123456789abcdef";
 
 /// The floor's release: owner-checked delete and a release notification.
 const FLOOR_RELEASE: &str = r"
@@ -85,6 +90,9 @@ impl Samples {
 enum Contender {
     /// The raw redis client: one EVALSHA to acquire, one to release.
     FloorRedis(MultiplexedConnection),
+    /// The raw redis client on N nodes: the same two EVALSHAs sent to every
+    /// node at once, each phase done when a majority answered.
+    FloorRedlock(Vec<MultiplexedConnection>),
     /// A dlock locker on any backend: `try_lock` + `release`.
     Dlock(Locker),
     /// The raw etcd client: the same transaction dlock sends (put if absent
@@ -134,6 +142,39 @@ impl Contender {
             }
             Contender::Dlock(locker) => {
                 locker.try_lock(key).await?.release().await?;
+                Ok(())
+            }
+            Contender::FloorRedlock(connections) => {
+                let lock_key = format!("floor:{{{key}}}");
+                let fence_key = format!("floor:{{{key}}}:fence");
+                let majority = connections.len() / 2 + 1;
+                let acquire = Script::new(FLOOR_ACQUIRE);
+                let mut acquires: FuturesUnordered<_> = connections
+                    .iter()
+                    .map(|connection| {
+                        let mut connection = connection.clone();
+                        let mut call = acquire.key(&lock_key);
+                        call.key(&fence_key).arg(OWNER).arg(30_000);
+                        async move { call.invoke_async::<i64>(&mut connection).await }
+                    })
+                    .collect();
+                for _ in 0..majority {
+                    acquires.next().await.ok_or("a node did not answer")??;
+                }
+                drop(acquires);
+                let release = Script::new(FLOOR_RELEASE);
+                let mut releases: FuturesUnordered<_> = connections
+                    .iter()
+                    .map(|connection| {
+                        let mut connection = connection.clone();
+                        let mut call = release.key(&lock_key);
+                        call.arg(OWNER).arg("floor-released");
+                        async move { call.invoke_async::<i64>(&mut connection).await }
+                    })
+                    .collect();
+                for _ in 0..majority {
+                    releases.next().await.ok_or("a node did not answer")??;
+                }
                 Ok(())
             }
             Contender::FloorEtcd { client, lease } => {
@@ -307,6 +348,12 @@ async fn main() -> Result {
     ];
     redis.extend(single_peers.iter().map(|(_, contender)| contender.clone()));
     redis.extend(redlock_peers.iter().map(|(_, contender)| contender.clone()));
+    let mut redlock_connections = Vec::new();
+    for node in &redlock_urls {
+        redlock_connections.push(floor_connection(node).await?);
+    }
+    let floor_redlock = redis.len();
+    redis.push(Contender::FloorRedlock(redlock_connections));
     let mut floor_acquire = Samples::default();
     if let Contender::FloorRedis(connection) = &redis[0] {
         floor_cycles(
@@ -334,6 +381,13 @@ async fn main() -> Result {
         row(&mut table, UNCONTENDED, name, &cycles[3 + index], floor);
     }
     const REDLOCK: &str = "4. uncontended cycle, Redlock on 5 nodes (ratio to dlock on one node)";
+    row(
+        &mut table,
+        REDLOCK,
+        "floor on 5 nodes (raw EVALSHA x2 to all, majority)",
+        &cycles[floor_redlock],
+        cycles[1].median(),
+    );
     row(
         &mut table,
         REDLOCK,
@@ -442,6 +496,12 @@ async fn main() -> Result {
     };
     let scale = watchdog_at_scale(&url, guards, hold).await?;
     let mut summary = format!("floor round trip (one acquire EVALSHA): median {round_trip:?}\n");
+    let _ = writeln!(
+        summary,
+        "Redlock on 5 nodes: dlock {:.2}x the raw 5-node floor, which is itself {:.2}x the one-node floor",
+        cycles[2].median().as_secs_f64() / cycles[floor_redlock].median().as_secs_f64().max(1e-9),
+        cycles[floor_redlock].median().as_secs_f64() / floor.as_secs_f64().max(1e-9),
+    );
     let bar = 0.9 / (0.001 + round_trip.as_secs_f64());
     let _ = writeln!(
         summary,
@@ -500,7 +560,7 @@ async fn main() -> Result {
             .zip(&cycles[3..])
             .map(|((name, _), samples)| (*name, samples)),
     );
-    let mut redlock_series: Vec<(&str, &Samples)> = vec![("dlock", &cycles[2])];
+    let mut redlock_series: Vec<(&str, &Samples)> = vec![("floor", &cycles[floor_redlock]), ("dlock", &cycles[2])];
     redlock_series.extend(
         redlock_peers
             .iter()

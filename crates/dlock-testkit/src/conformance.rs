@@ -615,7 +615,7 @@ macro_rules! conformance_tests {
 ///
 /// Each client runs on a thread of its own with its own runtime, and makes
 /// its locker there, so the stall stops everything the holder's process
-/// runs: its watchdog, its connections, a shared lease keep-alive.
+/// runs: its renewals, its connections, a shared lease keep-alive.
 pub async fn paused_holder_is_fenced(harness: &dyn Harness) {
     let key = unique_key("paused_holder_is_fenced");
     let ttl = harness.config().short_ttl;
