@@ -15,7 +15,8 @@
 //!
 //! `DLOCK_BENCH_PROFILE=throughput` runs only dlock's scenario 2 for 15 s,
 //! for a profiler to attach to; `DLOCK_BENCH_PROFILE=handoff` only dlock's
-//! scenario 3.
+//! scenario 3; `DLOCK_BENCH_PROFILE=throughput-vs` scenario 2 for the floor,
+//! dlock and rslock.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -293,6 +294,29 @@ async fn main() -> Result {
         let locker = Locker::new(RedisBackend::connect(&url).await?);
         let rate = throughput(|| Contender::Dlock(locker.clone()), 64, Duration::from_secs(15)).await?;
         println!("dlock throughput, 64 tasks on 64 keys: {rate:.0} cycles/s");
+        return Ok(());
+    }
+    if std::env::var("DLOCK_BENCH_PROFILE").is_ok_and(|only| only == "throughput-vs") {
+        // Scenario 2 for the floor, dlock and rslock only, 8 slices each.
+        let mut admin = floor_connection(&url).await?;
+        let contenders = [
+            ("floor", Contender::FloorRedis(floor_connection(&url).await?)),
+            ("dlock", Contender::Dlock(Locker::new(RedisBackend::connect(&url).await?))),
+            ("rslock", Contender::Rslock(rslock::LockManager::new(vec![url.clone()]))),
+        ];
+        let mut loads: Vec<Vec<Load>> = contenders.iter().map(|_| Vec::new()).collect();
+        for _ in 0..8 {
+            for ((_, contender), loads) in contenders.iter().zip(&mut loads) {
+                loads.push(measured_throughput(contender, Duration::from_secs(1), &mut admin).await?);
+            }
+        }
+        for ((name, _), loads) in contenders.iter().zip(&loads) {
+            let load = Load::median(loads);
+            println!(
+                "{name}: {:.0} cycles/s; CPU per cycle: client {:.1} us, Redis {:.1} us",
+                load.rate, load.client_micros, load.server_micros
+            );
+        }
         return Ok(());
     }
     if std::env::var("DLOCK_BENCH_PROFILE").is_ok_and(|only| only == "handoff") {
@@ -999,6 +1023,19 @@ fn write_report(table: &str, summary: &str, plot: &str) -> Result {
          distributed-lock take the lock with a plain `SET NX PX` and release it with a scripted \
          delete, with no fencing counter and no release notification; redsync is a blocking \
          client that opens a new connection per command.\n\n\
+         How the scenarios behave (the figures above show by how much):\n\n\
+         - Throughput (2) is shared between the client and the one Redis thread on two cores; \
+         the CPU time per cycle shows where it goes. dlock's acquire is a script (`SET NX PX` and \
+         the fencing counter's `INCR`), which costs the server more than the peers' plain `SET NX PX`.\n\
+         - A hand-off (3) on Redis takes at least two round trips after the holder's release is \
+         sent: the release (whose notification reaches the waiters with its answer), then the next \
+         holder's acquire. Every waiter is woken and tries; one wins. rslock and redsync retry on a \
+         timer instead: a client that releases often takes the lock again at once (short hand-offs, \
+         uneven acquisitions per client, attempts that give up). distributed-lock's `acquire` makes \
+         one attempt and returns `Timeout` while the lock is held, so the harness calls it again at \
+         once: its \"gave up\" count is that busy loop.\n\
+         - Redlock (4) on five server processes that share two cores: the raw five-node floor \
+         shows what the fan-out itself costs on this machine.\n\n\
          Latency distributions (share of samples at or below each latency, log scale):\n\n\
          ![latency distributions](benchmarks-latency.svg)\n",
         env!("CARGO_PKG_VERSION"),
