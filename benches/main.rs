@@ -26,9 +26,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use dlock_redis::{Locker, RedisBackend, RedlockBackend};
-use redis::Script;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use redis::Script;
 use redis::aio::MultiplexedConnection;
 
 mod plot;
@@ -301,8 +301,14 @@ async fn main() -> Result {
         let mut admin = floor_connection(&url).await?;
         let contenders = [
             ("floor", Contender::FloorRedis(floor_connection(&url).await?)),
-            ("dlock", Contender::Dlock(Locker::new(RedisBackend::connect(&url).await?))),
-            ("rslock", Contender::Rslock(rslock::LockManager::new(vec![url.clone()]))),
+            (
+                "dlock",
+                Contender::Dlock(Locker::new(RedisBackend::connect(&url).await?)),
+            ),
+            (
+                "rslock",
+                Contender::Rslock(rslock::LockManager::new(vec![url.clone()])),
+            ),
         ];
         let mut loads: Vec<Vec<Load>> = contenders.iter().map(|_| Vec::new()).collect();
         for _ in 0..8 {
@@ -584,7 +590,8 @@ async fn main() -> Result {
             .zip(&cycles[3..])
             .map(|((name, _), samples)| (*name, samples)),
     );
-    let mut redlock_series: Vec<(&str, &Samples)> = vec![("floor", &cycles[floor_redlock]), ("dlock", &cycles[2])];
+    let mut redlock_series: Vec<(&str, &Samples)> =
+        vec![("floor", &cycles[floor_redlock]), ("dlock", &cycles[2])];
     redlock_series.extend(
         redlock_peers
             .iter()

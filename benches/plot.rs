@@ -65,7 +65,7 @@ fn panel(svg: &mut String, top: f64, title: &str, series: &[(&str, &Samples)]) {
         svg,
         r##"<rect x="{x0}" y="{y0}" width="{plot_width}" height="{plot_height}" fill="none" stroke="#444"/>"##
     );
-    for share in [0.0, 0.25, 0.5, 0.75, 0.99, 1.0] {
+    for share in [0.0, 0.25, 0.5, 0.75, 0.99] {
         let y = y_of(share);
         let _ = writeln!(
             svg,
