@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use dlock_redis::{Locker, RedisBackend, RedlockBackend};
@@ -37,25 +37,33 @@ type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + 
 
 /// The floor's acquire: what dlock's script must do at least (set with
 /// expiry if absent, bump the fencing counter), nothing more.
-const FLOOR_ACQUIRE: &str = r"
+static FLOOR_ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return redis.call('INCR', KEYS[2])
 end
 return redis.call('PTTL', KEYS[1])
-";
+",
+    )
+});
 
 /// The owner value the floor writes.
 const OWNER: &str = "0123456789abcdef0123456789abcdef";
 
 /// The floor's release: owner-checked delete and a release notification.
-const FLOOR_RELEASE: &str = r"
+static FLOOR_RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   redis.call('PUBLISH', ARGV[2], '')
   return 1
 end
 return 0
-";
+",
+    )
+});
 
 #[derive(Clone, Copy)]
 struct Settings {
@@ -148,35 +156,12 @@ impl Contender {
             Contender::FloorRedlock(connections) => {
                 let lock_key = format!("floor:{{{key}}}");
                 let fence_key = format!("floor:{{{key}}}:fence");
-                let majority = connections.len() / 2 + 1;
-                let acquire = Script::new(FLOOR_ACQUIRE);
-                let mut acquires: FuturesUnordered<_> = connections
-                    .iter()
-                    .map(|connection| {
-                        let mut connection = connection.clone();
-                        let mut call = acquire.key(&lock_key);
-                        call.key(&fence_key).arg(OWNER).arg(30_000);
-                        async move { call.invoke_async::<i64>(&mut connection).await }
-                    })
-                    .collect();
-                for _ in 0..majority {
-                    acquires.next().await.ok_or("a node did not answer")??;
-                }
-                drop(acquires);
-                let release = Script::new(FLOOR_RELEASE);
-                let mut releases: FuturesUnordered<_> = connections
-                    .iter()
-                    .map(|connection| {
-                        let mut connection = connection.clone();
-                        let mut call = release.key(&lock_key);
-                        call.arg(OWNER).arg("floor-released");
-                        async move { call.invoke_async::<i64>(&mut connection).await }
-                    })
-                    .collect();
-                for _ in 0..majority {
-                    releases.next().await.ok_or("a node did not answer")??;
-                }
-                Ok(())
+                let mut call = FLOOR_ACQUIRE.key(&lock_key);
+                call.key(&fence_key).arg(OWNER).arg(30_000);
+                on_majority(connections, &call).await?;
+                let mut call = FLOOR_RELEASE.key(&lock_key);
+                call.arg(OWNER).arg("floor-released");
+                on_majority(connections, &call).await
             }
             Contender::FloorEtcd { client, lease } => {
                 let name = format!("/floor/{key}/0123456789abcdef0123456789abcdef");
@@ -246,6 +231,22 @@ impl Contender {
             }
         }
     }
+}
+
+/// Sends `call` to every node at once; done when a majority answered (the
+/// other answers are not waited for).
+async fn on_majority(connections: &[MultiplexedConnection], call: &redis::ScriptInvocation<'_>) -> Result {
+    let mut answers: FuturesUnordered<_> = connections
+        .iter()
+        .map(|connection| {
+            let mut connection = connection.clone();
+            async move { call.invoke_async::<i64>(&mut connection).await }
+        })
+        .collect();
+    for _ in 0..connections.len() / 2 + 1 {
+        answers.next().await.ok_or("a node did not answer")??;
+    }
+    Ok(())
 }
 
 /// The TTL the peers are asked for (dlock's default is 30 s too).
@@ -626,25 +627,23 @@ async fn floor_cycles(
     cycles: &mut Samples,
     acquires: &mut Samples,
 ) -> Result {
-    let acquire = Script::new(FLOOR_ACQUIRE);
-    let release = Script::new(FLOOR_RELEASE);
     let mut connection = connection.clone();
     let lock_key = format!("floor:{{{key}}}");
     let fence_key = format!("floor:{{{key}}}:fence");
     let channel = format!("floor:{{{key}}}:released");
     for _ in 0..count {
         let started = Instant::now();
-        let _token: i64 = acquire
+        let _token: i64 = FLOOR_ACQUIRE
             .key(&lock_key)
             .key(&fence_key)
-            .arg("0123456789abcdef0123456789abcdef")
+            .arg(OWNER)
             .arg(30_000)
             .invoke_async(&mut connection)
             .await?;
         acquires.0.push(started.elapsed());
-        let released: i64 = release
+        let released: i64 = FLOOR_RELEASE
             .key(&lock_key)
-            .arg("0123456789abcdef0123456789abcdef")
+            .arg(OWNER)
             .arg(&channel)
             .invoke_async(&mut connection)
             .await?;
