@@ -184,21 +184,32 @@ impl Drop for ServerProcess {
     }
 }
 
-/// A loopback port that was free a moment ago, for a server to bind.
+/// Redis Cluster nodes also listen on their port + 10 000 (the cluster bus).
+const BUS_OFFSET: u16 = 10_000;
+
+/// A loopback port that was free a moment ago, for a server to bind; so
+/// was the port [`BUS_OFFSET`] above it, which a Redis Cluster node takes
+/// for its bus.
 ///
-/// Not from the kernel's ephemeral range (which binding port 0 would give):
-/// outgoing connections take their source ports from there, so such a port
-/// can be taken by some client before the server binds it. Never the same
-/// port twice in one process.
+/// Neither is from the kernel's ephemeral range (which binding port 0 would
+/// give): outgoing connections take their source ports from there, so such
+/// a port can be taken by some client before the server binds it. Never the
+/// same port twice in one process, as a port or as a bus port.
 pub fn free_port() -> Result<u16> {
     static HANDED_OUT: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
     let (low, high) = ephemeral_range().unwrap_or((32_768, 60_999));
-    let (first, last) = if low > 11_000 {
-        (10_000, low - 1)
+    // Below the ephemeral range with room for the bus port, or above it.
+    let (first, last) = if low > 11_000 + BUS_OFFSET {
+        (10_000, low - 1 - BUS_OFFSET)
     } else {
-        (high.saturating_add(1), u16::MAX)
+        (high.saturating_add(1), u16::MAX - BUS_OFFSET)
     };
-    let span = u64::from(last.saturating_sub(first)) + 1;
+    if first >= last {
+        return Err(format!(
+            "no loopback ports outside the ephemeral range {low}-{high} (with room for a cluster bus port)"
+        ));
+    }
+    let span = u64::from(last - first) + 1;
     let mut state = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_nanos() as u64)
@@ -207,23 +218,23 @@ pub fn free_port() -> Result<u16> {
     let mut handed_out = HANDED_OUT
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let free = |port: u16| TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok();
     for _ in 0..1_000 {
         // xorshift: cheap, and different in every process.
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
         let port = first + u16::try_from(state % span).unwrap_or(0);
-        if !handed_out.contains(&port) && TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+        let bus = port + BUS_OFFSET;
+        if !handed_out.contains(&port) && !handed_out.contains(&bus) && free(port) && free(bus) {
             handed_out.insert(port);
+            handed_out.insert(bus);
             return Ok(port);
         }
     }
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .map_err(|error| format!("could not find a free loopback port: {error}"))?;
-    listener
-        .local_addr()
-        .map(|address| address.port())
-        .map_err(|error| format!("free port: {error}"))
+    Err(format!(
+        "no free loopback port pair (port and port + {BUS_OFFSET}) in {first}-{last} after 1000 tries"
+    ))
 }
 
 /// The kernel's range for outgoing connections' source ports.
