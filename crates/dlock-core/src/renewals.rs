@@ -12,6 +12,7 @@
 //! ended (for instance with the runtime it ran on).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use tokio::sync::Notify;
@@ -27,13 +28,15 @@ pub(crate) struct Renewals {
     /// Wakes the driver when a deadline earlier than its timer arrives, or
     /// when this schedule is dropped.
     wake: Arc<Notify>,
+    /// The last entry id handed out; an atomic, so that a new guard does
+    /// not take the schedule's lock twice.
+    last_id: AtomicU64,
 }
 
 #[derive(Default)]
 struct Schedule {
     due: BTreeMap<(Instant, u64), Weak<GuardShared>>,
     deadline_of: HashMap<u64, Instant>,
-    next_id: u64,
     /// When the driver looks at `due` next; `None` while it waits for a wake-up only.
     driver_wakes_at: Option<Instant>,
     driver: Option<JoinHandle<()>>,
@@ -44,6 +47,7 @@ impl Default for Renewals {
         Renewals {
             schedule: Mutex::new(Schedule::default()),
             wake: Arc::new(Notify::new()),
+            last_id: AtomicU64::new(0),
         }
     }
 }
@@ -62,9 +66,7 @@ impl Renewals {
 
     /// A fresh id for a guard's entry.
     pub(crate) fn next_id(&self) -> u64 {
-        let mut schedule = self.schedule();
-        schedule.next_id += 1;
-        schedule.next_id
+        self.last_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Asks for `guard` (entry `id`) to be looked at `at`: renewed, or

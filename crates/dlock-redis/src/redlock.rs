@@ -206,19 +206,26 @@ impl RedlockBackend {
         self.fan_out(key, operation, |_| false).await.answers
     }
 
-    /// Owner-checked release on every node at once, waiting for all answers.
+    /// Owner-checked release on every node at once; returns once `decided`
+    /// says so (the other nodes' requests finish in the background).
     async fn release_on(
         &self,
         key: &str,
         owner: &OwnerToken,
         doing: &'static str,
+        decided: impl FnMut(&Answers<ReleaseOutcome>) -> bool,
     ) -> Answers<ReleaseOutcome> {
         let owner = owner.clone();
-        self.fan_out_all(key, move |_, node, key| {
-            let owner = owner.clone();
-            async move { node.release_owned(&key, &owner, doing).await }
-        })
+        self.fan_out(
+            key,
+            move |_, node, key| {
+                let owner = owner.clone();
+                async move { node.release_owned(&key, &owner, doing).await }
+            },
+            decided,
+        )
         .await
+        .answers
     }
 
     /// Undoes a failed acquisition on every node that may hold our value:
@@ -561,23 +568,14 @@ impl LockBackend for RedlockBackend {
     async fn release(&self, lease: &Lease) -> Result<ReleaseOutcome, LockError> {
         let key = lease.key();
         // Decided once a majority confirmed (others can then take the lock)
-        // or can no longer confirm; the rest finish in the background.
+        // or can no longer confirm.
         let (nodes, quorum) = (self.inner.nodes.len(), self.inner.quorum);
-        let owner = lease.owner().clone();
         let answers = self
-            .fan_out(
-                key,
-                move |_, node, key| {
-                    let owner = owner.clone();
-                    async move { node.release_owned(&key, &owner, "releasing").await }
-                },
-                |answers| {
-                    let confirmed = answers.iter().flatten().filter(|answer| answer.is_ok()).count();
-                    confirmed >= quorum || nodes - failed(answers) < quorum
-                },
-            )
-            .await
-            .answers;
+            .release_on(key, lease.owner(), "releasing", |answers| {
+                let confirmed = answers.iter().flatten().filter(|answer| answer.is_ok()).count();
+                confirmed >= quorum || nodes - failed(answers) < quorum
+            })
+            .await;
         let answered = answers.iter().flatten().filter(|answer| answer.is_ok()).count();
         if answered < self.inner.quorum {
             // Too few nodes confirm: a majority may still hold our value.
@@ -611,7 +609,7 @@ impl LockBackend for RedlockBackend {
     }
 
     async fn abandon(&self, key: &str, owner: &OwnerToken) -> Result<(), LockError> {
-        let answers = self.release_on(key, owner, "cleaning up").await;
+        let answers = self.release_on(key, owner, "cleaning up", |_| false).await;
         match failed(&answers) {
             0 => Ok(()),
             _ => Err(LockError::unavailable(
