@@ -100,7 +100,8 @@ enum Contender {
     /// The raw redis client: one EVALSHA to acquire, one to release.
     FloorRedis(MultiplexedConnection),
     /// The raw redis client on N nodes: the same two EVALSHAs sent to every
-    /// node at once, each phase done when a majority answered.
+    /// node at once; the acquire is done when a majority answered, the
+    /// release when every node did (as dlock's Redlock release).
     FloorRedlock(Vec<MultiplexedConnection>),
     /// A dlock locker on any backend: `try_lock` + `release`.
     Dlock(Locker),
@@ -158,10 +159,11 @@ impl Contender {
                 let fence_key = format!("floor:{{{key}}}:fence");
                 let mut call = FLOOR_ACQUIRE.key(&lock_key);
                 call.key(&fence_key).arg(OWNER).arg(30_000);
-                on_majority(connections, &call).await?;
+                on_nodes(connections, &call, connections.len() / 2 + 1).await?;
+                // dlock's release waits for every node, so the floor's does too.
                 let mut call = FLOOR_RELEASE.key(&lock_key);
                 call.arg(OWNER).arg("floor-released");
-                on_majority(connections, &call).await
+                on_nodes(connections, &call, connections.len()).await
             }
             Contender::FloorEtcd { client, lease } => {
                 let name = format!("/floor/{key}/0123456789abcdef0123456789abcdef");
@@ -233,9 +235,13 @@ impl Contender {
     }
 }
 
-/// Sends `call` to every node at once; done when a majority answered (the
-/// other answers are not waited for).
-async fn on_majority(connections: &[MultiplexedConnection], call: &redis::ScriptInvocation<'_>) -> Result {
+/// Sends `call` to every node at once; done when `needed` nodes answered
+/// (the other answers are not waited for).
+async fn on_nodes(
+    connections: &[MultiplexedConnection],
+    call: &redis::ScriptInvocation<'_>,
+    needed: usize,
+) -> Result {
     let mut answers: FuturesUnordered<_> = connections
         .iter()
         .map(|connection| {
@@ -243,7 +249,7 @@ async fn on_majority(connections: &[MultiplexedConnection], call: &redis::Script
             async move { call.invoke_async::<i64>(&mut connection).await }
         })
         .collect();
-    for _ in 0..connections.len() / 2 + 1 {
+    for _ in 0..needed {
         answers.next().await.ok_or("a node did not answer")??;
     }
     Ok(())
@@ -415,7 +421,7 @@ async fn main() -> Result {
     row(
         &mut table,
         REDLOCK,
-        "floor on 5 nodes (raw EVALSHA x2 to all, majority)",
+        "floor on 5 nodes (raw EVALSHA x2 to all; acquire at a majority, release at all)",
         &cycles[floor_redlock],
         cycles[1].median(),
     );

@@ -206,26 +206,20 @@ impl RedlockBackend {
         self.fan_out(key, operation, |_| false).await.answers
     }
 
-    /// Owner-checked release on every node at once; returns once `decided`
-    /// says so (the other nodes' requests finish in the background).
+    /// Owner-checked release on every node at once; waits for every node's
+    /// answer (each bounded by the node timeout).
     async fn release_on(
         &self,
         key: &str,
         owner: &OwnerToken,
         doing: &'static str,
-        decided: impl FnMut(&Answers<ReleaseOutcome>) -> bool,
     ) -> Answers<ReleaseOutcome> {
         let owner = owner.clone();
-        self.fan_out(
-            key,
-            move |_, node, key| {
-                let owner = owner.clone();
-                async move { node.release_owned(&key, &owner, doing).await }
-            },
-            decided,
-        )
+        self.fan_out_all(key, move |_, node, key| {
+            let owner = owner.clone();
+            async move { node.release_owned(&key, &owner, doing).await }
+        })
         .await
-        .answers
     }
 
     /// Undoes a failed acquisition on every node that may hold our value:
@@ -567,15 +561,11 @@ impl LockBackend for RedlockBackend {
 
     async fn release(&self, lease: &Lease) -> Result<ReleaseOutcome, LockError> {
         let key = lease.key();
-        // Decided once a majority confirmed (others can then take the lock)
-        // or can no longer confirm.
-        let (nodes, quorum) = (self.inner.nodes.len(), self.inner.quorum);
-        let answers = self
-            .release_on(key, lease.owner(), "releasing", |answers| {
-                let confirmed = answers.iter().flatten().filter(|answer| answer.is_ok()).count();
-                confirmed >= quorum || nodes - failed(answers) < quorum
-            })
-            .await;
+        // Waits for every node, not just a majority: a caller that exits
+        // right after release (a CLI run, a job) would otherwise leave copies
+        // on the slower nodes until the TTL, and while they live, one more
+        // node down would keep everyone from a majority.
+        let answers = self.release_on(key, lease.owner(), "releasing").await;
         let answered = answers.iter().flatten().filter(|answer| answer.is_ok()).count();
         if answered < self.inner.quorum {
             // Too few nodes confirm: a majority may still hold our value.
@@ -609,7 +599,7 @@ impl LockBackend for RedlockBackend {
     }
 
     async fn abandon(&self, key: &str, owner: &OwnerToken) -> Result<(), LockError> {
-        let answers = self.release_on(key, owner, "cleaning up", |_| false).await;
+        let answers = self.release_on(key, owner, "cleaning up").await;
         match failed(&answers) {
             0 => Ok(()),
             _ => Err(LockError::unavailable(
