@@ -343,10 +343,12 @@ async fn main() -> Result {
         )
         .await?;
         println!(
-            "dlock hand-off: {} cycles in 10 s, median gap {:?}, p99 {:?}, gave up {}, per client {:?}",
+            "dlock hand-off: {} cycles in 10 s, median gap {:?}, p99 {:?}, hold {:?}, release {:?}, gave up {}, per client {:?}",
             run.cycles,
             run.gaps.median(),
             run.gaps.p99(),
+            run.holds.median(),
+            run.releases.median(),
             run.gave_up,
             run.per_client
         );
@@ -543,7 +545,7 @@ async fn main() -> Result {
     let _ = writeln!(
         summary,
         "hand-off, 8 clients, {:?} each (bar for dlock: >= 0.9 / (1 ms hold + one round trip) = {bar:.0} cycles/s; \
-         the hold is a 1 ms thread sleep on the blocking pool):",
+         the hold is 1 ms on a blocking-pool thread, slept then spun):",
         settings.handoff_for
     );
     for (kind, run) in &handoffs {
@@ -799,11 +801,8 @@ async fn handoff(
                     acquired_at.len() - 1
                 };
                 acquired += 1;
-                // 1 ms of work: Tokio's timer rounds a 1 ms sleep up to the
-                // next millisecond tick (up to 2 ms), a thread sleep on the
-                // blocking pool keeps close to 1 ms.
                 let holding = Instant::now();
-                let _ = tokio::task::spawn_blocking(move || std::thread::sleep(hold)).await;
+                let _ = tokio::task::spawn_blocking(move || work_for(holding, hold)).await;
                 let releasing = Instant::now();
                 waiter.release(held).await?;
                 let released = Instant::now();
@@ -845,6 +844,25 @@ async fn handoff(
         gave_up,
         per_client,
     })
+}
+
+/// Stands for `hold` of work that began at `began`, on a blocking-pool
+/// thread. Tokio's timer rounds a 1 ms sleep up to the next millisecond
+/// tick (up to 2 ms) and a thread sleep overshoots by the kernel's timer
+/// slack and the wake-up, so the thread sleeps for all but the last 200 us
+/// and spins through those.
+fn work_for(began: Instant, hold: Duration) {
+    const SPIN: Duration = Duration::from_micros(200);
+    let until = began + hold;
+    if let Some(coarse) = until
+        .checked_duration_since(Instant::now())
+        .and_then(|left| left.checked_sub(SPIN))
+    {
+        std::thread::sleep(coarse);
+    }
+    while Instant::now() < until {
+        std::hint::spin_loop();
+    }
 }
 
 /// One throughput slice: cycles per second, and CPU time per cycle in this
