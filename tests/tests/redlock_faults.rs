@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use dlock_core::{LockError, Locker};
-use dlock_redis::RedlockBackend;
+use dlock_redis::{DEFAULT_KEY_PREFIX, RedlockBackend};
 use dlock_servers::ServerProcess;
 use dlock_servers::redis as servers;
 use dlock_testkit::conformance::unique_key;
@@ -171,5 +171,52 @@ async fn a_slow_node_does_not_slow_the_acquire_past_the_node_timeout() {
         assert!(took < Duration::from_millis(500), "acquire took {took:?}");
         // Confirmed by the four fast nodes; the slow one's copy ends with the TTL.
         guard.release().await.expect("release");
+    }
+}
+
+/// `release` returns once every node has answered (or its node timeout
+/// passed), so a process that exits right after it leaves no copy of the
+/// lock behind on a node that answers slowly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_leaves_no_copy_on_a_slow_node() {
+    let (nodes, mut urls) = five_nodes().await;
+    let slow = FaultProxy::start(format!("127.0.0.1:{}", nodes[4].port()).parse().expect("address"))
+        .await
+        .expect("proxy");
+    urls[4] = format!("redis://{}", slow.address());
+    let locker = Locker::new(
+        RedlockBackend::builder(&urls)
+            .node_timeout(Duration::from_millis(800))
+            .connect()
+            .await
+            .expect("connect"),
+    );
+    let mut direct = Vec::new();
+    for node in &nodes {
+        let client = redis::Client::open(servers::url(node.port())).expect("node URL");
+        direct.push(
+            client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect to a node"),
+        );
+    }
+    let latency = Duration::from_millis(100);
+    slow.set_latency(latency);
+    for _ in 0..5 {
+        let key = unique_key("slow-node-release");
+        let guard = locker.try_lock(&key).await.expect("lock");
+        // Long enough for the slow node's grant to land before the release
+        // is sent, which then takes the latency to reach it.
+        sleep(latency * 2).await;
+        guard.release().await.expect("release");
+        for (index, connection) in direct.iter_mut().enumerate() {
+            let copies: i64 = redis::cmd("EXISTS")
+                .arg(format!("{DEFAULT_KEY_PREFIX}{{{key}}}"))
+                .query_async(connection)
+                .await
+                .expect("EXISTS on a node");
+            assert_eq!(copies, 0, "node {index} still holds {key} after release returned");
+        }
     }
 }
