@@ -22,6 +22,26 @@ async fn five_nodes() -> (Vec<ServerProcess>, Vec<String>) {
     (nodes, urls)
 }
 
+/// Five nodes, the fifth reached through a fault proxy, and a locker on them
+/// with `node_timeout`.
+async fn five_nodes_the_last_behind_a_proxy(
+    node_timeout: Duration,
+) -> (Vec<ServerProcess>, FaultProxy, Locker) {
+    let (nodes, mut urls) = five_nodes().await;
+    let proxy = FaultProxy::start(format!("127.0.0.1:{}", nodes[4].port()).parse().expect("address"))
+        .await
+        .expect("proxy");
+    urls[4] = format!("redis://{}", proxy.address());
+    let locker = Locker::new(
+        RedlockBackend::builder(&urls)
+            .node_timeout(node_timeout)
+            .connect()
+            .await
+            .expect("connect"),
+    );
+    (nodes, proxy, locker)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_of_five_killed_mid_run_changes_nothing() {
     let (mut nodes, urls) = five_nodes().await;
@@ -146,19 +166,7 @@ async fn a_node_restarted_empty_after_the_ttl_keeps_the_lock_safe() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_node_does_not_slow_the_acquire_past_the_node_timeout() {
-    let (nodes, mut urls) = five_nodes().await;
-    let slow = FaultProxy::start(format!("127.0.0.1:{}", nodes[4].port()).parse().expect("address"))
-        .await
-        .expect("proxy");
-    urls[4] = format!("redis://{}", slow.address());
-    let node_timeout = Duration::from_millis(50);
-    let locker = Locker::new(
-        RedlockBackend::builder(&urls)
-            .node_timeout(node_timeout)
-            .connect()
-            .await
-            .expect("connect"),
-    );
+    let (_nodes, slow, locker) = five_nodes_the_last_behind_a_proxy(Duration::from_millis(50)).await;
     slow.set_latency(Duration::from_secs(2));
     for round in 0..10 {
         let began = Instant::now();
@@ -179,18 +187,7 @@ async fn a_slow_node_does_not_slow_the_acquire_past_the_node_timeout() {
 /// lock behind on a node that answers slowly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_leaves_no_copy_on_a_slow_node() {
-    let (nodes, mut urls) = five_nodes().await;
-    let slow = FaultProxy::start(format!("127.0.0.1:{}", nodes[4].port()).parse().expect("address"))
-        .await
-        .expect("proxy");
-    urls[4] = format!("redis://{}", slow.address());
-    let locker = Locker::new(
-        RedlockBackend::builder(&urls)
-            .node_timeout(Duration::from_millis(800))
-            .connect()
-            .await
-            .expect("connect"),
-    );
+    let (nodes, slow, locker) = five_nodes_the_last_behind_a_proxy(Duration::from_millis(800)).await;
     let mut direct = Vec::new();
     for node in &nodes {
         let client = redis::Client::open(servers::url(node.port())).expect("node URL");
