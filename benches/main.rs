@@ -317,14 +317,7 @@ async fn main() -> Result {
                 Contender::Rslock(rslock::LockManager::new(vec![url.clone()])),
             ),
         ];
-        let mut loads: Vec<Vec<Load>> = contenders.iter().map(|_| Vec::new()).collect();
-        for _ in 0..8 {
-            for ((_, contender), loads) in contenders.iter().zip(&mut loads) {
-                loads.push(measured_throughput(contender, Duration::from_secs(1), &mut admin).await?);
-            }
-        }
-        for ((name, _), loads) in contenders.iter().zip(&loads) {
-            let load = Load::median(loads);
+        for (name, load) in interleaved_loads(&contenders, 8, Duration::from_secs(1), &mut admin).await? {
             println!(
                 "{name}: {:.0} cycles/s; CPU per cycle: client {:.1} us, Redis {:.1} us",
                 load.rate, load.client_micros, load.server_micros
@@ -515,17 +508,7 @@ async fn main() -> Result {
         ),
     ];
     shared.extend(single_peers.iter().cloned());
-    let mut loads: Vec<Vec<Load>> = shared.iter().map(|_| Vec::new()).collect();
-    for _ in 0..slices {
-        for ((_, contender), loads) in shared.iter().zip(&mut loads) {
-            loads.push(measured_throughput(contender, slice, &mut admin).await?);
-        }
-    }
-    let throughput_rows: Vec<(&str, Load)> = shared
-        .iter()
-        .zip(&loads)
-        .map(|((name, _), loads)| (*name, Load::median(loads)))
-        .collect();
+    let throughput_rows = interleaved_loads(&shared, slices, slice, &mut admin).await?;
 
     // 6. The watchdog at scale.
     let (guards, hold) = if settings.quick {
@@ -592,6 +575,10 @@ async fn main() -> Result {
         scale.client_cpu * 100.0,
         scale.commands_per_second,
     );
+    println!("{table}\n{summary}");
+    if settings.quick {
+        return Ok(());
+    }
     let mut uncontended: Vec<(&str, &Samples)> = vec![("floor", &cycles[0]), ("dlock", &cycles[1])];
     uncontended.extend(
         single_peers
@@ -614,11 +601,7 @@ async fn main() -> Result {
         ("4. uncontended cycle, Redlock on 5 nodes", &redlock_series),
         ("3. hand-off gap, 8 clients on one key", &handoff_series),
     ]);
-    println!("{table}\n{summary}");
-    if !settings.quick {
-        write_report(&table, &summary, &plot)?;
-    }
-    Ok(())
+    write_report(&table, &summary, &plot)
 }
 
 async fn floor_connection(url: &str) -> Result<MultiplexedConnection> {
@@ -698,12 +681,13 @@ impl Waiter {
             "redsync" => Waiter::Redsync(Arc::new(redsync::Redsync::new(vec![
                 redsync::RedisInstance::new(url)?,
             ]))),
-            _ => Waiter::DistributedLock(
+            "distributed-lock" => Waiter::DistributedLock(
                 distributed_lock_redis::RedisLockProvider::builder()
                     .url(url)
                     .build()
                     .await?,
             ),
+            other => return Err(format!("no hand-off client for {other}").into()),
         })
     }
 
@@ -888,6 +872,27 @@ impl Load {
             server_micros: median(|load| load.server_micros),
         }
     }
+}
+
+/// Each contender's median [`Load`] over `slices` slices of `slice`, taken in
+/// turn so that drift in the machine's load hits all alike.
+async fn interleaved_loads<'a>(
+    contenders: &[(&'a str, Contender)],
+    slices: usize,
+    slice: Duration,
+    admin: &mut MultiplexedConnection,
+) -> Result<Vec<(&'a str, Load)>> {
+    let mut loads: Vec<Vec<Load>> = contenders.iter().map(|_| Vec::new()).collect();
+    for _ in 0..slices {
+        for ((_, contender), loads) in contenders.iter().zip(&mut loads) {
+            loads.push(measured_throughput(contender, slice, admin).await?);
+        }
+    }
+    Ok(contenders
+        .iter()
+        .zip(&loads)
+        .map(|((name, _), loads)| (*name, Load::median(loads)))
+        .collect())
 }
 
 /// 64 tasks on 64 keys through one shared `contender` for `slice`.

@@ -429,39 +429,35 @@ async fn a_hold_off_keeps_the_waiter_away_even_with_a_zero_retry_hint() {
 #[test]
 fn a_locker_keeps_renewing_on_a_second_runtime() {
     let (backend, locker) = setup();
-    let paused_runtime = || {
+    // Holds `key` (ttl 3 s) for 10 s on a runtime of its own; returns
+    // whether it was still held, how many operations the backend saw, and
+    // how the release went.
+    let hold_on_a_new_runtime = |key: &'static str| {
         tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)
             .build()
             .expect("a runtime")
+            .block_on(async {
+                let guard = locker
+                    .lock(key)
+                    .ttl(Duration::from_secs(3))
+                    .await
+                    .expect("acquire");
+                let before = backend.operations();
+                sleep(Duration::from_secs(10)).await;
+                let (held, operations) = (guard.is_held(), backend.operations() - before);
+                (held, operations, guard.release().await)
+            })
     };
-    paused_runtime().block_on(async {
-        let guard = locker
-            .lock("first")
-            .ttl(Duration::from_secs(3))
-            .await
-            .expect("acquire");
-        sleep(Duration::from_secs(10)).await;
-        assert!(guard.is_held(), "renewed on the first runtime");
-        guard.release().await.expect("release");
-    });
+    let (held, _, released) = hold_on_a_new_runtime("first");
+    assert!(held, "renewed on the first runtime");
+    released.expect("release");
     // The first runtime, and the renewal task on it, are gone.
-    paused_runtime().block_on(async {
-        let guard = locker
-            .lock("second")
-            .ttl(Duration::from_secs(3))
-            .await
-            .expect("acquire");
-        let before = backend.operations();
-        sleep(Duration::from_secs(10)).await;
-        assert!(
-            backend.operations() - before >= 9,
-            "renewals on the second runtime"
-        );
-        assert!(guard.is_held(), "renewed on the second runtime");
-        guard.release().await.expect("release");
-    });
+    let (held, operations, released) = hold_on_a_new_runtime("second");
+    assert!(operations >= 9, "renewals on the second runtime");
+    assert!(held, "renewed on the second runtime");
+    released.expect("release");
 }
 
 /// A released guard leaves the schedule: no renewal is sent for it later.
