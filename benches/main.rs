@@ -16,7 +16,9 @@
 //! `DLOCK_BENCH_PROFILE=throughput` runs only dlock's scenario 2 for 15 s,
 //! for a profiler to attach to; `DLOCK_BENCH_PROFILE=handoff` only dlock's
 //! scenario 3; `DLOCK_BENCH_PROFILE=throughput-vs` scenario 2 for the floor,
-//! dlock and rslock.
+//! dlock and rslock; `DLOCK_BENCH_PROFILE=etcd-growth` scenario 5's cycle,
+//! floor and dlock, in 8 batches of 1 000 on one key (does the cycle slow
+//! down as acquisitions of a key accumulate?).
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -105,8 +107,9 @@ enum Contender {
     FloorRedlock(Vec<MultiplexedConnection>),
     /// A dlock locker on any backend: `try_lock` + `release`.
     Dlock(Locker),
-    /// The raw etcd client: the same transaction dlock sends (put if absent
-    /// with a warm lease, read the queue head), then a delete.
+    /// The raw etcd client: the same transaction dlock sends (put the owner
+    /// token if absent, with a warm lease, and read the queue head), then a
+    /// delete.
     FloorEtcd { client: etcd_client::Client, lease: i64 },
     /// etcd's own lock service with a warm lease: `lock` + `unlock`.
     EtcdLockService { client: etcd_client::Client, lease: i64 },
@@ -176,7 +179,7 @@ impl Contender {
                     .and_then([
                         etcd_client::TxnOp::put(
                             name.as_str(),
-                            "",
+                            OWNER,
                             Some(etcd_client::PutOptions::new().with_lease(*lease)),
                         ),
                         etcd_client::TxnOp::get(
@@ -347,6 +350,36 @@ async fn main() -> Result {
         );
         return Ok(());
     }
+    if std::env::var("DLOCK_BENCH_PROFILE").is_ok_and(|only| only == "etcd-growth") {
+        let endpoints: Vec<String> = env("DLOCK_BENCH_ETCD_ENDPOINTS")?
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        let mut client = etcd_client::Client::connect(&endpoints, None).await?;
+        let lease = client.lease_grant(600, None).await?.id();
+        let (_keeper, _stream) = client.lease_keep_alive(lease).await?;
+        let mut contenders = [
+            ("floor", Contender::FloorEtcd { client, lease }),
+            (
+                "dlock",
+                Contender::Dlock(Locker::new(dlock_etcd::EtcdBackend::connect(&endpoints).await?)),
+            ),
+        ];
+        for batch in 1..=8 {
+            let mut line = format!("batch {batch} (1 000 cycles each):");
+            for (name, contender) in &mut contenders {
+                let mut samples = Samples::default();
+                for _ in 0..1_000 {
+                    let started = Instant::now();
+                    contender.cycle("growth").await?;
+                    samples.0.push(started.elapsed());
+                }
+                let _ = write!(line, " {name} median {:?};", samples.median());
+            }
+            println!("{line}");
+        }
+        return Ok(());
+    }
     let redlock_urls: Vec<String> = env("DLOCK_BENCH_REDLOCK_URLS")?
         .split(',')
         .map(str::to_owned)
@@ -439,7 +472,7 @@ async fn main() -> Result {
 
     // 5. etcd, warm session.
     let mut etcd_client = etcd_client::Client::connect(&etcd_endpoints, None).await?;
-    let lease = etcd_client.lease_grant(30, None).await?.id();
+    let lease = etcd_client.lease_grant(600, None).await?.id();
     let (_keeper, _stream) = etcd_client.lease_keep_alive(lease).await?;
     let mut etcd = vec![
         Contender::FloorEtcd {

@@ -138,3 +138,127 @@ async fn a_waiter_whose_key_vanished_is_never_granted_on_it() {
         Err(error) => assert!(matches!(error, LockError::Unavailable { .. }), "{error:?}"),
     }
 }
+
+/// The name of the only waiter key queued for `key` (the holder's).
+async fn holder_name(harness: &EtcdHarness, key: &str) -> String {
+    let queue = harness.queue(key).await;
+    assert_eq!(queue.len(), 1, "one key queued: {queue:?}");
+    queue[0].0.clone()
+}
+
+/// Locks and releases `key` until its waiter key has `name`, for up to 3 s;
+/// whether it did.
+async fn comes_back_to(harness: &EtcdHarness, locker: &Locker, key: &str, name: &str) -> bool {
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        let guard = locker.lock(key).await.expect("lock");
+        let current = holder_name(harness, key).await;
+        guard.release().await.expect("release");
+        if current == name {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiter_key_names_are_reused() {
+    // etcd keeps deleted names in its index until compaction, and the
+    // queue read walks them: a new name per acquisition would slow every
+    // acquisition of a busy key down.
+    let harness = EtcdHarness::from_env().await;
+    let locker = Locker::new(EtcdBackend::connect(harness.endpoints()).await.expect("connect"));
+    let key = unique_key("etcd-name-reuse");
+    let mut names = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let guard = locker.lock(&key).await.expect("lock");
+        names.insert(holder_name(&harness, &key).await);
+        guard.release().await.expect("release");
+    }
+    assert_eq!(names.len(), 1, "{names:?}");
+
+    // Two acquisitions of one backend at once get two names; the first is
+    // taken again afterwards.
+    let first = locker.lock(&key).await.expect("first");
+    let waiting = {
+        let (locker, key) = (locker.clone(), key.clone());
+        tokio::spawn(async move { locker.lock(&key).wait(Duration::from_secs(5)).await })
+    };
+    let mut queued = Vec::new();
+    for _ in 0..200 {
+        queued = harness.queue(&key).await;
+        if queued.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(queued.len(), 2, "{queued:?}");
+    assert_ne!(queued[0].0, queued[1].0);
+    first.release().await.expect("release first");
+    let second = waiting.await.expect("waiter task").expect("second");
+    second.release().await.expect("release second");
+    let reused = names.pop_first().expect("one name");
+    assert!(comes_back_to(&harness, &locker, &key, &reused).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_lock_keeps_its_name_until_its_key_is_gone() {
+    let harness = EtcdHarness::from_env().await;
+    let locker = Locker::new(EtcdBackend::connect(harness.endpoints()).await.expect("connect"));
+    let key = unique_key("etcd-forgotten-name");
+    let forgotten = locker
+        .lock(&key)
+        .ttl(Duration::from_secs(2))
+        .auto_renew(false)
+        .await
+        .expect("lock");
+    let first_name = holder_name(&harness, &key).await;
+    forgotten.forget();
+    // While the forgotten key lives, the next acquisition queues under
+    // another name, and gets the lock when the key's lease runs out.
+    let next = locker
+        .lock(&key)
+        .wait(Duration::from_secs(6))
+        .await
+        .expect("the forgotten key expires");
+    assert_ne!(holder_name(&harness, &key).await, first_name);
+    next.release().await.expect("release");
+    assert!(
+        comes_back_to(&harness, &locker, &key, &first_name).await,
+        "the forgotten lock's name is free again once its key expired"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_write_under_a_reused_name_is_deleted_and_passed_over() {
+    // A write of an earlier request that reached the cluster after the
+    // request gave up leaves a key under a name the backend reuses.
+    let harness = EtcdHarness::from_env().await;
+    let locker = Locker::new(EtcdBackend::connect(harness.endpoints()).await.expect("connect"));
+    let key = unique_key("etcd-late-write");
+    let guard = locker.lock(&key).await.expect("lock");
+    let name = holder_name(&harness, &key).await;
+    guard.release().await.expect("release");
+    harness
+        .admin()
+        .put(name.as_str(), "0123456789abcdef0123456789abcdef", None)
+        .await
+        .expect("plant a late write");
+
+    let guard = locker
+        .lock(&key)
+        .wait(Duration::from_secs(5))
+        .await
+        .expect("the request gets past the late write");
+    assert_ne!(
+        holder_name(&harness, &key).await,
+        name,
+        "the late write is deleted and the lock is held under another name"
+    );
+    guard.release().await.expect("release");
+    assert!(
+        comes_back_to(&harness, &locker, &key, &name).await,
+        "the name is free again once the late write is deleted"
+    );
+}

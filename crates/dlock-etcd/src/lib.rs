@@ -17,7 +17,8 @@
 //! ```
 //!
 //! How it works: each acquisition writes its own waiter key
-//! `{prefix}{len}/{key}/{owner}` under the session's lease, in a
+//! `{prefix}{len}/{key}/{client}-{slot}` under the session's lease (with
+//! its owner token as value; see `names.rs` for why names are reused), in a
 //! transaction that also reads the oldest waiter key of the lock. The
 //! oldest one holds the lock; the others watch only their immediate
 //! predecessor's deletion. Locks with auto-renewal share one lease per TTL
@@ -28,6 +29,7 @@
 
 mod errors;
 mod members;
+mod names;
 mod session;
 
 use std::collections::HashMap;
@@ -46,6 +48,7 @@ use tracing::debug;
 
 use crate::errors::from_etcd;
 use crate::members::{Failure, Members};
+use crate::names::{Reserved, WaiterName};
 use crate::session::Session;
 
 /// Default prefix of every key dlock writes.
@@ -69,8 +72,12 @@ struct Inner {
     endpoints: String,
     /// Live sessions by TTL in whole seconds.
     sessions: tokio::sync::Mutex<HashMap<i64, Arc<Session>>>,
-    /// Waiter keys written by requests that are still waiting: owner → create revision.
-    waiting: Mutex<HashMap<String, i64>>,
+    /// Names this backend's waiter keys get: `{client_id}-{slot}`.
+    client_id: String,
+    /// The names in use (see `names.rs`).
+    reserved: Reserved,
+    /// Waiter keys of requests that have not acquired yet, by owner.
+    waiting: Mutex<HashMap<String, WaiterName>>,
 }
 
 /// The lease a held lock's key lives on.
@@ -85,6 +92,16 @@ enum Binding {
 /// What a held lock keeps for release and renewal.
 struct Held {
     binding: Mutex<Binding>,
+    /// The lock's waiter key; dropped while the key may exist, it deletes it.
+    name: WaiterName,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // Released, or a release that failed has started deleting the key;
+        // otherwise the lock was forgotten or lost, and its key must stay.
+        self.name.keep_until_gone();
+    }
 }
 
 impl Held {
@@ -154,8 +171,32 @@ impl EtcdBackend {
         format!("{}{}/{key}/", self.inner.prefix, key.len())
     }
 
-    fn waiter_key(&self, key: &str, owner: &OwnerToken) -> String {
-        format!("{}{}", self.queue_prefix(key), owner.as_str())
+    /// `owner`'s waiter key name for `key` and its create revision once
+    /// known; a name is reserved on the first call.
+    fn queue_entry(&self, key: &str, owner: &OwnerToken) -> (String, Option<i64>) {
+        let mut waiting = self.inner.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = waiting.get(owner.as_str()) {
+            return (entry.as_str().to_owned(), entry.revision);
+        }
+        let name = self
+            .inner
+            .reserved
+            .take(&self.queue_prefix(key), &self.inner.client_id);
+        let entry = WaiterName::new(key, name.clone(), Arc::downgrade(&self.inner));
+        waiting.insert(owner.as_str().to_owned(), entry);
+        (name, None)
+    }
+
+    fn note_revision(&self, owner: &OwnerToken, revision: i64) {
+        if let Some(entry) = self
+            .inner
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(owner.as_str())
+        {
+            entry.revision = Some(revision);
+        }
     }
 
     /// Runs one request, failing over between members, within the request
@@ -198,7 +239,7 @@ impl EtcdBackend {
         Ok(session)
     }
 
-    fn forget_waiting(&self, owner: &OwnerToken) -> Option<i64> {
+    fn take_waiting(&self, owner: &OwnerToken) -> Option<WaiterName> {
         self.inner
             .waiting
             .lock()
@@ -283,12 +324,17 @@ impl EtcdBackend {
         &self,
         key: &str,
         waiter: &str,
+        owner: &OwnerToken,
         revision: i64,
         lease: i64,
     ) -> Result<bool, LockError> {
         let txn = Txn::new()
             .when([Compare::create_revision(waiter, CompareOp::Equal, revision)])
-            .and_then([TxnOp::put(waiter, "", Some(PutOptions::new().with_lease(lease)))]);
+            .and_then([TxnOp::put(
+                waiter,
+                owner.as_str(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
         let response = self
             .call(key, "moving the lock to another lease", |client| {
                 transact(client, &txn)
@@ -335,7 +381,8 @@ impl EtcdBackend {
     /// clean-up left behind. It matters here more than with Redis: on a
     /// kept-alive session the key would otherwise block the queue for as
     /// long as the session lives. Stops when the key is gone, or with the
-    /// backend (whose sessions then end, and their keys with them).
+    /// backend (whose sessions then end, and their keys with them). Frees
+    /// the name once the key is gone.
     fn delete_in_background(&self, key: &str, waiter: String, revision: Option<i64>) {
         let backend = Arc::downgrade(&self.inner);
         let key = key.to_owned();
@@ -363,9 +410,65 @@ impl EtcdBackend {
                     .is_ok()
                 {
                     debug!(key, "a left-over waiter key was deleted");
+                    backend.inner.reserved.free(&waiter);
                     return;
                 }
                 pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+
+    /// Frees `waiter`'s name once the key created at `revision` is gone:
+    /// at once if it is, else when a watch sees it deleted (its lease ran
+    /// out, or someone deleted it). Stops with the backend.
+    fn free_when_gone(&self, key: &str, waiter: String, revision: i64) {
+        let backend = Arc::downgrade(&self.inner);
+        let key = key.to_owned();
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(100);
+            let deleted = loop {
+                let Some(inner) = backend.upgrade() else { return };
+                let current = EtcdBackend { inner };
+                let check = Txn::new().when([Compare::create_revision(
+                    waiter.as_str(),
+                    CompareOp::Equal,
+                    revision,
+                )]);
+                match current
+                    .call(&key, "checking a dropped lock's key", |client| {
+                        transact(client, &check)
+                    })
+                    .await
+                {
+                    Ok(response) if !response.succeeded() => {
+                        current.inner.reserved.free(&waiter);
+                        return;
+                    }
+                    Ok(response) => {
+                        let seen = response.header().map_or(revision, |header| header.revision());
+                        break current.watch_deletion(waiter.clone(), seen);
+                    }
+                    Err(_) => {}
+                }
+                drop(current);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            };
+            // The watch keeps the connections, not the backend: check now
+            // and then that the backend is still there.
+            tokio::pin!(deleted);
+            loop {
+                tokio::select! {
+                    () = &mut deleted => break,
+                    () = tokio::time::sleep(Duration::from_secs(5)) => {
+                        if backend.strong_count() == 0 {
+                            return;
+                        }
+                    }
+                }
+            }
+            if let Some(inner) = backend.upgrade() {
+                inner.reserved.free(&waiter);
             }
         });
     }
@@ -567,6 +670,8 @@ impl EtcdBackendBuilder {
                 request_timeout: self.request_timeout,
                 endpoints,
                 sessions: tokio::sync::Mutex::new(HashMap::new()),
+                client_id: OwnerToken::generate()?.as_str().to_owned(),
+                reserved: Reserved::default(),
                 waiting: Mutex::new(HashMap::new()),
             }),
         })
@@ -614,6 +719,14 @@ async fn transact(mut client: Client, txn: &Txn) -> Result<etcd_client::TxnRespo
     client.txn(txn.clone()).await
 }
 
+/// The create revision and value of the first kv of a Get inside a transaction's responses.
+fn first_value(responses: &[TxnOpResponse], index: usize) -> Option<(i64, &[u8])> {
+    match responses.get(index) {
+        Some(TxnOpResponse::Get(get)) => get.kvs().first().map(|kv| (kv.create_revision(), kv.value())),
+        _ => None,
+    }
+}
+
 /// The first kv of a Get inside a transaction's responses.
 fn first_kv(responses: &[TxnOpResponse], index: usize) -> Option<(Vec<u8>, i64)> {
     match responses.get(index) {
@@ -631,16 +744,10 @@ impl LockBackend for EtcdBackend {
         request.require_exclusive()?;
         let (key, owner, ttl) = (request.key, request.owner, request.ttl);
         let started = Instant::now();
-        let waiter = self.waiter_key(key, owner);
+        // The entry stays in `waiting` until the request acquires or leaves
+        // the queue, so that a retry finds its key and `abandon` deletes it.
+        let (waiter, known) = self.queue_entry(key, owner);
         let oldest = oldest_waiter();
-        let mine = GetOptions::new().with_keys_only();
-        let known = self
-            .inner
-            .waiting
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(owner.as_str())
-            .copied();
         let queue = self.queue_prefix(key);
 
         // Waiters queue on the kept-alive session for their TTL, so that a
@@ -652,11 +759,15 @@ impl LockBackend for EtcdBackend {
             None => Txn::new()
                 .when([Compare::create_revision(waiter.as_str(), CompareOp::Equal, 0)])
                 .and_then([
-                    TxnOp::put(waiter.as_str(), "", Some(PutOptions::new().with_lease(lease))),
+                    TxnOp::put(
+                        waiter.as_str(),
+                        owner.as_str(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    ),
                     TxnOp::get(queue.as_str(), Some(oldest.clone())),
                 ])
                 .or_else([
-                    TxnOp::get(waiter.as_str(), Some(mine)),
+                    TxnOp::get(waiter.as_str(), None),
                     TxnOp::get(queue.as_str(), Some(oldest)),
                 ]),
             // After a wait: our key must still be the one we wrote.
@@ -675,8 +786,24 @@ impl LockBackend for EtcdBackend {
         let responses = response.op_responses();
         let (my_revision, first) = match (known, response.succeeded()) {
             (None, true) => (header_revision, first_kv(&responses, 1)),
-            (None, false) => match first_kv(&responses, 0) {
-                Some((_, revision)) => (revision, first_kv(&responses, 1)),
+            // The name is taken: by this request's own write, which a
+            // retried attempt finds, or by a write of an earlier request
+            // that reached the cluster after that request had given up.
+            (None, false) => match first_value(&responses, 0) {
+                Some((revision, value)) if value == owner.as_str().as_bytes() => {
+                    (revision, first_kv(&responses, 1))
+                }
+                Some((revision, _)) => {
+                    if let Some(mut stale) = self.take_waiting(owner) {
+                        // Dropped: deleted in the background, then freed.
+                        stale.revision = Some(revision);
+                    }
+                    return Err(LockError::unavailable(
+                        Some(key),
+                        "a waiter key left by an earlier request was in the way (it is being deleted); \
+                         the request queues again under another name if its wait allows",
+                    ));
+                }
                 None => {
                     return Err(LockError::unavailable(
                         Some(key),
@@ -688,7 +815,9 @@ impl LockBackend for EtcdBackend {
             (Some(_), false) => {
                 // Our key expired (its lease ended) or was deleted while we
                 // waited: never report success on a key that is gone.
-                self.forget_waiting(owner);
+                if let Some(gone) = self.take_waiting(owner) {
+                    gone.mark_gone();
+                }
                 return Err(LockError::unavailable(
                     Some(key),
                     "the waiter key disappeared while waiting (its lease expired or it was deleted); \
@@ -696,12 +825,12 @@ impl LockBackend for EtcdBackend {
                 ));
             }
         };
+        self.note_revision(owner, my_revision);
 
-        let is_first = first
-            .as_ref()
-            .is_some_and(|(first_key, _)| first_key == waiter.as_bytes());
+        let is_first = first.as_ref().is_some_and(|(first_key, first_revision)| {
+            first_key == waiter.as_bytes() && *first_revision == my_revision
+        });
         if is_first {
-            self.forget_waiting(owner);
             let token = FencingToken::new(u64::try_from(my_revision).unwrap_or(0));
             let (binding, valid_until) = if request.auto_renew {
                 let valid_until = session.state().valid_until;
@@ -711,7 +840,7 @@ impl LockBackend for EtcdBackend {
                 // (same key, same create revision, so the same token).
                 let sent = Instant::now();
                 let (id, lease_ttl) = self.own_lease(key, ttl).await?;
-                match self.rebind_key(key, &waiter, my_revision, id).await {
+                match self.rebind_key(key, &waiter, owner, my_revision, id).await {
                     Ok(true) => (Binding::Own { id, ttl: lease_ttl }, sent + lease_ttl),
                     outcome => {
                         self.revoke_later(id);
@@ -723,11 +852,18 @@ impl LockBackend for EtcdBackend {
                     }
                 }
             };
+            let Some(name) = self.take_waiting(owner) else {
+                return Err(LockError::unavailable(
+                    Some(key),
+                    "the request was abandoned while it acquired",
+                ));
+            };
             let validity = valid_until
                 .saturating_duration_since(started)
                 .saturating_sub(drift_allowance(ttl));
             let held = Held {
                 binding: Mutex::new(binding),
+                name,
             };
             let signal = self.watch_deletion(waiter, header_revision.max(my_revision));
             return Ok(Attempt::Acquired(
@@ -739,7 +875,6 @@ impl LockBackend for EtcdBackend {
 
         if !request.queue {
             // try_lock: leave the queue at once.
-            self.forget_waiting(owner);
             let delete = Txn::new()
                 .when([Compare::create_revision(
                     waiter.as_str(),
@@ -749,13 +884,11 @@ impl LockBackend for EtcdBackend {
                 .and_then([TxnOp::delete(waiter.as_str(), None)]);
             self.call(key, "leaving the queue", |client| transact(client, &delete))
                 .await?;
+            if let Some(left) = self.take_waiting(owner) {
+                left.mark_gone();
+            }
             return Ok(Attempt::Busy(Busy::new()));
         }
-        self.inner
-            .waiting
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(owner.as_str().to_owned(), my_revision);
 
         // Watch only the immediate predecessor.
         let predecessor = GetOptions::new()
@@ -796,16 +929,17 @@ impl LockBackend for EtcdBackend {
     async fn extend(&self, lease: &Lease, ttl: Duration) -> Result<ExtendOutcome, LockError> {
         let key = lease.key();
         let started = Instant::now();
-        let waiter = self.waiter_key(key, lease.owner());
         let revision = i64::try_from(lease.token().get()).unwrap_or(i64::MAX);
         let Some(held) = lease.handle::<Held>() else {
             return Ok(ExtendOutcome::NotHeld(NotHeldReason::Expired));
         };
+        let waiter = held.name.as_str();
+        let owner = lease.owner();
         let seconds = whole_seconds(ttl);
         let (binding, valid_until) = match held.binding() {
             Binding::Session(session) if session.seconds == seconds && !session.state().lost => {
                 // The session keeps the lease alive; check that the key is still ours.
-                if let Some(reason) = self.check_ours(key, &waiter, revision).await? {
+                if let Some(reason) = self.check_ours(key, waiter, revision).await? {
                     return Ok(ExtendOutcome::NotHeld(reason));
                 }
                 let valid_until = session.state().valid_until;
@@ -814,7 +948,10 @@ impl LockBackend for EtcdBackend {
             Binding::Session(_) => {
                 // Another TTL: move the key onto that TTL's session.
                 let session = self.session(key, ttl).await?;
-                if !self.rebind_key(key, &waiter, revision, session.lease).await? {
+                if !self
+                    .rebind_key(key, waiter, owner, revision, session.lease)
+                    .await?
+                {
                     return Ok(ExtendOutcome::NotHeld(self.why_not_held(key).await?));
                 }
                 let valid_until = session.state().valid_until;
@@ -832,7 +969,7 @@ impl LockBackend for EtcdBackend {
                 if renewed.is_none_or(|response| response.ttl() <= 0) {
                     return Ok(ExtendOutcome::NotHeld(self.why_not_held(key).await?));
                 }
-                if let Some(reason) = self.check_ours(key, &waiter, revision).await? {
+                if let Some(reason) = self.check_ours(key, waiter, revision).await? {
                     return Ok(ExtendOutcome::NotHeld(reason));
                 }
                 (Binding::Own { id, ttl: lease_ttl }, sent + lease_ttl)
@@ -841,7 +978,7 @@ impl LockBackend for EtcdBackend {
                 // A longer TTL than the lease has: move the key onto a new lease.
                 let sent = Instant::now();
                 let (id, lease_ttl) = self.own_lease(key, ttl).await?;
-                if !self.rebind_key(key, &waiter, revision, id).await? {
+                if !self.rebind_key(key, waiter, owner, revision, id).await? {
                     self.revoke_later(id);
                     return Ok(ExtendOutcome::NotHeld(self.why_not_held(key).await?));
                 }
@@ -859,24 +996,25 @@ impl LockBackend for EtcdBackend {
 
     async fn release(&self, lease: &Lease) -> Result<ReleaseOutcome, LockError> {
         let key = lease.key();
-        let waiter = self.waiter_key(key, lease.owner());
+        let Some(held) = lease.handle::<Held>() else {
+            return Ok(ReleaseOutcome::NotHeld(NotHeldReason::Expired));
+        };
+        let waiter = held.name.as_str();
         let revision = i64::try_from(lease.token().get()).unwrap_or(i64::MAX);
         let txn = Txn::new()
-            .when([Compare::create_revision(
-                waiter.as_str(),
-                CompareOp::Equal,
-                revision,
-            )])
-            .and_then([TxnOp::delete(waiter.as_str(), None)])
+            .when([Compare::create_revision(waiter, CompareOp::Equal, revision)])
+            .and_then([TxnOp::delete(waiter, None)])
             .or_else([TxnOp::get(self.queue_prefix(key), Some(oldest_waiter()))]);
         let response = match self.call(key, "releasing", |client| transact(client, &txn)).await {
             Ok(response) => response,
             Err(error) => {
-                self.delete_in_background(key, waiter, Some(revision));
+                held.name.delete_later();
                 return Err(error);
             }
         };
-        if let Some(Binding::Own { id, .. }) = lease.handle::<Held>().map(Held::binding) {
+        // Deleted now, or already gone: either way no key of ours is left.
+        held.name.mark_gone();
+        if let Binding::Own { id, .. } = held.binding() {
             self.revoke_later(id);
         }
         if response.succeeded() {
@@ -886,17 +1024,21 @@ impl LockBackend for EtcdBackend {
     }
 
     async fn abandon(&self, key: &str, owner: &OwnerToken) -> Result<(), LockError> {
-        self.forget_waiting(owner);
-        let waiter = self.waiter_key(key, owner);
+        // No entry: the request never wrote, or already cleaned up.
+        let Some(entry) = self.take_waiting(owner) else {
+            return Ok(());
+        };
+        let waiter = entry.as_str().to_owned();
         let outcome = self
             .call(key, "leaving the queue", |mut client| {
                 let waiter = waiter.clone();
                 async move { client.delete(waiter, None).await }
             })
             .await;
-        if outcome.is_err() {
-            self.delete_in_background(key, waiter, None);
+        if outcome.is_ok() {
+            entry.mark_gone();
         }
+        // Dropping the entry frees its name, or first deletes its key in the background.
         outcome.map(drop)
     }
 

@@ -1,0 +1,168 @@
+//! Waiter key names, reused.
+//!
+//! etcd keeps a deleted key's name in its index until the history is
+//! compacted, and every acquisition reads the queue with a range over the
+//! lock's prefix, which walks those names too. A fresh name per
+//! acquisition would make each acquisition of a busy key slower than the
+//! one before (measured: a median cycle from 2.8 ms to 5.9 ms over 8 000
+//! acquisitions of one key on an uncompacted cluster). So a backend names
+//! its waiter keys `{client id}-{slot}` and takes the lowest slot of the
+//! lock that none of its acquisitions is using.
+//!
+//! Architecture Invariant: a name is reserved from the first write of an
+//! acquisition until its key is known to be gone (deleted, or found gone
+//! by an owner check), and is freed exactly once. So a name never stands
+//! for two live keys, and the owner checks (which compare the create
+//! revision, new for every key written under a name) keep their meaning.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, PoisonError, Weak};
+
+use tracing::debug;
+
+use crate::{EtcdBackend, Inner};
+
+/// The names in use by one backend's acquisitions.
+#[derive(Default)]
+pub(crate) struct Reserved(Mutex<HashSet<String>>);
+
+impl Reserved {
+    /// Reserves the lowest free slot of the queue `queue_prefix` for `client`.
+    pub(crate) fn take(&self, queue_prefix: &str, client: &str) -> String {
+        let mut reserved = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut slot = 0u64;
+        loop {
+            let name = format!("{queue_prefix}{client}-{slot}");
+            if !reserved.contains(&name) {
+                reserved.insert(name.clone());
+                return name;
+            }
+            slot += 1;
+        }
+    }
+
+    pub(crate) fn free(&self, name: &str) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).remove(name);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
+const LIVE: u8 = 0;
+const GONE: u8 = 1;
+/// A background task frees the name (after deleting the key, or once the
+/// key is gone by itself).
+const HANDED_OFF: u8 = 2;
+
+/// One acquisition's waiter key name. Dropped while its key may still
+/// exist, it deletes the key in the background and frees the name once
+/// that is confirmed; dropped after [`mark_gone`](Self::mark_gone), it
+/// frees the name at once; after [`keep_until_gone`](Self::keep_until_gone),
+/// a task frees it when the key goes by itself.
+pub(crate) struct WaiterName {
+    key: String,
+    name: String,
+    /// Create revision of our key under this name, once known: the
+    /// background delete compares on it.
+    pub(crate) revision: Option<i64>,
+    state: AtomicU8,
+    backend: Weak<Inner>,
+}
+
+impl WaiterName {
+    pub(crate) fn new(key: &str, name: String, backend: Weak<Inner>) -> Self {
+        WaiterName {
+            key: key.to_owned(),
+            name,
+            revision: None,
+            state: AtomicU8::new(LIVE),
+            backend,
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.name
+    }
+
+    /// Our key under this name is known to be gone.
+    pub(crate) fn mark_gone(&self) {
+        let _ = self
+            .state
+            .compare_exchange(LIVE, GONE, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Starts deleting the key in the background now (a release failed);
+    /// the task frees the name when the key is gone.
+    pub(crate) fn delete_later(&self) {
+        if self.hand_off() {
+            if let Some(backend) = self.backend_in_runtime() {
+                backend.delete_in_background(&self.key, self.name.clone(), self.revision);
+            }
+        }
+    }
+
+    /// The lock was given up without a release (forgotten, or dropped once
+    /// lost): its key stays until its lease ends or someone deletes it, and
+    /// the name is freed then.
+    pub(crate) fn keep_until_gone(&self) {
+        if self.hand_off() {
+            if let (Some(backend), Some(revision)) = (self.backend_in_runtime(), self.revision) {
+                backend.free_when_gone(&self.key, self.name.clone(), revision);
+            }
+        }
+    }
+
+    fn hand_off(&self) -> bool {
+        self.state
+            .compare_exchange(LIVE, HANDED_OFF, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The backend, if it and a runtime to run a task on are still there.
+    /// Without them the name stays reserved (never reused), which is safe.
+    fn backend_in_runtime(&self) -> Option<EtcdBackend> {
+        let inner = self.backend.upgrade()?;
+        if tokio::runtime::Handle::try_current().is_err() {
+            debug!(key = %self.key, "waiter key dropped outside a Tokio runtime; its name is not reused");
+            return None;
+        }
+        Some(EtcdBackend { inner })
+    }
+}
+
+impl Drop for WaiterName {
+    fn drop(&mut self) {
+        match self.state.load(Ordering::Acquire) {
+            GONE => {
+                if let Some(inner) = self.backend.upgrade() {
+                    inner.reserved.free(&self.name);
+                }
+            }
+            LIVE => self.delete_later(),
+            // A background task frees the name.
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Reserved;
+
+    #[test]
+    fn the_lowest_free_slot_is_taken_and_freed_slots_come_back() {
+        let reserved = Reserved::default();
+        let first = reserved.take("/q/", "c");
+        let second = reserved.take("/q/", "c");
+        assert_eq!((first.as_str(), second.as_str()), ("/q/c-0", "/q/c-1"));
+        assert_eq!(reserved.take("/other/", "c"), "/other/c-0");
+        reserved.free(&first);
+        assert_eq!(reserved.take("/q/", "c"), "/q/c-0");
+        assert_eq!(reserved.take("/q/", "c"), "/q/c-2");
+        assert_eq!(reserved.len(), 4);
+    }
+}
