@@ -31,6 +31,7 @@ mod errors;
 mod members;
 mod names;
 mod session;
+mod watches;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -39,8 +40,8 @@ use std::time::Duration;
 
 pub use dlock_core::*;
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, SortOrder,
-    SortTarget, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, SortOrder, SortTarget,
+    TlsOptions, Txn, TxnOp, TxnOpResponse,
 };
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
@@ -50,6 +51,7 @@ use crate::errors::from_etcd;
 use crate::members::{Failure, Members};
 use crate::names::{Reserved, WaiterName};
 use crate::session::Session;
+use crate::watches::{Deletion, Watches};
 
 /// Default prefix of every key dlock writes.
 pub const DEFAULT_KEY_PREFIX: &str = "/dlock/";
@@ -76,6 +78,8 @@ struct Inner {
     client_id: String,
     /// The names in use (see `names.rs`).
     reserved: Reserved,
+    /// The deletion watches (loss signals, predecessors) on one stream.
+    watches: Watches,
     /// Waiter keys of requests that have not acquired yet, by owner.
     waiting: Mutex<HashMap<String, WaiterName>>,
 }
@@ -485,45 +489,9 @@ impl EtcdBackend {
         });
     }
 
-    /// Resolves when `waiter_key` (created at `revision`) is deleted.
-    fn watch_deletion(
-        &self,
-        waiter_key: String,
-        after_revision: i64,
-    ) -> impl Future<Output = ()> + Send + 'static {
-        let members = Arc::clone(&self.inner.members);
-        async move {
-            let mut watch_from = after_revision + 1;
-            let mut pause = Duration::from_millis(50);
-            loop {
-                let options = WatchOptions::new().with_start_revision(watch_from);
-                let (member, mut client) = members.current();
-                let opened = timeout(
-                    Duration::from_secs(5),
-                    client.watch(waiter_key.as_str(), Some(options)),
-                )
-                .await;
-                if let Ok(Ok(mut stream)) = opened {
-                    while let Ok(Some(response)) = stream.message().await {
-                        for event in response.events() {
-                            if event.event_type() == EventType::Delete {
-                                return;
-                            }
-                        }
-                        if let Some(header) = response.header() {
-                            watch_from = watch_from.max(header.revision() + 1);
-                        }
-                        if response.canceled() {
-                            break;
-                        }
-                    }
-                }
-                // The stream broke: watch again from where it was, on the next member.
-                members.failed(member);
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
-            }
-        }
+    /// Resolves when `waiter_key` is deleted after `after_revision`.
+    fn watch_deletion(&self, waiter_key: String, after_revision: i64) -> Deletion {
+        self.inner.watches.deletion(waiter_key, after_revision)
     }
 }
 
@@ -663,9 +631,11 @@ impl EtcdBackendBuilder {
                 ));
             }
         }
+        let watches = Watches::start(Arc::clone(&members));
         Ok(EtcdBackend {
             inner: Arc::new(Inner {
                 members,
+                watches,
                 prefix: self.key_prefix,
                 request_timeout: self.request_timeout,
                 endpoints,
