@@ -120,3 +120,44 @@ async fn lock_and_unlock_on_a_warm_session_cost_two_writes() {
         "no lease granted for the cycle"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loss_signal_outlives_the_member_its_watch_was_on() {
+    // A backend's watches share one stream on the member in use, the first
+    // endpoint at the start. Kill that member, then delete the holder's key
+    // through another: the watch, created again on another member from
+    // where it was, still sees the deletion.
+    let mut cluster = cluster().await;
+    let endpoints = cluster.endpoints();
+    let locker = Locker::new(EtcdBackend::connect(&endpoints).await.expect("connect"));
+    let key = unique_key("etcd-watch-member-killed");
+    let guard = locker
+        .lock(&key)
+        .ttl(Duration::from_secs(60)) // renewals (every 20 s) do not find the loss first
+        .await
+        .expect("lock");
+    let mut admin = etcd_client::Client::connect(&endpoints[1..], None)
+        .await
+        .expect("admin connection to the other members");
+    cluster.kill(0);
+    let prefix = format!("/dlock/{}/{key}/", key.len());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // Until a leader is elected (if the killed member led), this fails.
+        let deleted = admin
+            .delete(
+                prefix.as_str(),
+                Some(etcd_client::DeleteOptions::new().with_prefix()),
+            )
+            .await;
+        if deleted.is_ok_and(|response| response.deleted() == 1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "could not delete the key within 20 s");
+        sleep(Duration::from_millis(100)).await;
+    }
+    timeout(Duration::from_secs(5), guard.lost())
+        .await
+        .expect("the holder learns of the deletion after its watch's member died");
+    assert!(!guard.is_held());
+}
