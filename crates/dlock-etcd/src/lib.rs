@@ -61,7 +61,11 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A lock backend on an etcd cluster. Cheap to clone; clones share the
-/// connection and the sessions.
+/// connection, the sessions and the watch stream.
+///
+/// Connect on the Tokio runtime that will use it: the connections (from
+/// etcd-client) and the task that owns the watch stream run on the runtime
+/// that called [`connect`](EtcdBackendBuilder::connect), and stop with it.
 #[derive(Clone)]
 pub struct EtcdBackend {
     inner: Arc<Inner>,
