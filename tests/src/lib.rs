@@ -455,6 +455,20 @@ impl EtcdHarness {
             })
             .collect()
     }
+
+    /// The queue of `key` once it has `length` waiter keys (polled for up
+    /// to 2 s); fails the test if it never does.
+    pub async fn queue_of_length(&self, key: &str, length: usize) -> Vec<(String, i64)> {
+        let mut queued = Vec::new();
+        for _ in 0..200 {
+            queued = self.queue(key).await;
+            if queued.len() == length {
+                return queued;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("expected {length} waiter keys for {key}, found {queued:?}");
+    }
 }
 
 #[async_trait]

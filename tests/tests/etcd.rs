@@ -109,15 +109,7 @@ async fn a_waiter_whose_key_vanished_is_never_granted_on_it() {
     };
     // Wait until the waiter is queued, then delete its key from outside (as
     // its lease expiring would).
-    let mut queued = Vec::new();
-    for _ in 0..200 {
-        queued = harness.queue(&key).await;
-        if queued.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(queued.len(), 2, "holder and waiter are queued");
+    let queued = harness.queue_of_length(&key, 2).await;
     let (vanished, vanished_revision) = queued[1].clone();
     harness
         .admin()
@@ -185,15 +177,7 @@ async fn waiter_key_names_are_reused() {
         let (locker, key) = (locker.clone(), key.clone());
         tokio::spawn(async move { locker.lock(&key).wait(Duration::from_secs(5)).await })
     };
-    let mut queued = Vec::new();
-    for _ in 0..200 {
-        queued = harness.queue(&key).await;
-        if queued.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(queued.len(), 2, "{queued:?}");
+    let queued = harness.queue_of_length(&key, 2).await;
     assert_ne!(queued[0].0, queued[1].0);
     first.release().await.expect("release first");
     let second = waiting.await.expect("waiter task").expect("second");
