@@ -246,3 +246,33 @@ async fn a_late_write_under_a_reused_name_is_deleted_and_passed_over() {
         "the name is free again once the late write is deleted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_that_gives_up_frees_its_name() {
+    let harness = EtcdHarness::from_env().await;
+    let locker = Locker::new(EtcdBackend::connect(harness.endpoints()).await.expect("connect"));
+    let key = unique_key("etcd-gave-up-name");
+    let held = locker.lock(&key).await.expect("lock");
+    let waiting = {
+        let (locker, key) = (locker.clone(), key.clone());
+        tokio::spawn(async move { locker.lock(&key).wait(Duration::from_millis(500)).await })
+    };
+    let gave_up_name = harness.queue_of_length(&key, 2).await[1].0.clone();
+    assert!(matches!(
+        waiting.await.expect("waiter task"),
+        Err(LockError::Timeout { .. })
+    ));
+    // The clean-up deletes its key; the next waiter of this backend gets its name.
+    harness.queue_of_length(&key, 1).await;
+    let waiting = {
+        let (locker, key) = (locker.clone(), key.clone());
+        tokio::spawn(async move { locker.lock(&key).wait(Duration::from_secs(5)).await })
+    };
+    assert_eq!(harness.queue_of_length(&key, 2).await[1].0, gave_up_name);
+    held.release().await.expect("release");
+    let next = waiting
+        .await
+        .expect("waiter task")
+        .expect("the next waiter acquires");
+    next.release().await.expect("release");
+}
