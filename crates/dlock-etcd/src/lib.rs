@@ -100,15 +100,22 @@ enum Binding {
 /// What a held lock keeps for release and renewal.
 struct Held {
     binding: Mutex<Binding>,
-    /// The lock's waiter key; dropped while the key may exist, it deletes it.
+    /// The lock's waiter key.
     name: WaiterName,
+    owner: OwnerToken,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        // Released, or a release that failed has started deleting the key;
-        // otherwise the lock was forgotten or lost, and its key must stay.
-        self.name.keep_until_gone();
+        // Unless released (or a failed release started deleting the key),
+        // the lock was forgotten or lost: its key stays until its lease
+        // runs out, as if this process had died. A kept-alive session's
+        // lease would not run out, so the key moves to one that does.
+        let expire_in = match self.binding() {
+            Binding::Session(session) => Some(session.seconds),
+            Binding::Own { .. } => None,
+        };
+        self.name.keep_until_gone(&self.owner, expire_in);
     }
 }
 
@@ -428,12 +435,43 @@ impl EtcdBackend {
 
     /// Frees `waiter`'s name once the key created at `revision` is gone:
     /// at once if it is, else when a watch sees it deleted (its lease ran
-    /// out, or someone deleted it). Stops with the backend.
-    fn free_when_gone(&self, key: &str, waiter: String, revision: i64) {
+    /// out, or someone deleted it). With `expire_in`, first moves the key
+    /// onto a lease of that many seconds that is not kept alive. Stops with
+    /// the backend.
+    fn free_when_gone(
+        &self,
+        key: &str,
+        waiter: String,
+        revision: i64,
+        owner: OwnerToken,
+        expire_in: Option<i64>,
+    ) {
         let backend = Arc::downgrade(&self.inner);
         let key = key.to_owned();
         tokio::spawn(async move {
             let mut pause = Duration::from_millis(100);
+            if let Some(seconds) = expire_in {
+                let ttl = Duration::from_secs(u64::try_from(seconds).unwrap_or(1));
+                loop {
+                    let Some(inner) = backend.upgrade() else { return };
+                    let current = EtcdBackend { inner };
+                    if let Ok((lease, _)) = current.own_lease(&key, ttl).await {
+                        match current.rebind_key(&key, &waiter, &owner, revision, lease).await {
+                            Ok(true) => break,
+                            Ok(false) => {
+                                // Already gone.
+                                current.revoke_later(lease);
+                                current.inner.reserved.free(&waiter);
+                                return;
+                            }
+                            Err(_) => current.revoke_later(lease),
+                        }
+                    }
+                    drop(current);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
             let deleted = loop {
                 let Some(inner) = backend.upgrade() else { return };
                 let current = EtcdBackend { inner };
@@ -838,6 +876,7 @@ impl LockBackend for EtcdBackend {
             let held = Held {
                 binding: Mutex::new(binding),
                 name,
+                owner: owner.clone(),
             };
             let signal = self.watch_deletion(waiter, header_revision.max(my_revision));
             return Ok(Attempt::Acquired(

@@ -21,7 +21,7 @@ use std::sync::{Mutex, PoisonError, Weak};
 
 use tracing::debug;
 
-use crate::{EtcdBackend, Inner};
+use crate::{EtcdBackend, Inner, OwnerToken};
 
 /// The names in use by one backend's acquisitions.
 #[derive(Default)]
@@ -107,11 +107,12 @@ impl WaiterName {
 
     /// The lock was given up without a release (forgotten, or dropped once
     /// lost): its key stays until its lease ends or someone deletes it, and
-    /// the name is freed then.
-    pub(crate) fn keep_until_gone(&self) {
+    /// the name is freed then. With `expire_in`, the key first moves onto a
+    /// lease of that many seconds that nobody keeps alive.
+    pub(crate) fn keep_until_gone(&self, owner: &OwnerToken, expire_in: Option<i64>) {
         if self.hand_off() {
             if let (Some(backend), Some(revision)) = (self.backend_in_runtime(), self.revision) {
-                backend.free_when_gone(&self.key, self.name.clone(), revision);
+                backend.free_when_gone(&self.key, self.name.clone(), revision, owner.clone(), expire_in);
             }
         }
     }

@@ -240,6 +240,39 @@ pub async fn ttl_expiry_frees_key(harness: &dyn Harness) {
     next.release().await.expect("release");
 }
 
+/// A forgotten guard whose lock was auto-renewed stops renewing: the key
+/// frees itself after the TTL, as if the holder's process had died (even
+/// where the backend keeps a shared lease alive for its other locks).
+pub async fn forgotten_renewed_lock_expires(harness: &dyn Harness) {
+    let crashed = harness.locker().await;
+    let waiter = harness.locker().await;
+    let key = unique_key("forgotten_renewed_lock_expires");
+    let ttl = harness.config().short_ttl;
+    // Something else stays held, so that a backend's shared lease stays alive.
+    let other = crashed
+        .lock(format!("{key}/other"))
+        .ttl(ttl)
+        .await
+        .expect("acquire the other key");
+    let started = Instant::now();
+    let guard = crashed.lock(&key).ttl(ttl).await.expect("acquire");
+    let first = guard.fencing_token();
+    guard.forget();
+    let next = waiter
+        .lock(&key)
+        .wait(ttl * 5)
+        .await
+        .expect("the forgotten lock frees itself after the TTL");
+    assert!(
+        started.elapsed() >= ttl * 9 / 10,
+        "acquired after {:?}, before the TTL of {ttl:?} ran out",
+        started.elapsed()
+    );
+    assert!(next.fencing_token() > first);
+    next.release().await.expect("release");
+    other.release().await.expect("release the other key");
+}
+
 /// Auto-renewal keeps a lock for several TTLs.
 pub async fn renewal_keeps_lock(harness: &dyn Harness) {
     let holder = harness.locker().await;
@@ -581,6 +614,7 @@ macro_rules! conformance_tests {
             wait_times_out,
             waiter_woken_on_release,
             ttl_expiry_frees_key,
+            forgotten_renewed_lock_expires,
             renewal_keeps_lock,
             unrenewed_guard_turns_lost,
             extend_moves_deadline,
