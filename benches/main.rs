@@ -275,18 +275,37 @@ async fn interleaved(contenders: &mut [Contender], key: &str, settings: &Setting
         let count = contenders.len();
         for turn in 0..count {
             let index = (turn + round) % count;
-            for _ in 0..per_round {
-                let started = Instant::now();
-                contenders[index].cycle(key).await?;
-                samples[index].0.push(started.elapsed());
-            }
+            let timed = timed_cycles(&mut contenders[index], key, per_round).await?;
+            samples[index].0.extend(timed.0);
         }
     }
     Ok(samples)
 }
 
+/// `count` cycles of `contender` on `key`, each timed.
+async fn timed_cycles(contender: &mut Contender, key: &str, count: usize) -> Result<Samples> {
+    let mut samples = Samples::default();
+    for _ in 0..count {
+        let started = Instant::now();
+        contender.cycle(key).await?;
+        samples.0.push(started.elapsed());
+    }
+    Ok(samples)
+}
+
+/// A lease for the etcd floor and lock service, long enough for any run
+/// (the cluster is stopped after it anyway).
+async fn warm_lease(client: &etcd_client::Client) -> Result<i64> {
+    Ok(client.clone().lease_grant(600, None).await?.id())
+}
+
 fn env(name: &str) -> Result<String> {
     std::env::var(name).map_err(|_| format!("{name} is not set; run `cargo xtask bench`").into())
+}
+
+/// A comma-separated list from the environment.
+fn env_list(name: &str) -> Result<Vec<String>> {
+    Ok(env(name)?.split(',').map(str::to_owned).collect())
 }
 
 #[tokio::main]
@@ -351,13 +370,9 @@ async fn main() -> Result {
         return Ok(());
     }
     if std::env::var("DLOCK_BENCH_PROFILE").is_ok_and(|only| only == "etcd-growth") {
-        let endpoints: Vec<String> = env("DLOCK_BENCH_ETCD_ENDPOINTS")?
-            .split(',')
-            .map(str::to_owned)
-            .collect();
-        let mut client = etcd_client::Client::connect(&endpoints, None).await?;
-        let lease = client.lease_grant(600, None).await?.id();
-        let (_keeper, _stream) = client.lease_keep_alive(lease).await?;
+        let endpoints = env_list("DLOCK_BENCH_ETCD_ENDPOINTS")?;
+        let client = etcd_client::Client::connect(&endpoints, None).await?;
+        let lease = warm_lease(&client).await?;
         let mut contenders = [
             ("floor", Contender::FloorEtcd { client, lease }),
             (
@@ -368,26 +383,15 @@ async fn main() -> Result {
         for batch in 1..=8 {
             let mut line = format!("batch {batch} (1 000 cycles each):");
             for (name, contender) in &mut contenders {
-                let mut samples = Samples::default();
-                for _ in 0..1_000 {
-                    let started = Instant::now();
-                    contender.cycle("growth").await?;
-                    samples.0.push(started.elapsed());
-                }
+                let samples = timed_cycles(contender, "growth", 1_000).await?;
                 let _ = write!(line, " {name} median {:?};", samples.median());
             }
             println!("{line}");
         }
         return Ok(());
     }
-    let redlock_urls: Vec<String> = env("DLOCK_BENCH_REDLOCK_URLS")?
-        .split(',')
-        .map(str::to_owned)
-        .collect();
-    let etcd_endpoints: Vec<String> = env("DLOCK_BENCH_ETCD_ENDPOINTS")?
-        .split(',')
-        .map(str::to_owned)
-        .collect();
+    let redlock_urls = env_list("DLOCK_BENCH_REDLOCK_URLS")?;
+    let etcd_endpoints = env_list("DLOCK_BENCH_ETCD_ENDPOINTS")?;
 
     let mut table = String::new();
     let _ = writeln!(table, "| scenario | contender | median | p99 | ratio (median) |");
@@ -471,9 +475,8 @@ async fn main() -> Result {
     }
 
     // 5. etcd, warm session.
-    let mut etcd_client = etcd_client::Client::connect(&etcd_endpoints, None).await?;
-    let lease = etcd_client.lease_grant(600, None).await?.id();
-    let (_keeper, _stream) = etcd_client.lease_keep_alive(lease).await?;
+    let etcd_client = etcd_client::Client::connect(&etcd_endpoints, None).await?;
+    let lease = warm_lease(&etcd_client).await?;
     let mut etcd = vec![
         Contender::FloorEtcd {
             client: etcd_client.clone(),

@@ -35,13 +35,13 @@ mod watches;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 pub use dlock_core::*;
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, SortOrder, SortTarget,
-    TlsOptions, Txn, TxnOp, TxnOpResponse,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, PutOptions, SortOrder,
+    SortTarget, TlsOptions, Txn, TxnOp, TxnOpResponse,
 };
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
@@ -402,33 +402,27 @@ impl EtcdBackend {
         let backend = Arc::downgrade(&self.inner);
         let key = key.to_owned();
         tokio::spawn(async move {
-            let mut pause = Duration::from_millis(100);
-            loop {
-                tokio::time::sleep(pause).await;
-                let Some(inner) = backend.upgrade() else { return };
-                let backend = EtcdBackend { inner };
-                let delete = match revision {
-                    Some(revision) => Txn::new()
-                        .when([Compare::create_revision(
-                            waiter.as_str(),
-                            CompareOp::Equal,
-                            revision,
-                        )])
-                        .and_then([TxnOp::delete(waiter.as_str(), None)]),
-                    None => Txn::new().and_then([TxnOp::delete(waiter.as_str(), None)]),
-                };
-                if backend
-                    .call(&key, "deleting a left-over waiter key", |client| {
-                        transact(client, &delete)
-                    })
-                    .await
-                    .is_ok()
-                {
-                    debug!(key, "a left-over waiter key was deleted");
-                    backend.inner.reserved.free(&waiter);
-                    return;
-                }
-                pause = (pause * 2).min(Duration::from_secs(5));
+            let delete = match revision {
+                Some(revision) => Txn::new()
+                    .when([Compare::create_revision(
+                        waiter.as_str(),
+                        CompareOp::Equal,
+                        revision,
+                    )])
+                    .and_then([TxnOp::delete(waiter.as_str(), None)]),
+                None => Txn::new().and_then([TxnOp::delete(waiter.as_str(), None)]),
+            };
+            // The request that failed just now would likely fail again at once.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let (key, waiter, delete) = (&key, &waiter, &delete);
+            let deleted = retry_until(&backend, Duration::from_millis(200), |backend| async move {
+                let sent = backend.call(key, "deleting a left-over waiter key", |client| {
+                    transact(client, delete)
+                });
+                sent.await.ok().map(|_| backend.inner.reserved.free(waiter))
+            });
+            if deleted.await.is_some() {
+                debug!(key, "a left-over waiter key was deleted");
             }
         });
     }
@@ -448,57 +442,36 @@ impl EtcdBackend {
     ) {
         let backend = Arc::downgrade(&self.inner);
         let key = key.to_owned();
+        let first_pause = Duration::from_millis(100);
         tokio::spawn(async move {
-            let mut pause = Duration::from_millis(100);
+            let (key, waiter, owner) = (&key, &waiter, &owner);
             if let Some(seconds) = expire_in {
                 let ttl = Duration::from_secs(u64::try_from(seconds).unwrap_or(1));
-                loop {
-                    let Some(inner) = backend.upgrade() else { return };
-                    let current = EtcdBackend { inner };
-                    if let Ok((lease, _)) = current.own_lease(&key, ttl).await {
-                        match current.rebind_key(&key, &waiter, &owner, revision, lease).await {
-                            Ok(true) => break,
-                            Ok(false) => {
-                                // Already gone.
-                                current.revoke_later(lease);
-                                current.inner.reserved.free(&waiter);
-                                return;
-                            }
-                            Err(_) => current.revoke_later(lease),
-                        }
+                let moved = retry_until(&backend, first_pause, |backend| async move {
+                    let (lease, _) = backend.own_lease(key, ttl).await.ok()?;
+                    let rebound = backend.rebind_key(key, waiter, owner, revision, lease).await;
+                    if !matches!(rebound, Ok(true)) {
+                        backend.revoke_later(lease);
                     }
-                    drop(current);
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
+                    rebound.ok()
+                });
+                match moved.await {
+                    Some(true) => {}
+                    // Already gone.
+                    Some(false) => return free_name(&backend, waiter),
+                    None => return,
                 }
             }
-            let deleted = loop {
-                let Some(inner) = backend.upgrade() else { return };
-                let current = EtcdBackend { inner };
-                let check = Txn::new().when([Compare::create_revision(
-                    waiter.as_str(),
-                    CompareOp::Equal,
-                    revision,
-                )]);
-                match current
-                    .call(&key, "checking a dropped lock's key", |client| {
-                        transact(client, &check)
-                    })
-                    .await
-                {
-                    Ok(response) if !response.succeeded() => {
-                        current.inner.reserved.free(&waiter);
-                        return;
-                    }
-                    Ok(response) => {
-                        let seen = response.header().map_or(revision, |header| header.revision());
-                        break current.watch_deletion(waiter.clone(), seen);
-                    }
-                    Err(_) => {}
-                }
-                drop(current);
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
+            let gone = retry_until(&backend, first_pause, |backend| async move {
+                backend.check_ours(key, waiter, revision).await.ok()
+            });
+            let deleted = match gone.await {
+                Some(None) => match backend.upgrade() {
+                    Some(inner) => EtcdBackend { inner }.watch_deletion(waiter.clone(), revision),
+                    None => return,
+                },
+                Some(Some(_)) => return free_name(&backend, waiter),
+                None => return,
             };
             // The watch keeps the connections, not the backend: check now
             // and then that the backend is still there.
@@ -513,9 +486,7 @@ impl EtcdBackend {
                     }
                 }
             }
-            if let Some(inner) = backend.upgrade() {
-                inner.reserved.free(&waiter);
-            }
+            free_name(&backend, waiter);
         });
     }
 
@@ -690,6 +661,38 @@ impl EtcdBackendBuilder {
     }
 }
 
+/// Runs `step` until it gives `Some`, pausing between tries (from
+/// `first_pause`, doubling up to 5 s); `None` once the backend is gone.
+async fn retry_until<T, Fut>(
+    backend: &Weak<Inner>,
+    first_pause: Duration,
+    mut step: impl FnMut(EtcdBackend) -> Fut,
+) -> Option<T>
+where
+    Fut: Future<Output = Option<T>>,
+{
+    let mut pause = first_pause;
+    loop {
+        let current = EtcdBackend {
+            inner: backend.upgrade()?,
+        };
+        // Each try gets the backend for itself, so that it is not kept
+        // alive while waiting.
+        if let Some(done) = step(current).await {
+            return Some(done);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Frees a waiter key name, if the backend is still there.
+fn free_name(backend: &Weak<Inner>, name: &str) {
+    if let Some(inner) = backend.upgrade() {
+        inner.reserved.free(name);
+    }
+}
+
 /// `http://host:port`, `https://host:port` or `host:port`.
 fn check_endpoint(endpoint: &str) -> Result<(), &'static str> {
     let rest = endpoint
@@ -731,21 +734,10 @@ async fn transact(mut client: Client, txn: &Txn) -> Result<etcd_client::TxnRespo
     client.txn(txn.clone()).await
 }
 
-/// The create revision and value of the first kv of a Get inside a transaction's responses.
-fn first_value(responses: &[TxnOpResponse], index: usize) -> Option<(i64, &[u8])> {
-    match responses.get(index) {
-        Some(TxnOpResponse::Get(get)) => get.kvs().first().map(|kv| (kv.create_revision(), kv.value())),
-        _ => None,
-    }
-}
-
 /// The first kv of a Get inside a transaction's responses.
-fn first_kv(responses: &[TxnOpResponse], index: usize) -> Option<(Vec<u8>, i64)> {
+fn first_kv(responses: &[TxnOpResponse], index: usize) -> Option<&KeyValue> {
     match responses.get(index) {
-        Some(TxnOpResponse::Get(get)) => get
-            .kvs()
-            .first()
-            .map(|kv| (kv.key().to_vec(), kv.create_revision())),
+        Some(TxnOpResponse::Get(get)) => get.kvs().first(),
         _ => None,
     }
 }
@@ -801,14 +793,14 @@ impl LockBackend for EtcdBackend {
             // The name is taken: by this request's own write, which a
             // retried attempt finds, or by a write of an earlier request
             // that reached the cluster after that request had given up.
-            (None, false) => match first_value(&responses, 0) {
-                Some((revision, value)) if value == owner.as_str().as_bytes() => {
-                    (revision, first_kv(&responses, 1))
+            (None, false) => match first_kv(&responses, 0) {
+                Some(mine) if mine.value() == owner.as_str().as_bytes() => {
+                    (mine.create_revision(), first_kv(&responses, 1))
                 }
-                Some((revision, _)) => {
+                Some(stale_key) => {
                     if let Some(mut stale) = self.take_waiting(owner) {
                         // Dropped: deleted in the background, then freed.
-                        stale.revision = Some(revision);
+                        stale.revision = Some(stale_key.create_revision());
                     }
                     return Err(LockError::unavailable(
                         Some(key),
@@ -839,9 +831,8 @@ impl LockBackend for EtcdBackend {
         };
         self.note_revision(owner, my_revision);
 
-        let is_first = first.as_ref().is_some_and(|(first_key, first_revision)| {
-            first_key == waiter.as_bytes() && *first_revision == my_revision
-        });
+        let is_first = first
+            .is_some_and(|head| head.key() == waiter.as_bytes() && head.create_revision() == my_revision);
         if is_first {
             let token = FencingToken::new(u64::try_from(my_revision).unwrap_or(0));
             let (binding, valid_until) = if request.auto_renew {

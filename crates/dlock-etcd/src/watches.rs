@@ -85,9 +85,8 @@ impl Future for Deletion {
     fn poll(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<()> {
         match Pin::new(&mut self.receiver).poll(context) {
             Poll::Ready(Ok(())) => Poll::Ready(()),
-            // The task ended (a runtime shutting down): nothing will come.
-            Poll::Ready(Err(_)) => Poll::Pending,
-            Poll::Pending => Poll::Pending,
+            // An error: the task ended (a runtime shutting down), so nothing will come.
+            _ => Poll::Pending,
         }
     }
 }
