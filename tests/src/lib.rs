@@ -283,14 +283,17 @@ impl Harness for RedisHarness {
     async fn leftovers(&self, key: &str) -> usize {
         let present: i64 = redis::cmd("EXISTS")
             .arg(self.names.lock_key(key))
+            .arg(self.names.line_key(key))
+            .arg(self.names.places_key(key))
             .query_async(&mut self.admin())
             .await
-            .expect("EXISTS the lock key");
+            .expect("EXISTS the lock and line keys");
         usize::try_from(present).unwrap_or(usize::MAX)
     }
 
     fn config(&self) -> SuiteConfig {
-        SuiteConfig::default()
+        // A release hands the lock to the first waiter in line.
+        SuiteConfig::default().fifo(true)
     }
 }
 

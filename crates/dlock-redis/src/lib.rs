@@ -5,9 +5,11 @@
 //!
 //! Every lock operation is one round trip: a Lua script called by EVALSHA
 //! (loaded on first use). The lock key holds the owner's secret with a PX
-//! TTL; a counter key in the same hash slot gives the fencing token; a
-//! release publishes on the key's channel, which waiters listen to on one
-//! shared pub/sub connection.
+//! TTL; a counter key in the same hash slot gives the fencing token.
+//! Waiters stand in a line on the server; a release hands the lock straight
+//! to the first waiter (a short reservation with a new fencing token) and
+//! tells it on the key's channel, which waiters listen to on one shared
+//! pub/sub connection; the waiter's next round trip makes the lock its own.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -25,7 +27,9 @@
 //!
 //! Keys in Redis: `{prefix}{<key>}` holds the lock, `{prefix}{<key>}:fence`
 //! the fencing counter (kept forever so tokens keep rising; one small key
-//! per lock name), and `{prefix}{<key>}:released` is the release channel.
+//! per lock name), `{prefix}{<key>}:line` and `{prefix}{<key>}:places` the
+//! waiters' line (only while someone waits), and `{prefix}{<key>}:released`
+//! is the release channel.
 
 #![forbid(unsafe_code)]
 
@@ -60,6 +64,16 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default limit for opening a connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a waiter renews its place in line (and reads the lock, in case
+/// the message that handed it the lock was lost).
+const PLACE_RENEWAL: Duration = Duration::from_secs(1);
+/// How long a place in line lasts unrenewed: a waiter that died is passed
+/// over once it runs out.
+const PLACE_LEASE: Duration = Duration::from_secs(3);
+/// The longest reservation a release gives the next waiter (shorter when
+/// the waiter asked for a shorter TTL): the time a waiter that died since
+/// it last renewed its place can hold up the line.
+const RESERVATION: Duration = PLACE_LEASE;
 
 /// A lock backend on one Redis server, a Redis Cluster, or the master of a
 /// Sentinel group.
@@ -185,6 +199,16 @@ impl RedisBackend {
         format!("{}{{{key}}}:fence", self.inner.prefix)
     }
 
+    /// The Redis list of the owners waiting for `key`, in arrival order.
+    pub fn line_key(&self, key: &str) -> String {
+        format!("{}{{{key}}}:line", self.inner.prefix)
+    }
+
+    /// The Redis hash of the places in `key`'s line (owner to deadline and TTL).
+    pub fn places_key(&self, key: &str) -> String {
+        format!("{}{{{key}}}:places", self.inner.prefix)
+    }
+
     /// The pub/sub channel on which releases of `key` are announced.
     pub fn release_channel(&self, key: &str) -> String {
         format!("{}{{{key}}}:released", self.inner.prefix)
@@ -205,19 +229,66 @@ impl RedisBackend {
     }
 
     /// For operators, and unsafe: deletes the lock on `key` whoever holds
-    /// it, and wakes its waiters. The holder is not told until its next
+    /// it, and hands it to the first waiter in line. The holder is not told until its next
     /// renewal (within a third of its TTL), and may still be writing; only
     /// fencing tokens protect the resource from it. Returns whether there
     /// was a lock.
     pub async fn force_release(&self, key: &str) -> Result<bool, LockError> {
         validate_key(key)?;
         let channel = self.release_channel(key);
-        let call = ScriptCall::new(&scripts::FORCE_RELEASE, &[&self.lock_key(key)]).arg(&channel);
+        let call = self
+            .line_call(&scripts::FORCE_RELEASE, key)
+            .arg("")
+            .arg(&channel)
+            .arg(millis(RESERVATION));
         let deleted: i64 = self.run(key, "force-releasing", &call).await?;
         Ok(deleted == 1)
     }
 
-    /// The owner-checked release script, shared by `release` and `abandon`.
+    /// A call of a script that reads the line: the lock, fence, line and
+    /// places keys.
+    fn line_call(&self, script: &'static redis::Script, key: &str) -> ScriptCall {
+        ScriptCall::new(
+            script,
+            &[
+                &self.lock_key(key),
+                &self.fence_key(key),
+                &self.line_key(key),
+                &self.places_key(key),
+            ],
+        )
+    }
+
+    /// Releases (or, for a waiter, leaves the line) and hands the lock to
+    /// the next waiter, shared by `release` and `abandon`.
+    async fn release_to_next(
+        &self,
+        key: &str,
+        owner: &OwnerToken,
+        doing: &str,
+    ) -> Result<ReleaseOutcome, LockError> {
+        let call = self
+            .line_call(&scripts::RELEASE_TO_NEXT, key)
+            .arg(owner.as_str())
+            .arg(self.release_channel(key))
+            .arg(millis(RESERVATION));
+        let reply: redis::Value = self.run(key, doing, &call).await?;
+        Ok(match reply {
+            redis::Value::BulkString(next) => {
+                // A waiter of this client need not wait for the message.
+                if let Ok(next) = std::str::from_utf8(&next) {
+                    self.inner.subscriber.wake_owner(next);
+                }
+                ReleaseOutcome::Released
+            }
+            redis::Value::Int(1) => ReleaseOutcome::Released,
+            redis::Value::Int(0) => ReleaseOutcome::NotHeld(NotHeldReason::Expired),
+            _ => ReleaseOutcome::NotHeld(NotHeldReason::OtherOwner),
+        })
+    }
+
+    /// The owner-checked release of a Redlock node, whose waiters do not
+    /// queue: wakes them all.
     pub(crate) async fn release_owned(
         &self,
         key: &str,
@@ -240,8 +311,9 @@ impl RedisBackend {
         })
     }
 
-    /// One acquire script on this server: the fencing token when granted,
-    /// else the holder's remaining TTL (None: the key has no TTL).
+    /// One acquire script on this server, never queueing: the fencing
+    /// token when granted, else the holder's remaining TTL (None: the key
+    /// has no TTL).
     pub(crate) async fn acquire_once(
         &self,
         key: &str,
@@ -250,8 +322,31 @@ impl RedisBackend {
     ) -> Result<NodeGrant, LockError> {
         let call = ScriptCall::new(&scripts::ACQUIRE, &[&self.lock_key(key), &self.fence_key(key)])
             .arg(owner.as_str())
-            .arg(millis(ttl));
-        let reply: redis::Value = self.run(key, "acquiring", &call).await?;
+            .arg(millis(ttl))
+            .arg("");
+        self.acquire_call(key, &call).await
+    }
+
+    /// One acquire script that joins `key`'s line when busy (`joining`) or
+    /// renews the owner's place in it.
+    async fn acquire_in_line(
+        &self,
+        key: &str,
+        owner: &OwnerToken,
+        ttl: Duration,
+        joining: bool,
+    ) -> Result<NodeGrant, LockError> {
+        let call = self
+            .line_call(&scripts::ACQUIRE, key)
+            .arg(owner.as_str())
+            .arg(millis(ttl))
+            .arg(if joining { "join" } else { "queued" })
+            .arg(millis(PLACE_LEASE));
+        self.acquire_call(key, &call).await
+    }
+
+    async fn acquire_call(&self, key: &str, call: &ScriptCall) -> Result<NodeGrant, LockError> {
+        let reply: redis::Value = self.run(key, "acquiring", call).await?;
         match reply {
             redis::Value::Int(token) if token >= 1 => Ok(NodeGrant::Granted(token.unsigned_abs())),
             // 0: the holder's key has no TTL (set by hand); rely on notifications.
@@ -629,16 +724,45 @@ fn millis(duration: Duration) -> u64 {
 impl LockBackend for RedisBackend {
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
         request.require_exclusive()?;
-        Ok(
-            match self.acquire_once(request.key, request.owner, request.ttl).await? {
-                NodeGrant::Granted(token) => {
-                    let validity = request.ttl.saturating_sub(drift_allowance(request.ttl));
-                    Attempt::Acquired(Grant::new(FencingToken::new(token), validity))
+        let (key, owner, ttl) = (request.key, request.owner, request.ttl);
+        let subscriber = &self.inner.subscriber;
+        let in_line = request.queue && subscriber.is_in_line(owner.as_str());
+        // Made before the round trip, so that a hand-over announced while
+        // it is in flight still wakes this attempt.
+        let events = if in_line { subscriber.line_events(owner.as_str()) } else { None };
+        let grant = if request.queue {
+            self.acquire_in_line(key, owner, ttl, !in_line).await?
+        } else {
+            self.acquire_once(key, owner, ttl).await?
+        };
+        let remaining = match grant {
+            NodeGrant::Granted(token) => {
+                if in_line {
+                    subscriber.leave_line(owner.as_str());
                 }
-                NodeGrant::Busy(Some(remaining)) => Attempt::Busy(Busy::new().retry_after(remaining)),
-                NodeGrant::Busy(None) => Attempt::Busy(Busy::new()),
-            },
-        )
+                let validity = ttl.saturating_sub(drift_allowance(ttl));
+                return Ok(Attempt::Acquired(Grant::new(FencingToken::new(token), validity)));
+            }
+            NodeGrant::Busy(remaining) => remaining,
+        };
+        if !request.queue {
+            return Ok(Attempt::Busy(match remaining {
+                Some(remaining) => Busy::new().retry_after(remaining),
+                None => Busy::new(),
+            }));
+        }
+        if let Some(events) = events {
+            // Come back before the place runs out, or when the lock does.
+            let renew_in = remaining.map_or(PLACE_RENEWAL, |remaining| remaining.min(PLACE_RENEWAL));
+            return Ok(Attempt::Busy(Busy::new().retry_after(renew_in).wake(events)));
+        }
+        // Just joined: listen for the hand-over, then look again at once, in
+        // case the lock was handed over before the subscription.
+        subscriber
+            .join_line(key, &self.release_channel(key), owner.as_str())
+            .await?;
+        let events = subscriber.line_events(owner.as_str()).unwrap_or_else(ReleaseEvents::never);
+        Ok(Attempt::Busy(Busy::new().retry_after(Duration::ZERO).wake(events)))
     }
 
     async fn extend(&self, lease: &Lease, ttl: Duration) -> Result<ExtendOutcome, LockError> {
@@ -651,11 +775,12 @@ impl LockBackend for RedisBackend {
     }
 
     async fn release(&self, lease: &Lease) -> Result<ReleaseOutcome, LockError> {
-        self.release_owned(lease.key(), lease.owner(), "releasing").await
+        self.release_to_next(lease.key(), lease.owner(), "releasing").await
     }
 
     async fn abandon(&self, key: &str, owner: &OwnerToken) -> Result<(), LockError> {
-        self.release_owned(key, owner, "cleaning up").await.map(drop)
+        self.inner.subscriber.leave_line(owner.as_str());
+        self.release_to_next(key, owner, "cleaning up").await.map(drop)
     }
 
     async fn subscribe(&self, key: &str) -> Result<ReleaseEvents, LockError> {

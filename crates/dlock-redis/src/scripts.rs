@@ -50,13 +50,20 @@ impl ScriptCall {
 /// Take the lock if free (bumping the fencing counter), re-grant it to the
 /// same owner, or report the holder's remaining TTL.
 ///
-/// `ARGV[1]` owner, `ARGV[2]` TTL in ms. Returns one integer, because this
-/// is the hot path and a table costs the server and the client more:
-/// `n >= 1` acquired with token `n`; `0` busy, the holder's key has no TTL;
-/// `n <= -1` busy for another `-n - 1` ms. Returns the string `foreign`
-/// when the lock key holds a string that is not an owner token, and
-/// `counter` when the fencing counter is not an integer (nothing taken).
-/// A lock key of another type fails with WRONGTYPE.
+/// `ARGV[1]` owner, `ARGV[2]` TTL in ms, `ARGV[3]` the queue mode: empty
+/// (a single attempt, or a Redlock node: never queue), `join` (a waiter's
+/// first attempt: queue up when busy) or `queued` (a waiter already in
+/// line: renew its place when busy, leave the line when taking the lock);
+/// with a mode, `ARGV[4]` is how long the place lasts unrenewed (ms),
+/// `KEYS[3]` the line (a list of owners in arrival order) and `KEYS[4]`
+/// the places (owner -> `deadline:ttl`, in server ms).
+///
+/// Returns one integer, because this is the hot path and a table costs the
+/// server and the client more: `n >= 1` acquired with token `n`; `0` busy,
+/// the holder's key has no TTL; `n <= -1` busy for another `-n - 1` ms.
+/// Returns the string `foreign` when the lock key holds a string that is
+/// not an owner token, and `counter` when the fencing counter is not an
+/// integer (nothing taken). A lock key of another type fails with WRONGTYPE.
 pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -66,19 +73,96 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
     redis.call('DEL', KEYS[1])
     return 'counter'
   end
+  if ARGV[3] == 'queued' then
+    redis.call('HDEL', KEYS[4], ARGV[1])
+    redis.call('LREM', KEYS[3], 1, ARGV[1])
+  end
   return token
 end
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
+  -- A retried request, or a release handed the lock to this waiter.
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return tonumber(redis.call('GET', KEYS[2]) or '') or 'counter'
 end
 if string.len(holder) ~= 32 or string.find(holder, '[^0-9a-f]') then
   return 'foreign'
 end
+if ARGV[3] ~= '' then
+  local now = redis.call('TIME')
+  local deadline = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[4])
+  if redis.call('HSET', KEYS[4], ARGV[1], string.format('%d:%s', deadline, ARGV[2])) == 1 then
+    redis.call('RPUSH', KEYS[3], ARGV[1])
+  end
+  redis.call('PEXPIRE', KEYS[3], 2 * tonumber(ARGV[4]))
+  redis.call('PEXPIRE', KEYS[4], 2 * tonumber(ARGV[4]))
+end
 return -1 - redis.call('PTTL', KEYS[1])
 ",
     )
+});
+
+/// Lua shared by the scripts that free a lock: `hand_over()` gives the lock
+/// to the first waiter in line whose place is still renewed, as a
+/// reservation of `min(its TTL, ARGV[3] ms)` with a new fencing token, and
+/// tells it on the release channel `ARGV[2]` (the message is the waiter's
+/// owner token). Waiters whose places ran out are dropped on the way.
+/// Returns the waiter, or false when nobody waits (the lock key is then
+/// left for the caller to delete).
+const HAND_OVER: &str = r"
+local function hand_over()
+  local now
+  while true do
+    local waiter = redis.call('LPOP', KEYS[3])
+    if not waiter then return false end
+    local place = redis.call('HGET', KEYS[4], waiter)
+    if place then
+      redis.call('HDEL', KEYS[4], waiter)
+      if not now then
+        local time = redis.call('TIME')
+        now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+      end
+      local deadline, ttl = string.match(place, '^(%d+):(%d+)$')
+      if deadline and tonumber(deadline) >= now then
+        local token = redis.pcall('INCR', KEYS[2])
+        -- A broken counter: free the lock; each waiter's next attempt reports it.
+        if type(token) == 'table' then return false end
+        redis.call('SET', KEYS[1], waiter, 'PX', math.min(tonumber(ttl), tonumber(ARGV[3])))
+        redis.call('PUBLISH', ARGV[2], waiter)
+        return waiter
+      end
+    end
+  end
+end
+";
+
+/// Release with a line of waiters (single server, Sentinel, Cluster): if
+/// `ARGV[1]` owns the lock, hand it to the next waiter (see `HAND_OVER`) or
+/// delete it; if not, remove `ARGV[1]`'s place in line (a waiter giving
+/// up). Keys as in [`ACQUIRE`]. Returns the owner token of the waiter that
+/// got the lock, 1 released with nobody waiting, 0 no lock, -1 another
+/// owner.
+pub(crate) static RELEASE_TO_NEXT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{HAND_OVER}
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  local waiter = hand_over()
+  if waiter then return waiter end
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+if redis.call('HDEL', KEYS[4], ARGV[1]) == 1 then
+  redis.call('LREM', KEYS[3], 1, ARGV[1])
+end
+if holder == false then
+  -- The lock may have run out while waiters slept; hand it on now.
+  hand_over()
+  return 0
+end
+return -1
+"
+    ))
 });
 
 /// Reset the TTL if we own the lock. `ARGV[1]` owner, `ARGV[2]` TTL in ms.
@@ -97,9 +181,10 @@ return -1
     )
 });
 
-/// Delete the lock if we own it and publish on its release channel.
-/// `ARGV[1]` owner, `ARGV[2]` channel. Returns 1 released, 0 no lock,
-/// -1 another owner.
+/// Redlock nodes (whose waiters do not queue): delete the lock if we own it
+/// and publish an empty message on its release channel, which wakes every
+/// waiter. `ARGV[1]` owner, `ARGV[2]` channel. Returns 1 released, 0 no
+/// lock, -1 another owner.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -142,16 +227,18 @@ return {redis.call('PTTL', KEYS[1]), tonumber(counter or '-1') or -1}
     )
 });
 
-/// For operators: delete the lock whoever holds it, and announce the
-/// release. Returns 1 if there was a lock.
+/// For operators: delete the lock whoever holds it, hand it to the next
+/// waiter in line if there is one (see `HAND_OVER`), else announce the
+/// release with an empty message. Keys as in [`ACQUIRE`]; `ARGV[2]` the
+/// channel, `ARGV[3]` the longest reservation. Returns 1 if there was a lock.
 pub(crate) static FORCE_RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
-if redis.call('DEL', KEYS[1]) == 1 then
-  redis.call('PUBLISH', ARGV[1], '')
-  return 1
+    Script::new(&format!(
+        r"{HAND_OVER}
+local held = redis.call('DEL', KEYS[1])
+if not hand_over() then
+  redis.call('PUBLISH', ARGV[2], '')
 end
-return 0
-",
-    )
+return held
+"
+    ))
 });

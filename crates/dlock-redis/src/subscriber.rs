@@ -1,8 +1,11 @@
 //! One pub/sub connection per backend, shared by every waiter: it subscribes
-//! to a key's release channel while someone waits on that key, turns
-//! messages into hub notifications, and resubscribes after a reconnect.
+//! to a key's release channel while someone waits on that key, and
+//! resubscribes after a reconnect. A message naming an owner token (a
+//! release handed the lock to that waiter) wakes that one waiter; an empty
+//! message (a Redlock node's release) wakes every waiter on the key.
 
-use std::sync::{Arc, Weak};
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, Weak};
 use std::time::Duration;
 
 use dlock_core::{LockError, ReleaseEvents, ReleaseHub};
@@ -20,6 +23,16 @@ pub(crate) struct Subscriber {
     hub: ReleaseHub,
     sink: Mutex<Option<PubSubSink>>,
     timeout: Duration,
+    /// Waiters in a key's line, by owner token.
+    in_line: std::sync::Mutex<HashMap<String, InLine>>,
+}
+
+/// A waiter in a key's line on the server.
+struct InLine {
+    /// Wakes the waiter's current attempt; replaced on every attempt.
+    wake: mpsc::Sender<()>,
+    /// Keeps the key's release channel subscribed while the waiter waits.
+    _listening: ReleaseEvents,
 }
 
 impl Subscriber {
@@ -36,6 +49,7 @@ impl Subscriber {
             hub,
             sink: Mutex::new(None),
             timeout,
+            in_line: std::sync::Mutex::default(),
         });
         tokio::spawn(unsubscribe_idle(Arc::downgrade(&subscriber), idle_rx));
         subscriber
@@ -44,6 +58,68 @@ impl Subscriber {
     /// Wakes local waiters on `channel` at once (our own release).
     pub(crate) fn notify_local(&self, channel: &str) {
         self.hub.notify(channel);
+    }
+
+    /// Whether `owner` waits in a line, as far as this client knows.
+    pub(crate) fn is_in_line(&self, owner: &str) -> bool {
+        self.lines().contains_key(owner)
+    }
+
+    /// Records that `owner` waits in `key`'s line, listening on `channel`;
+    /// returns once the server confirmed the subscription.
+    pub(crate) async fn join_line(
+        self: &Arc<Self>,
+        key: &str,
+        channel: &str,
+        owner: &str,
+    ) -> Result<(), LockError> {
+        let listening = self.subscribe(key, channel).await?;
+        let (wake, _) = mpsc::channel(1);
+        self.lines().insert(
+            owner.to_owned(),
+            InLine {
+                wake,
+                _listening: listening,
+            },
+        );
+        Ok(())
+    }
+
+    /// Events that fire when a release hands the lock to `owner` (or a
+    /// reconnect may have lost such a message). Replaces the events of the
+    /// waiter's previous attempt. `None` when `owner` is not in a line.
+    pub(crate) fn line_events(&self, owner: &str) -> Option<ReleaseEvents> {
+        let mut lines = self.lines();
+        let entry = lines.get_mut(owner)?;
+        let (wake, events) = mpsc::channel(1);
+        entry.wake = wake;
+        Some(ReleaseEvents::from_channel(events))
+    }
+
+    /// `owner` left its line (it got the lock, or gave up).
+    pub(crate) fn leave_line(&self, owner: &str) {
+        self.lines().remove(owner);
+    }
+
+    /// A release handed the lock to `owner`: wakes it if it waits here.
+    pub(crate) fn wake_owner(&self, owner: &str) {
+        if let Some(entry) = self.lines().get(owner) {
+            // Full: a wake-up is already pending. Closed: the attempt is
+            // over, and its next one reads the lock anyway.
+            let _ = entry.wake.try_send(());
+        }
+    }
+
+    fn wake_everyone(&self) {
+        self.hub.notify_all();
+        for entry in self.lines().values() {
+            let _ = entry.wake.try_send(());
+        }
+    }
+
+    fn lines(&self) -> std::sync::MutexGuard<'_, HashMap<String, InLine>> {
+        // Every update is a single insert, replace or remove.
+        self.in_line.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Starts listening on `channel`; returns once the server confirmed.
@@ -100,7 +176,7 @@ impl Subscriber {
         };
         *sink = Some(new_sink);
         // Releases may have been missed while no connection listened.
-        self.hub.notify_all();
+        self.wake_everyone();
         Ok(stream)
     }
 }
@@ -114,11 +190,18 @@ async fn read_messages(subscriber: Weak<Subscriber>, mut stream: PubSubStream) {
             let Some(subscriber) = subscriber.upgrade() else {
                 return;
             };
-            subscriber.hub.notify(message.get_channel_name());
+            match message.get_payload_bytes() {
+                [] => subscriber.hub.notify(message.get_channel_name()),
+                owner => {
+                    if let Ok(owner) = std::str::from_utf8(owner) {
+                        subscriber.wake_owner(owner);
+                    }
+                }
+            }
         }
         let Some(live) = subscriber.upgrade() else { return };
         *live.sink.lock().await = None;
-        live.hub.notify_all();
+        live.wake_everyone();
         warn!("the pub/sub connection closed; reconnecting");
         let mut pause = Duration::from_millis(50);
         loop {
