@@ -238,7 +238,6 @@ impl RedisBackend {
         let channel = self.release_channel(key);
         let call = self
             .line_call(&scripts::FORCE_RELEASE, key)
-            .arg("")
             .arg(&channel)
             .arg(millis(RESERVATION));
         let deleted: i64 = self.run(key, "force-releasing", &call).await?;
@@ -270,7 +269,6 @@ impl RedisBackend {
         let call = self
             .line_call(&scripts::RELEASE_TO_NEXT, key)
             .arg(owner.as_str())
-            .arg(self.release_channel(key))
             .arg(millis(RESERVATION));
         let reply: redis::Value = self.run(key, doing, &call).await?;
         Ok(match reply {
@@ -341,8 +339,14 @@ impl RedisBackend {
             .arg(owner.as_str())
             .arg(millis(ttl))
             .arg(if joining { "join" } else { "queued" })
-            .arg(millis(PLACE_LEASE));
+            .arg(millis(PLACE_LEASE))
+            .arg(self.inner.subscriber.own_channel());
         self.acquire_call(key, &call).await
+    }
+
+    /// A granted lease's token and validity.
+    fn grant(&self, token: u64, ttl: Duration) -> Grant {
+        Grant::new(FencingToken::new(token), ttl.saturating_sub(drift_allowance(ttl)))
     }
 
     async fn acquire_call(&self, key: &str, call: &ScriptCall) -> Result<NodeGrant, LockError> {
@@ -503,7 +507,13 @@ impl RedisBackendBuilder {
                 return Err(LockError::unavailable(None, detail));
             }
         };
-        let subscriber = Subscriber::new(pubsub, self.connect_timeout.max(self.command_timeout));
+        // Releases hand locks to this backend's waiters on its own channel.
+        let own_channel = format!("{}client:{}", self.key_prefix, OwnerToken::generate()?.as_str());
+        let subscriber = Subscriber::new(
+            pubsub,
+            self.connect_timeout.max(self.command_timeout),
+            own_channel,
+        );
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 commands,
@@ -725,42 +735,39 @@ impl LockBackend for RedisBackend {
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
         request.require_exclusive()?;
         let (key, owner, ttl) = (request.key, request.owner, request.ttl);
+        if !request.queue {
+            return Ok(match self.acquire_once(key, owner, ttl).await? {
+                NodeGrant::Granted(token) => Attempt::Acquired(self.grant(token, ttl)),
+                NodeGrant::Busy(Some(remaining)) => Attempt::Busy(Busy::new().retry_after(remaining)),
+                NodeGrant::Busy(None) => Attempt::Busy(Busy::new()),
+            });
+        }
         let subscriber = &self.inner.subscriber;
-        let in_line = request.queue && subscriber.is_in_line(owner.as_str());
-        // Made before the round trip, so that a hand-over announced while
-        // it is in flight still wakes this attempt.
-        let events = if in_line { subscriber.line_events(owner.as_str()) } else { None };
-        let grant = if request.queue {
-            self.acquire_in_line(key, owner, ttl, !in_line).await?
-        } else {
-            self.acquire_once(key, owner, ttl).await?
-        };
-        let remaining = match grant {
+        let in_line = subscriber.is_in_line(owner.as_str());
+        // While hand-overs reach this backend, record the waiter before the
+        // round trip, so that a hand-over announced while it is in flight
+        // still wakes it.
+        let listening = subscriber.listens_on_own_channel();
+        if !in_line && listening {
+            subscriber.join_line(owner.as_str());
+        }
+        let events = subscriber.line_events(owner.as_str());
+        let remaining = match self.acquire_in_line(key, owner, ttl, !in_line).await? {
             NodeGrant::Granted(token) => {
-                if in_line {
-                    subscriber.leave_line(owner.as_str());
-                }
-                let validity = ttl.saturating_sub(drift_allowance(ttl));
-                return Ok(Attempt::Acquired(Grant::new(FencingToken::new(token), validity)));
+                subscriber.leave_line(owner.as_str());
+                return Ok(Attempt::Acquired(self.grant(token, ttl)));
             }
             NodeGrant::Busy(remaining) => remaining,
         };
-        if !request.queue {
-            return Ok(Attempt::Busy(match remaining {
-                Some(remaining) => Busy::new().retry_after(remaining),
-                None => Busy::new(),
-            }));
-        }
-        if let Some(events) = events {
+        if let (Some(events), true) = (events, listening) {
             // Come back before the place runs out, or when the lock does.
             let renew_in = remaining.map_or(PLACE_RENEWAL, |remaining| remaining.min(PLACE_RENEWAL));
             return Ok(Attempt::Busy(Busy::new().retry_after(renew_in).wake(events)));
         }
-        // Just joined: listen for the hand-over, then look again at once, in
-        // case the lock was handed over before the subscription.
-        subscriber
-            .join_line(key, &self.release_channel(key), owner.as_str())
-            .await?;
+        // Hand-overs did not reach this backend until now: listen, then
+        // read the lock again at once, in case it was handed over meanwhile.
+        subscriber.listen_on_own_channel(key).await?;
+        subscriber.join_line(owner.as_str());
         let events = subscriber.line_events(owner.as_str()).unwrap_or_else(ReleaseEvents::never);
         Ok(Attempt::Busy(Busy::new().retry_after(Duration::ZERO).wake(events)))
     }

@@ -55,8 +55,9 @@ impl ScriptCall {
 /// first attempt: queue up when busy) or `queued` (a waiter already in
 /// line: renew its place when busy, leave the line when taking the lock);
 /// with a mode, `ARGV[4]` is how long the place lasts unrenewed (ms),
+/// `ARGV[5]` the channel that tells the waiter's client of a hand-over,
 /// `KEYS[3]` the line (a list of owners in arrival order) and `KEYS[4]`
-/// the places (owner -> `deadline:ttl`, in server ms).
+/// the places (owner -> `deadline:ttl:channel`, deadline in server ms).
 ///
 /// Returns one integer, because this is the hot path and a table costs the
 /// server and the client more: `n >= 1` acquired with token `n`; `0` busy,
@@ -91,7 +92,7 @@ end
 if ARGV[3] ~= '' then
   local now = redis.call('TIME')
   local deadline = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[4])
-  if redis.call('HSET', KEYS[4], ARGV[1], string.format('%d:%s', deadline, ARGV[2])) == 1 then
+  if redis.call('HSET', KEYS[4], ARGV[1], string.format('%d:%s:%s', deadline, ARGV[2], ARGV[5])) == 1 then
     redis.call('RPUSH', KEYS[3], ARGV[1])
   end
   redis.call('PEXPIRE', KEYS[3], 2 * tonumber(ARGV[4]))
@@ -104,9 +105,9 @@ return -1 - redis.call('PTTL', KEYS[1])
 
 /// Lua shared by the scripts that free a lock: `hand_over()` gives the lock
 /// to the first waiter in line whose place is still renewed, as a
-/// reservation of `min(its TTL, ARGV[3] ms)` with a new fencing token, and
-/// tells it on the release channel `ARGV[2]` (the message is the waiter's
-/// owner token). Waiters whose places ran out are dropped on the way.
+/// reservation of `min(its TTL, ARGV[2] ms)` with a new fencing token, and
+/// tells it on its client's channel (the message is the waiter's owner
+/// token). Waiters whose places ran out are dropped on the way.
 /// Returns the waiter, or false when nobody waits (the lock key is then
 /// left for the caller to delete).
 const HAND_OVER: &str = r"
@@ -122,13 +123,13 @@ local function hand_over()
         local time = redis.call('TIME')
         now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
       end
-      local deadline, ttl = string.match(place, '^(%d+):(%d+)$')
+      local deadline, ttl, channel = string.match(place, '^(%d+):(%d+):(.+)$')
       if deadline and tonumber(deadline) >= now then
         local token = redis.pcall('INCR', KEYS[2])
         -- A broken counter: free the lock; each waiter's next attempt reports it.
         if type(token) == 'table' then return false end
-        redis.call('SET', KEYS[1], waiter, 'PX', math.min(tonumber(ttl), tonumber(ARGV[3])))
-        redis.call('PUBLISH', ARGV[2], waiter)
+        redis.call('SET', KEYS[1], waiter, 'PX', math.min(tonumber(ttl), tonumber(ARGV[2])))
+        redis.call('PUBLISH', channel, waiter)
         return waiter
       end
     end
@@ -139,7 +140,7 @@ end
 /// Release with a line of waiters (single server, Sentinel, Cluster): if
 /// `ARGV[1]` owns the lock, hand it to the next waiter (see `HAND_OVER`) or
 /// delete it; if not, remove `ARGV[1]`'s place in line (a waiter giving
-/// up). Keys as in [`ACQUIRE`]. Returns the owner token of the waiter that
+/// up). Keys as in [`ACQUIRE`]; `ARGV[2]` the longest reservation. Returns the owner token of the waiter that
 /// got the lock, 1 released with nobody waiting, 0 no lock, -1 another
 /// owner.
 pub(crate) static RELEASE_TO_NEXT: LazyLock<Script> = LazyLock::new(|| {
@@ -229,14 +230,15 @@ return {redis.call('PTTL', KEYS[1]), tonumber(counter or '-1') or -1}
 
 /// For operators: delete the lock whoever holds it, hand it to the next
 /// waiter in line if there is one (see `HAND_OVER`), else announce the
-/// release with an empty message. Keys as in [`ACQUIRE`]; `ARGV[2]` the
-/// channel, `ARGV[3]` the longest reservation. Returns 1 if there was a lock.
+/// release with an empty message on the key's channel `ARGV[1]` (for
+/// Redlock waiters). Keys as in [`ACQUIRE`]; `ARGV[2]` the longest
+/// reservation. Returns 1 if there was a lock.
 pub(crate) static FORCE_RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{HAND_OVER}
 local held = redis.call('DEL', KEYS[1])
 if not hand_over() then
-  redis.call('PUBLISH', ARGV[2], '')
+  redis.call('PUBLISH', ARGV[1], '')
 end
 return held
 "

@@ -1,10 +1,12 @@
-//! One pub/sub connection per backend, shared by every waiter: it subscribes
-//! to a key's release channel while someone waits on that key, and
-//! resubscribes after a reconnect. A message naming an owner token (a
-//! release handed the lock to that waiter) wakes that one waiter; an empty
-//! message (a Redlock node's release) wakes every waiter on the key.
+//! One pub/sub connection per backend, shared by every waiter, which
+//! resubscribes after a reconnect. It listens on the backend's own channel,
+//! where a release that hands the lock to one of this backend's waiters
+//! names that waiter's owner token, and (for Redlock nodes, whose waiters
+//! do not stand in line) on a key's release channel while someone waits on
+//! that key.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, Weak};
 use std::time::Duration;
 
@@ -23,21 +25,20 @@ pub(crate) struct Subscriber {
     hub: ReleaseHub,
     sink: Mutex<Option<PubSubSink>>,
     timeout: Duration,
-    /// Waiters in a key's line, by owner token.
-    in_line: std::sync::Mutex<HashMap<String, InLine>>,
-}
-
-/// A waiter in a key's line on the server.
-struct InLine {
-    /// Wakes the waiter's current attempt; replaced on every attempt.
-    wake: mpsc::Sender<()>,
-    /// Keeps the key's release channel subscribed while the waiter waits.
-    _listening: ReleaseEvents,
+    /// The backend's own channel, subscribed from the first wait in a line
+    /// on for as long as the backend lives.
+    own_channel: String,
+    own_subscription: tokio::sync::OnceCell<ReleaseEvents>,
+    /// Whether a pub/sub connection is open and read.
+    connected: AtomicBool,
+    /// How this backend's waiters in a line are woken, by owner token;
+    /// each attempt replaces its waiter's sender.
+    in_line: std::sync::Mutex<HashMap<String, mpsc::Sender<()>>>,
 }
 
 impl Subscriber {
     /// A subscriber that connects on first use.
-    pub(crate) fn new(source: PubSubSource, timeout: Duration) -> Arc<Self> {
+    pub(crate) fn new(source: PubSubSource, timeout: Duration, own_channel: String) -> Arc<Self> {
         let (idle_tx, idle_rx) = mpsc::unbounded_channel::<String>();
         let hub = ReleaseHub::with_idle_hook(move |channel| {
             // The receiver lives as long as the subscriber; if it is gone,
@@ -49,6 +50,9 @@ impl Subscriber {
             hub,
             sink: Mutex::new(None),
             timeout,
+            own_channel,
+            own_subscription: tokio::sync::OnceCell::new(),
+            connected: AtomicBool::new(false),
             in_line: std::sync::Mutex::default(),
         });
         tokio::spawn(unsubscribe_idle(Arc::downgrade(&subscriber), idle_rx));
@@ -60,29 +64,69 @@ impl Subscriber {
         self.hub.notify(channel);
     }
 
+    /// The channel on which releases hand locks to this backend's waiters.
+    pub(crate) fn own_channel(&self) -> &str {
+        &self.own_channel
+    }
+
+    /// Whether hand-overs reach this backend now: the own channel is
+    /// subscribed (it stays so once it is) on an open connection.
+    pub(crate) fn listens_on_own_channel(&self) -> bool {
+        self.own_subscription.initialized() && self.connected.load(Ordering::Acquire)
+    }
+
+    /// Subscribes to the own channel, or opens the connection again, if
+    /// hand-overs do not reach this backend now; returns once the server
+    /// confirmed.
+    pub(crate) async fn listen_on_own_channel(self: &Arc<Self>, key: &str) -> Result<(), LockError> {
+        if !self.own_subscription.initialized() {
+            return self
+                .own_subscription
+                .get_or_try_init(|| self.subscribe(key, self.own_channel()))
+                .await
+                .map(drop);
+        }
+        let mut sink = self.sink.lock().await;
+        if sink.is_none() {
+            let stream = self
+                .reconnect(&mut sink)
+                .await
+                .map_err(|error| self.subscribe_failed(key, error))?;
+            tokio::spawn(read_messages(Arc::downgrade(self), stream));
+        }
+        Ok(())
+    }
+
+    fn subscribe_failed(&self, key: &str, error: Option<redis::RedisError>) -> LockError {
+        match error {
+            Some(error) => from_redis(Some(key), "subscribing to release notifications", error),
+            None => LockError::unavailable(
+                Some(key),
+                format!(
+                    "subscribing to release notifications took over {:?}",
+                    self.timeout
+                ),
+            ),
+        }
+    }
+
+    /// True when nobody waits: no waiter in a line, and no subscription
+    /// but the own channel's.
+    fn nobody_waits(&self) -> bool {
+        self.lines().is_empty()
+            && self.hub.len() <= usize::from(self.own_subscription.initialized())
+    }
+
+    /// Records that `owner` waits in a line. Its hand-over wakes the events
+    /// of its latest [`line_events`](Self::line_events).
+    pub(crate) fn join_line(&self, owner: &str) {
+        let (wake, _) = mpsc::channel(1);
+        self.lines().insert(owner.to_owned(), wake);
+    }
+
     /// Whether `owner` waits in a line, as far as this client knows.
     pub(crate) fn is_in_line(&self, owner: &str) -> bool {
         self.lines().contains_key(owner)
-    }
-
-    /// Records that `owner` waits in `key`'s line, listening on `channel`;
-    /// returns once the server confirmed the subscription.
-    pub(crate) async fn join_line(
-        self: &Arc<Self>,
-        key: &str,
-        channel: &str,
-        owner: &str,
-    ) -> Result<(), LockError> {
-        let listening = self.subscribe(key, channel).await?;
-        let (wake, _) = mpsc::channel(1);
-        self.lines().insert(
-            owner.to_owned(),
-            InLine {
-                wake,
-                _listening: listening,
-            },
-        );
-        Ok(())
     }
 
     /// Events that fire when a release hands the lock to `owner` (or a
@@ -90,9 +134,9 @@ impl Subscriber {
     /// waiter's previous attempt. `None` when `owner` is not in a line.
     pub(crate) fn line_events(&self, owner: &str) -> Option<ReleaseEvents> {
         let mut lines = self.lines();
-        let entry = lines.get_mut(owner)?;
-        let (wake, events) = mpsc::channel(1);
-        entry.wake = wake;
+        let wake = lines.get_mut(owner)?;
+        let (sender, events) = mpsc::channel(1);
+        *wake = sender;
         Some(ReleaseEvents::from_channel(events))
     }
 
@@ -103,21 +147,21 @@ impl Subscriber {
 
     /// A release handed the lock to `owner`: wakes it if it waits here.
     pub(crate) fn wake_owner(&self, owner: &str) {
-        if let Some(entry) = self.lines().get(owner) {
-            // Full: a wake-up is already pending. Closed: the attempt is
-            // over, and its next one reads the lock anyway.
-            let _ = entry.wake.try_send(());
+        if let Some(wake) = self.lines().get(owner) {
+            // Full: a wake-up is pending already. Closed: the attempt is
+            // over, and the next one reads the lock anyway.
+            let _ = wake.try_send(());
         }
     }
 
     fn wake_everyone(&self) {
         self.hub.notify_all();
-        for entry in self.lines().values() {
-            let _ = entry.wake.try_send(());
+        for wake in self.lines().values() {
+            let _ = wake.try_send(());
         }
     }
 
-    fn lines(&self) -> std::sync::MutexGuard<'_, HashMap<String, InLine>> {
+    fn lines(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<()>>> {
         // Every update is a single insert, replace or remove.
         self.in_line.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -140,16 +184,10 @@ impl Subscriber {
                 Ok(Err(_)) | Err(_) => *sink = None,
             }
         }
-        let stream = self.reconnect(&mut sink).await.map_err(|error| match error {
-            Some(error) => from_redis(Some(key), "subscribing to release notifications", error),
-            None => LockError::unavailable(
-                Some(key),
-                format!(
-                    "subscribing to release notifications took over {:?}",
-                    self.timeout
-                ),
-            ),
-        })?;
+        let stream = self
+            .reconnect(&mut sink)
+            .await
+            .map_err(|error| self.subscribe_failed(key, error))?;
         tokio::spawn(read_messages(Arc::downgrade(self), stream));
         Ok(subscription.events)
     }
@@ -175,6 +213,7 @@ impl Subscriber {
             Err(_) => return Err(None),
         };
         *sink = Some(new_sink);
+        self.connected.store(true, Ordering::Release);
         // Releases may have been missed while no connection listened.
         self.wake_everyone();
         Ok(stream)
@@ -190,22 +229,22 @@ async fn read_messages(subscriber: Weak<Subscriber>, mut stream: PubSubStream) {
             let Some(subscriber) = subscriber.upgrade() else {
                 return;
             };
-            match message.get_payload_bytes() {
-                [] => subscriber.hub.notify(message.get_channel_name()),
-                owner => {
-                    if let Ok(owner) = std::str::from_utf8(owner) {
-                        subscriber.wake_owner(owner);
-                    }
+            if message.get_channel_name() == subscriber.own_channel {
+                if let Ok(owner) = std::str::from_utf8(message.get_payload_bytes()) {
+                    subscriber.wake_owner(owner);
                 }
+            } else {
+                subscriber.hub.notify(message.get_channel_name());
             }
         }
         let Some(live) = subscriber.upgrade() else { return };
         *live.sink.lock().await = None;
+        live.connected.store(false, Ordering::Release);
         live.wake_everyone();
         warn!("the pub/sub connection closed; reconnecting");
         let mut pause = Duration::from_millis(50);
         loop {
-            if live.hub.is_empty() {
+            if live.nobody_waits() {
                 debug!("nobody waits; the pub/sub connection stays closed until needed");
                 return;
             }
