@@ -48,7 +48,7 @@ pub use redis;
 use redis::AsyncConnectionConfig;
 use redis::aio::ConnectionManagerConfig;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout};
 
 use crate::connection::{Commands, PubSubSource, SentinelMaster};
 use crate::errors::from_redis;
@@ -64,16 +64,33 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default limit for opening a connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often a waiter renews its place in line (and reads the lock, in case
-/// the message that handed it the lock was lost).
-const PLACE_RENEWAL: Duration = Duration::from_secs(1);
-/// How long a place in line lasts unrenewed: a waiter that died is passed
-/// over once it runs out.
-const PLACE_LEASE: Duration = Duration::from_secs(3);
-/// The longest reservation a release gives the next waiter (shorter when
-/// the waiter asked for a shorter TTL): the time a waiter that died since
-/// it last renewed its place can hold up the line.
-const RESERVATION: Duration = PLACE_LEASE;
+/// Default for how often a waiter renews its place in a key's line.
+pub const DEFAULT_WAITER_RENEWAL: Duration = Duration::from_secs(1);
+/// The shortest waiter renewal the builder accepts.
+const MIN_WAITER_RENEWAL: Duration = Duration::from_millis(100);
+
+/// Timing of the waiters' lines.
+#[derive(Clone, Copy, Debug)]
+struct LineTiming {
+    /// How often a waiter renews its place in line (and reads the lock, in
+    /// case the message that handed it the lock was lost).
+    renewal: Duration,
+    /// How long a place lasts unrenewed (three renewals): a waiter that
+    /// died is passed over once it runs out. Also the longest reservation a
+    /// release gives the next waiter (shorter when the waiter asked for a
+    /// shorter TTL): how long a waiter that died since it last renewed its
+    /// place can hold up the line.
+    place_lease: Duration,
+}
+
+impl LineTiming {
+    fn new(renewal: Duration) -> Self {
+        LineTiming {
+            renewal,
+            place_lease: renewal * 3,
+        }
+    }
+}
 
 /// A lock backend on one Redis server, a Redis Cluster, or the master of a
 /// Sentinel group.
@@ -93,6 +110,7 @@ struct Inner {
     prefix: String,
     command_timeout: Duration,
     address: String,
+    line: LineTiming,
 }
 
 /// What one server answered to an acquire script.
@@ -114,6 +132,7 @@ pub struct RedisBackendBuilder {
     username: Option<String>,
     password: Option<String>,
     root_certificates: Option<Vec<u8>>,
+    waiter_renewal: Duration,
 }
 
 /// Which kind of deployment to connect to.
@@ -239,7 +258,7 @@ impl RedisBackend {
         let call = self
             .line_call(&scripts::FORCE_RELEASE, key)
             .arg(&channel)
-            .arg(millis(RESERVATION));
+            .arg(millis(self.inner.line.place_lease));
         let deleted: i64 = self.run(key, "force-releasing", &call).await?;
         Ok(deleted == 1)
     }
@@ -269,14 +288,12 @@ impl RedisBackend {
         let call = self
             .line_call(&scripts::RELEASE_TO_NEXT, key)
             .arg(owner.as_str())
-            .arg(millis(RESERVATION));
+            .arg(millis(self.inner.line.place_lease));
         let reply: redis::Value = self.run(key, doing, &call).await?;
         Ok(match reply {
-            redis::Value::BulkString(next) => {
+            redis::Value::BulkString(hand_over) => {
                 // A waiter of this client need not wait for the message.
-                if let Ok(next) = std::str::from_utf8(&next) {
-                    self.inner.subscriber.wake_owner(next);
-                }
+                self.inner.subscriber.handed_over(&hand_over);
                 ReleaseOutcome::Released
             }
             redis::Value::Int(1) => ReleaseOutcome::Released,
@@ -333,14 +350,16 @@ impl RedisBackend {
         owner: &OwnerToken,
         ttl: Duration,
         joining: bool,
+        attempt: u64,
     ) -> Result<NodeGrant, LockError> {
         let call = self
             .line_call(&scripts::ACQUIRE, key)
             .arg(owner.as_str())
             .arg(millis(ttl))
             .arg(if joining { "join" } else { "queued" })
-            .arg(millis(PLACE_LEASE))
-            .arg(self.inner.subscriber.own_channel());
+            .arg(millis(self.inner.line.place_lease))
+            .arg(self.inner.subscriber.own_channel())
+            .arg(attempt);
         self.acquire_call(key, &call).await
     }
 
@@ -439,6 +458,7 @@ impl RedisBackendBuilder {
             username: None,
             password: None,
             root_certificates: None,
+            waiter_renewal: DEFAULT_WAITER_RENEWAL,
         }
     }
 
@@ -459,6 +479,20 @@ impl RedisBackendBuilder {
     /// Limit for opening a connection (default 5 s).
     pub fn connect_timeout(mut self, limit: Duration) -> Self {
         self.connect_timeout = limit;
+        self
+    }
+
+    /// How often a waiting request renews its place in the key's line on
+    /// the server and reads the lock again (default 1 s, at least 100 ms).
+    ///
+    /// A release hands the lock to the first waiter whose place was renewed
+    /// within three of these; a waiter whose process died is passed over
+    /// after that. A waiter that dies within that time before its turn
+    /// holds the line up for at most three of these (or its TTL, if
+    /// shorter). The renewal is also how a waiter finds the lock when the
+    /// message that handed it over was lost.
+    pub fn waiter_renewal(mut self, every: Duration) -> Self {
+        self.waiter_renewal = every;
         self
     }
 
@@ -491,6 +525,13 @@ impl RedisBackendBuilder {
         }
         validate_timeout("command timeout", self.command_timeout, MAX_TIMEOUT)?;
         validate_timeout("connect timeout", self.connect_timeout, MAX_TIMEOUT)?;
+        validate_timeout("waiter renewal", self.waiter_renewal, MAX_TIMEOUT)?;
+        if self.waiter_renewal < MIN_WAITER_RENEWAL {
+            return Err(invalid(format!(
+                "a waiter renewal of {:?} is too short; use at least {MIN_WAITER_RENEWAL:?}",
+                self.waiter_renewal
+            )));
+        }
         let address = self.describe_target();
         if self.uses_tls() {
             // rustls needs a process-wide crypto provider; dlock brings ring.
@@ -521,6 +562,7 @@ impl RedisBackendBuilder {
                 prefix: self.key_prefix,
                 command_timeout: self.command_timeout,
                 address,
+                line: LineTiming::new(self.waiter_renewal),
             }),
         })
     }
@@ -742,33 +784,52 @@ impl LockBackend for RedisBackend {
                 NodeGrant::Busy(None) => Attempt::Busy(Busy::new()),
             });
         }
+        let began = Instant::now();
         let subscriber = &self.inner.subscriber;
         let in_line = subscriber.is_in_line(owner.as_str());
+        let reservation = ttl.min(self.inner.line.place_lease);
+        if in_line && request.auto_renew {
+            // Handed over while this waiter waited: the lease runs from
+            // before the hand-over for the reservation, which renewal
+            // extends; no round trip needed.
+            if let Some(hand_over) = subscriber.take_hand_over(owner.as_str()) {
+                let lasts_until = hand_over.since + reservation.saturating_sub(drift_allowance(reservation));
+                let validity = lasts_until.saturating_duration_since(began);
+                if validity >= reservation / 2 {
+                    subscriber.leave_line(owner.as_str());
+                    return Ok(Attempt::Acquired(Grant::new(FencingToken::new(hand_over.token), validity)));
+                }
+            }
+        }
         // While hand-overs reach this backend, record the waiter before the
         // round trip, so that a hand-over announced while it is in flight
         // still wakes it.
         let listening = subscriber.listens_on_own_channel();
-        if !in_line && listening {
+        if listening {
             subscriber.join_line(owner.as_str());
         }
-        let events = subscriber.line_events(owner.as_str());
-        let remaining = match self.acquire_in_line(key, owner, ttl, !in_line).await? {
+        let attempt = subscriber.begin_attempt(owner.as_str());
+        let number = attempt.as_ref().map_or(0, |(number, _)| *number);
+        let remaining = match self.acquire_in_line(key, owner, ttl, !in_line, number).await? {
             NodeGrant::Granted(token) => {
                 subscriber.leave_line(owner.as_str());
                 return Ok(Attempt::Acquired(self.grant(token, ttl)));
             }
             NodeGrant::Busy(remaining) => remaining,
         };
-        if let (Some(events), true) = (events, listening) {
+        if let (Some((number, events)), true) = (attempt, listening) {
+            subscriber.found_busy(owner.as_str(), number, began);
             // Come back before the place runs out, or when the lock does.
-            let renew_in = remaining.map_or(PLACE_RENEWAL, |remaining| remaining.min(PLACE_RENEWAL));
+            let renewal = self.inner.line.renewal;
+            let renew_in = remaining.map_or(renewal, |remaining| remaining.min(renewal));
             return Ok(Attempt::Busy(Busy::new().retry_after(renew_in).wake(events)));
         }
         // Hand-overs did not reach this backend until now: listen, then
         // read the lock again at once, in case it was handed over meanwhile.
         subscriber.listen_on_own_channel(key).await?;
         subscriber.join_line(owner.as_str());
-        let events = subscriber.line_events(owner.as_str()).unwrap_or_else(ReleaseEvents::never);
+        subscriber.found_busy(owner.as_str(), number, began);
+        let events = subscriber.events(owner.as_str()).unwrap_or_else(ReleaseEvents::never);
         Ok(Attempt::Busy(Busy::new().retry_after(Duration::ZERO).wake(events)))
     }
 
@@ -814,6 +875,7 @@ impl fmt::Debug for RedisBackendBuilder {
             .field("key_prefix", &self.key_prefix)
             .field("command_timeout", &self.command_timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("waiter_renewal", &self.waiter_renewal)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field(

@@ -56,8 +56,10 @@ impl ScriptCall {
 /// line: renew its place when busy, leave the line when taking the lock);
 /// with a mode, `ARGV[4]` is how long the place lasts unrenewed (ms),
 /// `ARGV[5]` the channel that tells the waiter's client of a hand-over,
+/// `ARGV[6]` the number of this attempt among the waiter's attempts,
 /// `KEYS[3]` the line (a list of owners in arrival order) and `KEYS[4]`
-/// the places (owner -> `deadline:ttl:channel`, deadline in server ms).
+/// the places (owner -> `deadline:ttl:attempt:channel`, deadline in server
+/// ms).
 ///
 /// Returns one integer, because this is the hot path and a table costs the
 /// server and the client more: `n >= 1` acquired with token `n`; `0` busy,
@@ -92,7 +94,7 @@ end
 if ARGV[3] ~= '' then
   local now = redis.call('TIME')
   local deadline = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[4])
-  if redis.call('HSET', KEYS[4], ARGV[1], string.format('%d:%s:%s', deadline, ARGV[2], ARGV[5])) == 1 then
+  if redis.call('HSET', KEYS[4], ARGV[1], string.format('%d:%s:%s:%s', deadline, ARGV[2], ARGV[6], ARGV[5])) == 1 then
     redis.call('RPUSH', KEYS[3], ARGV[1])
   end
   redis.call('PEXPIRE', KEYS[3], 2 * tonumber(ARGV[4]))
@@ -106,9 +108,10 @@ return -1 - redis.call('PTTL', KEYS[1])
 /// Lua shared by the scripts that free a lock: `hand_over()` gives the lock
 /// to the first waiter in line whose place is still renewed, as a
 /// reservation of `min(its TTL, ARGV[2] ms)` with a new fencing token, and
-/// tells it on its client's channel (the message is the waiter's owner
-/// token). Waiters whose places ran out are dropped on the way.
-/// Returns the waiter, or false when nobody waits (the lock key is then
+/// tells it on its client's channel: the message is `owner token attempt`,
+/// the attempt being the last one the server saw from that waiter before
+/// the hand-over. Waiters whose places ran out are dropped on the way.
+/// Returns the message, or false when nobody waits (the lock key is then
 /// left for the caller to delete).
 const HAND_OVER: &str = r"
 local function hand_over()
@@ -123,14 +126,15 @@ local function hand_over()
         local time = redis.call('TIME')
         now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
       end
-      local deadline, ttl, channel = string.match(place, '^(%d+):(%d+):(.+)$')
+      local deadline, ttl, attempt, channel = string.match(place, '^(%d+):(%d+):(%d+):(.+)$')
       if deadline and tonumber(deadline) >= now then
         local token = redis.pcall('INCR', KEYS[2])
         -- A broken counter: free the lock; each waiter's next attempt reports it.
         if type(token) == 'table' then return false end
         redis.call('SET', KEYS[1], waiter, 'PX', math.min(tonumber(ttl), tonumber(ARGV[2])))
-        redis.call('PUBLISH', channel, waiter)
-        return waiter
+        local message = waiter .. ' ' .. token .. ' ' .. attempt
+        redis.call('PUBLISH', channel, message)
+        return message
       end
     end
   end
@@ -140,16 +144,16 @@ end
 /// Release with a line of waiters (single server, Sentinel, Cluster): if
 /// `ARGV[1]` owns the lock, hand it to the next waiter (see `HAND_OVER`) or
 /// delete it; if not, remove `ARGV[1]`'s place in line (a waiter giving
-/// up). Keys as in [`ACQUIRE`]; `ARGV[2]` the longest reservation. Returns the owner token of the waiter that
-/// got the lock, 1 released with nobody waiting, 0 no lock, -1 another
-/// owner.
+/// up). Keys as in [`ACQUIRE`]; `ARGV[2]` the longest reservation.
+/// Returns the hand-over message when a waiter got the lock, 1 released
+/// with nobody waiting, 0 no lock, -1 another owner.
 pub(crate) static RELEASE_TO_NEXT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{HAND_OVER}
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
-  local waiter = hand_over()
-  if waiter then return waiter end
+  local handed = hand_over()
+  if handed then return handed end
   redis.call('DEL', KEYS[1])
   return 1
 end

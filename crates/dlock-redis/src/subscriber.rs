@@ -14,7 +14,7 @@ use dlock_core::{LockError, ReleaseEvents, ReleaseHub};
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::{Mutex, mpsc};
-use tokio::time::{sleep, timeout};
+use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, warn};
 
 use crate::connection::PubSubSource;
@@ -31,9 +31,29 @@ pub(crate) struct Subscriber {
     own_subscription: tokio::sync::OnceCell<ReleaseEvents>,
     /// Whether a pub/sub connection is open and read.
     connected: AtomicBool,
-    /// How this backend's waiters in a line are woken, by owner token;
-    /// each attempt replaces its waiter's sender.
-    in_line: std::sync::Mutex<HashMap<String, mpsc::Sender<()>>>,
+    /// This backend's waiters in a line, by owner token.
+    in_line: std::sync::Mutex<HashMap<String, InLine>>,
+}
+
+/// What this backend knows of one of its waiters in a line.
+struct InLine {
+    /// Wakes the waiter's current attempt; each attempt replaces it.
+    wake: mpsc::Sender<()>,
+    /// The number of the waiter's latest attempt.
+    attempts: u64,
+    /// The latest attempt that found the lock busy: its number, and when
+    /// it began.
+    busy: Option<(u64, Instant)>,
+    /// A hand-over announced for this waiter: the fencing token, and the
+    /// waiter's last attempt the server had seen before it.
+    handed: Option<(u64, u64)>,
+}
+
+/// A hand-over this backend was told of: the waiter's fencing token, and
+/// since when its lease certainly runs.
+pub(crate) struct HandOver {
+    pub(crate) token: u64,
+    pub(crate) since: Instant,
 }
 
 impl Subscriber {
@@ -117,11 +137,14 @@ impl Subscriber {
             && self.hub.len() <= usize::from(self.own_subscription.initialized())
     }
 
-    /// Records that `owner` waits in a line. Its hand-over wakes the events
-    /// of its latest [`line_events`](Self::line_events).
+    /// Records that `owner` waits in a line (if it is not recorded yet).
     pub(crate) fn join_line(&self, owner: &str) {
-        let (wake, _) = mpsc::channel(1);
-        self.lines().insert(owner.to_owned(), wake);
+        self.lines().entry(owner.to_owned()).or_insert_with(|| InLine {
+            wake: mpsc::channel(1).0,
+            attempts: 0,
+            busy: None,
+            handed: None,
+        });
     }
 
     /// Whether `owner` waits in a line, as far as this client knows.
@@ -129,15 +152,48 @@ impl Subscriber {
         self.lines().contains_key(owner)
     }
 
-    /// Events that fire when a release hands the lock to `owner` (or a
-    /// reconnect may have lost such a message). Replaces the events of the
-    /// waiter's previous attempt. `None` when `owner` is not in a line.
-    pub(crate) fn line_events(&self, owner: &str) -> Option<ReleaseEvents> {
+    /// Starts `owner`'s next attempt: its number, and the events that fire
+    /// when a release hands the lock to `owner` (or a reconnect may have
+    /// lost such a message). `None` when `owner` is not in a line.
+    pub(crate) fn begin_attempt(&self, owner: &str) -> Option<(u64, ReleaseEvents)> {
         let mut lines = self.lines();
-        let wake = lines.get_mut(owner)?;
-        let (sender, events) = mpsc::channel(1);
-        *wake = sender;
+        let waiter = lines.get_mut(owner)?;
+        let (wake, events) = mpsc::channel(1);
+        waiter.wake = wake;
+        waiter.attempts += 1;
+        Some((waiter.attempts, ReleaseEvents::from_channel(events)))
+    }
+
+    /// New events for `owner` without a new attempt.
+    pub(crate) fn events(&self, owner: &str) -> Option<ReleaseEvents> {
+        let mut lines = self.lines();
+        let waiter = lines.get_mut(owner)?;
+        let (wake, events) = mpsc::channel(1);
+        waiter.wake = wake;
         Some(ReleaseEvents::from_channel(events))
+    }
+
+    /// `owner`'s attempt number `attempt`, begun at `began`, found the lock
+    /// busy.
+    pub(crate) fn found_busy(&self, owner: &str, attempt: u64, began: Instant) {
+        if let Some(waiter) = self.lines().get_mut(owner) {
+            if waiter.busy.is_none_or(|(latest, _)| latest < attempt) {
+                waiter.busy = Some((attempt, began));
+            }
+        }
+    }
+
+    /// The hand-over announced for `owner`, if it followed `owner`'s latest
+    /// busy attempt: the server handed the lock over after it saw that
+    /// attempt, so the lease runs at least from when the attempt began.
+    /// An older announcement (its reservation ran out unclaimed, or the
+    /// attempt after it found the lock busy) is dropped.
+    pub(crate) fn take_hand_over(&self, owner: &str) -> Option<HandOver> {
+        let mut lines = self.lines();
+        let waiter = lines.get_mut(owner)?;
+        let (token, attempt) = waiter.handed.take()?;
+        let (busy, since) = waiter.busy?;
+        (attempt == busy).then_some(HandOver { token, since })
     }
 
     /// `owner` left its line (it got the lock, or gave up).
@@ -145,23 +201,35 @@ impl Subscriber {
         self.lines().remove(owner);
     }
 
-    /// A release handed the lock to `owner`: wakes it if it waits here.
-    pub(crate) fn wake_owner(&self, owner: &str) {
-        if let Some(wake) = self.lines().get(owner) {
+    /// A release handed a lock over (`message` as published: `owner token
+    /// attempt`): records it and wakes the waiter, if it waits here.
+    pub(crate) fn handed_over(&self, message: &[u8]) {
+        let Ok(message) = std::str::from_utf8(message) else {
+            return;
+        };
+        let mut parts = message.split(' ');
+        let (Some(owner), Some(token), Some(attempt)) = (parts.next(), parts.next(), parts.next()) else {
+            return;
+        };
+        let (Ok(token), Ok(attempt)) = (token.parse(), attempt.parse()) else {
+            return;
+        };
+        if let Some(waiter) = self.lines().get_mut(owner) {
+            waiter.handed = Some((token, attempt));
             // Full: a wake-up is pending already. Closed: the attempt is
             // over, and the next one reads the lock anyway.
-            let _ = wake.try_send(());
+            let _ = waiter.wake.try_send(());
         }
     }
 
     fn wake_everyone(&self) {
         self.hub.notify_all();
-        for wake in self.lines().values() {
-            let _ = wake.try_send(());
+        for waiter in self.lines().values() {
+            let _ = waiter.wake.try_send(());
         }
     }
 
-    fn lines(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<()>>> {
+    fn lines(&self) -> std::sync::MutexGuard<'_, HashMap<String, InLine>> {
         // Every update is a single insert, replace or remove.
         self.in_line.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -230,9 +298,7 @@ async fn read_messages(subscriber: Weak<Subscriber>, mut stream: PubSubStream) {
                 return;
             };
             if message.get_channel_name() == subscriber.own_channel {
-                if let Ok(owner) = std::str::from_utf8(message.get_payload_bytes()) {
-                    subscriber.wake_owner(owner);
-                }
+                subscriber.handed_over(message.get_payload_bytes());
             } else {
                 subscriber.hub.notify(message.get_channel_name());
             }
