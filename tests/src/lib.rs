@@ -269,9 +269,18 @@ impl RedisHarness {
 #[async_trait]
 impl Harness for RedisHarness {
     async fn locker(&self) -> Locker {
-        let backend = self.deployment.connect().await.expect("connect a client backend");
+        // Waiters renew their places every 10 s, so that only a release
+        // notification can wake one within the suite's wake bound.
+        let backend = self
+            .deployment
+            .builder()
+            .waiter_renewal(std::time::Duration::from_secs(10))
+            .connect()
+            .await
+            .expect("connect a client backend");
         Locker::new(backend)
     }
+
     async fn force_expire(&self, key: &str) {
         let _: i64 = redis::cmd("DEL")
             .arg(self.names.lock_key(key))
@@ -575,15 +584,19 @@ pub fn unused_address() -> String {
     format!("127.0.0.1:{port}")
 }
 
-/// Polls the redis-server on `port` until someone listens on `channel`;
-/// false if nobody did within `limit`.
-pub async fn subscribed_within(port: u16, channel: &str, limit: std::time::Duration) -> bool {
+/// Polls the redis-server on `port` until a waiter stands in the line
+/// `line_key` and a backend listens for hand-overs; false if not within
+/// `limit`.
+pub async fn in_line_within(port: u16, line_key: &str, limit: std::time::Duration) -> bool {
     let began = std::time::Instant::now();
     while began.elapsed() < limit {
-        let listeners = dlock_servers::redis::command(port, &["PUBSUB", "NUMSUB", channel])
+        let in_line = dlock_servers::redis::command(port, &["LLEN", line_key])
             .map(dlock_servers::redis::Reply::text)
-            .unwrap_or_default();
-        if listeners.lines().nth(1).is_some_and(|count| count != "0") {
+            .is_ok_and(|length| length.trim() != "0");
+        let listening = dlock_servers::redis::command(port, &["PUBSUB", "CHANNELS", "dlock:client:*"])
+            .map(dlock_servers::redis::Reply::text)
+            .is_ok_and(|channels| !channels.trim().is_empty());
+        if in_line && listening {
             return true;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;

@@ -3,9 +3,13 @@
 //! what dlock did not put there. [`redis_suite!`](crate::redis_suite) makes
 //! one test per check for a deployment.
 
-use dlock_core::{LockError, Locker};
+use std::time::Duration;
+
+use dlock_core::{LockError, LockGuard, Locker};
 use dlock_testkit::conformance::unique_key;
 use dlock_testkit::{CheckerConfig, check_mutual_exclusion};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep, timeout};
 
 use crate::RedisHarness;
 
@@ -25,6 +29,10 @@ macro_rules! redis_suite {
             a_foreign_string_is_reported_and_left_alone,
             a_broken_fencing_counter_is_reported_and_takes_nothing,
             a_wrong_password_is_refused_and_never_shown,
+            a_waiter_whose_place_ran_out_is_passed_over,
+            a_waiter_that_died_holds_the_line_up_for_its_place_lease_at_most,
+            a_lost_hand_over_message_is_made_up_for_by_the_renewal,
+            a_handed_over_lock_lasts_its_ttl,
         );
     };
     (@cases $deployment:expr; $($case:ident),+ $(,)?) => {
@@ -178,5 +186,246 @@ pub async fn a_wrong_password_is_refused_and_never_shown(harness: &RedisHarness)
             .query_async(node)
             .await
             .expect("ACL DELUSER");
+    }
+}
+
+/// A locker whose waiters renew their places in line every `renewal`.
+async fn locker_renewing_every(harness: &RedisHarness, renewal: Duration) -> Locker {
+    let backend = harness
+        .deployment()
+        .builder()
+        .waiter_renewal(renewal)
+        .connect()
+        .await
+        .expect("connect");
+    Locker::new(backend)
+}
+
+/// Puts a waiter that does not exist at the end of `key`'s line, as a
+/// waiter whose process died would have left it: its place lasts until
+/// `deadline_ms` (server clock, ms) and names a channel nobody reads.
+async fn plant_place(harness: &RedisHarness, key: &str, owner: &str, deadline_ms: i64) {
+    let mut admin = harness.admin();
+    let names = harness.backend();
+    let _: i64 = redis::cmd("RPUSH")
+        .arg(names.line_key(key))
+        .arg(owner)
+        .query_async(&mut admin)
+        .await
+        .expect("RPUSH");
+    let _: i64 = redis::cmd("HSET")
+        .arg(names.places_key(key))
+        .arg(owner)
+        .arg(format!("{deadline_ms}:30000:1:dlock:client:nobody"))
+        .query_async(&mut admin)
+        .await
+        .expect("HSET");
+}
+
+async fn server_millis(harness: &RedisHarness, key: &str) -> i64 {
+    // Routed by the key on a Cluster, so the clock is the key's master's.
+    let time: Vec<i64> = redis::cmd("EVAL")
+        .arg("local t = redis.call('TIME') return {tonumber(t[1]), tonumber(t[2])}")
+        .arg(1)
+        .arg(harness.backend().lock_key(key))
+        .query_async(&mut harness.admin())
+        .await
+        .expect("TIME");
+    time[0] * 1000 + time[1] / 1000
+}
+
+async fn lock_holder(harness: &RedisHarness, key: &str) -> Option<String> {
+    redis::cmd("GET")
+        .arg(harness.backend().lock_key(key))
+        .query_async(&mut harness.admin())
+        .await
+        .expect("GET")
+}
+
+async fn line(harness: &RedisHarness, key: &str) -> Vec<String> {
+    redis::cmd("LRANGE")
+        .arg(harness.backend().line_key(key))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut harness.admin())
+        .await
+        .expect("LRANGE")
+}
+
+/// Polls until `key`'s line is `length` long.
+async fn until_line_is(harness: &RedisHarness, key: &str, length: usize) -> Vec<String> {
+    let began = Instant::now();
+    loop {
+        let waiting = line(harness, key).await;
+        if waiting.len() == length {
+            return waiting;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "the line of {key} is {waiting:?}, expected {length} waiters"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn wait_for(
+    locker: &Locker,
+    key: &str,
+    ttl: Duration,
+    auto_renew: bool,
+) -> JoinHandle<Result<LockGuard, LockError>> {
+    let (locker, key) = (locker.clone(), key.to_owned());
+    tokio::spawn(async move {
+        locker
+            .lock(&key)
+            .ttl(ttl)
+            .auto_renew(auto_renew)
+            .wait(Duration::from_secs(60))
+            .await
+    })
+}
+
+/// A place nobody renewed for three renewals is skipped: the release hands
+/// the lock to the live waiter behind it at once (the skipped waiter would
+/// otherwise hold a 30 s reservation).
+pub async fn a_waiter_whose_place_ran_out_is_passed_over(harness: &RedisHarness) {
+    let locker = locker_renewing_every(harness, Duration::from_secs(10)).await;
+    let key = unique_key("passed_over");
+    let held = locker.lock(&key).await.expect("lock");
+    let past = server_millis(harness, &key).await - 1;
+    plant_place(harness, &key, &"d".repeat(32), past).await;
+    let waiter = wait_for(&locker, &key, Duration::from_secs(30), true);
+    until_line_is(harness, &key, 2).await;
+    held.release().await.expect("release");
+    let next = timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("the live waiter gets the lock at once")
+        .expect("waiter task")
+        .expect("lock");
+    assert!(line(harness, &key).await.is_empty(), "the stale place is gone");
+    next.release().await.expect("release");
+}
+
+/// A waiter that died just after it renewed its place gets the lock handed
+/// over, for a reservation of three renewals at most; then the next waiter
+/// finds the lock free on its own renewal.
+pub async fn a_waiter_that_died_holds_the_line_up_for_its_place_lease_at_most(harness: &RedisHarness) {
+    let renewal = Duration::from_millis(200);
+    let locker = locker_renewing_every(harness, renewal).await;
+    let key = unique_key("dead_waiter");
+    let held = locker.lock(&key).await.expect("lock");
+    let dead = "e".repeat(32);
+    let fresh = server_millis(harness, &key).await + 60_000;
+    plant_place(harness, &key, &dead, fresh).await;
+    let waiter = wait_for(&locker, &key, Duration::from_secs(30), true);
+    until_line_is(harness, &key, 2).await;
+    let released_at = Instant::now();
+    held.release().await.expect("release");
+    assert_eq!(
+        lock_holder(harness, &key).await.as_deref(),
+        Some(dead.as_str()),
+        "the first waiter in line gets the lock"
+    );
+    let next = timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the next waiter gets the lock after the reservation")
+        .expect("waiter task")
+        .expect("lock");
+    let waited = released_at.elapsed();
+    // The reservation is three renewals (600 ms); the waiter renews every
+    // 200 ms (plus jitter).
+    assert!(
+        waited >= renewal * 2,
+        "got the lock after {waited:?}, inside the reservation"
+    );
+    assert!(waited < renewal * 3 + Duration::from_secs(2), "waited {waited:?}");
+    next.release().await.expect("release");
+}
+
+/// A hand-over whose message never arrives: the waiter finds the lock
+/// handed to it on its next renewal (the holder's TTL is 30 s, so nothing
+/// else gets it the lock within the bound).
+pub async fn a_lost_hand_over_message_is_made_up_for_by_the_renewal(harness: &RedisHarness) {
+    let holder = locker_renewing_every(harness, Duration::from_secs(1)).await;
+    let waiting = locker_renewing_every(harness, Duration::from_secs(1)).await;
+    let key = unique_key("lost_message");
+    let held = holder
+        .lock(&key)
+        .ttl(Duration::from_secs(30))
+        .await
+        .expect("lock");
+    let waiter = wait_for(&waiting, &key, Duration::from_secs(30), true);
+    let owner = until_line_is(harness, &key, 1).await.remove(0);
+    // Once the waiter's place is its second attempt (it looks again right
+    // after it subscribed), it sleeps until its renewal: redirect the
+    // hand-over message to a channel nobody reads.
+    let places = harness.backend().places_key(&key);
+    let began = Instant::now();
+    let place = loop {
+        let place: String = redis::cmd("HGET")
+            .arg(&places)
+            .arg(&owner)
+            .query_async(&mut harness.admin())
+            .await
+            .expect("HGET");
+        let fields: Vec<String> = place.splitn(4, ':').map(str::to_owned).collect();
+        if fields.get(2).is_some_and(|attempt| attempt == "1") {
+            break fields;
+        }
+        assert!(began.elapsed() < Duration::from_secs(10), "place {place}");
+        sleep(Duration::from_millis(5)).await;
+    };
+    let _: i64 = redis::cmd("HSET")
+        .arg(&places)
+        .arg(&owner)
+        .arg(format!("{}:{}:1:dlock:client:nobody", place[0], place[1]))
+        .query_async(&mut harness.admin())
+        .await
+        .expect("HSET");
+    let token = held.fencing_token();
+    held.release().await.expect("release");
+    assert_eq!(lock_holder(harness, &key).await, Some(owner), "handed over");
+    let next = timeout(Duration::from_secs(4), waiter)
+        .await
+        .expect("the renewal finds the lock handed over")
+        .expect("waiter task")
+        .expect("lock");
+    assert!(next.fencing_token() > token);
+    next.release().await.expect("release");
+}
+
+/// A lock handed over lasts its TTL: with auto-renewal beyond the short
+/// reservation it was handed over with; without, the waiter's round trip
+/// sets the full TTL before it returns.
+pub async fn a_handed_over_lock_lasts_its_ttl(harness: &RedisHarness) {
+    // Reservations are 600 ms.
+    let locker = locker_renewing_every(harness, Duration::from_millis(200)).await;
+    let ttl = Duration::from_secs(3);
+    for auto_renew in [true, false] {
+        let key = unique_key("handed_over_ttl");
+        let held = locker.lock(&key).await.expect("lock");
+        let waiter = wait_for(&locker, &key, ttl, auto_renew);
+        until_line_is(harness, &key, 1).await;
+        held.release().await.expect("release");
+        let next = timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("handed over")
+            .expect("waiter task")
+            .expect("lock");
+        sleep(Duration::from_millis(1500)).await;
+        assert!(
+            next.is_held(),
+            "auto-renew {auto_renew}: lost after the reservation"
+        );
+        let left: i64 = redis::cmd("PTTL")
+            .arg(harness.backend().lock_key(&key))
+            .query_async(&mut harness.admin())
+            .await
+            .expect("PTTL");
+        assert!(
+            left > 1000,
+            "auto-renew {auto_renew}: {left} ms left on the server"
+        );
+        next.release().await.expect("release");
     }
 }

@@ -20,11 +20,12 @@ async fn start<T: Send + 'static>(setup: impl FnOnce() -> dlock_servers::Result<
     }
 }
 
-/// Waits until someone listens on `channel` of the server on `port`.
-async fn until_subscribed(port: u16, channel: &str) {
+/// Waits until a waiter stands in `line_key`'s line on the server on
+/// `port`, listening for the hand-over.
+async fn until_in_line(port: u16, line_key: &str) {
     assert!(
-        dlock_tests::subscribed_within(port, channel, Duration::from_secs(10)).await,
-        "nobody subscribed to {channel}"
+        dlock_tests::in_line_within(port, line_key, Duration::from_secs(10)).await,
+        "nobody waits in {line_key}"
     );
 }
 
@@ -47,7 +48,7 @@ async fn a_restarted_server_loses_its_locks_and_the_backend_reconnects() {
             .wait(Duration::from_secs(20))
             .await
     });
-    until_subscribed(server.port(), &backend.release_channel("restart/a")).await;
+    until_in_line(server.port(), &backend.line_key("restart/a")).await;
 
     block_in_place(|| {
         server.restart().expect("restart");
@@ -117,7 +118,7 @@ async fn sentinel_failover_to_the_replica_is_followed() {
         .next()
         .and_then(|port| port.parse().ok())
         .expect("port");
-    until_subscribed(master_port, &backend.release_channel("failover/held")).await;
+    until_in_line(master_port, &backend.line_key("failover/held")).await;
     // Let the replica confirm the writes so far (the replication window is
     // documented in docs/SAFETY.md; this test is about following the master).
     block_in_place(|| servers::wait_replicated(master_port)).expect("the replica catches up");

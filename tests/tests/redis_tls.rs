@@ -40,9 +40,12 @@ async fn locks_over_tls_with_a_private_authority() {
     let certificates = TestCertificates::create();
     let (server, port) = tls_server(&certificates).await;
     let url = format!("rediss://127.0.0.1:{port}/0");
+    // Waiters renew their places every 30 s: only the hand-over message
+    // (pub/sub over TLS) can wake one sooner.
     let connect = || {
         RedisBackend::builder(&url)
             .tls_root_certificates(certificates.ca_pem.clone())
+            .waiter_renewal(Duration::from_secs(30))
             .connect()
     };
     let names = connect().await.expect("connect over TLS");
@@ -54,12 +57,12 @@ async fn locks_over_tls_with_a_private_authority() {
         .await
         .expect("lock");
     let waiting = tokio::spawn(async move { waiter.lock("tls/job").wait(Duration::from_secs(5)).await });
-    // Wait until the waiter listens for the release (asked on the plain port).
-    let channel = names.release_channel("tls/job");
-    dlock_tests::subscribed_within(server.port(), &channel, Duration::from_secs(5)).await;
+    // Wait until the waiter listens for the hand-over (asked on the plain port).
+    let line = names.line_key("tls/job");
+    assert!(dlock_tests::in_line_within(server.port(), &line, Duration::from_secs(5)).await);
     let first_token = guard.fencing_token();
     guard.release().await.expect("release");
-    // The holder's TTL is 30 s: only a release notification (pub/sub over
+    // The holder's TTL is 30 s: only the hand-over message (pub/sub over
     // TLS) gets the waiter in within its 5 s wait.
     let next = waiting.await.expect("waiter task").expect("woken by the release");
     assert!(next.fencing_token() > first_token);

@@ -797,7 +797,10 @@ impl LockBackend for RedisBackend {
                 let validity = lasts_until.saturating_duration_since(began);
                 if validity >= reservation / 2 {
                     subscriber.leave_line(owner.as_str());
-                    return Ok(Attempt::Acquired(Grant::new(FencingToken::new(hand_over.token), validity)));
+                    return Ok(Attempt::Acquired(Grant::new(
+                        FencingToken::new(hand_over.token),
+                        validity,
+                    )));
                 }
             }
         }
@@ -829,8 +832,12 @@ impl LockBackend for RedisBackend {
         subscriber.listen_on_own_channel(key).await?;
         subscriber.join_line(owner.as_str());
         subscriber.found_busy(owner.as_str(), number, began);
-        let events = subscriber.events(owner.as_str()).unwrap_or_else(ReleaseEvents::never);
-        Ok(Attempt::Busy(Busy::new().retry_after(Duration::ZERO).wake(events)))
+        let events = subscriber
+            .events(owner.as_str())
+            .unwrap_or_else(ReleaseEvents::never);
+        Ok(Attempt::Busy(
+            Busy::new().retry_after(Duration::ZERO).wake(events),
+        ))
     }
 
     async fn extend(&self, lease: &Lease, ttl: Duration) -> Result<ExtendOutcome, LockError> {
@@ -843,7 +850,8 @@ impl LockBackend for RedisBackend {
     }
 
     async fn release(&self, lease: &Lease) -> Result<ReleaseOutcome, LockError> {
-        self.release_to_next(lease.key(), lease.owner(), "releasing").await
+        self.release_to_next(lease.key(), lease.owner(), "releasing")
+            .await
     }
 
     async fn abandon(&self, key: &str, owner: &OwnerToken) -> Result<(), LockError> {

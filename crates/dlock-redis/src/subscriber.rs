@@ -133,8 +133,7 @@ impl Subscriber {
     /// True when nobody waits: no waiter in a line, and no subscription
     /// but the own channel's.
     fn nobody_waits(&self) -> bool {
-        self.lines().is_empty()
-            && self.hub.len() <= usize::from(self.own_subscription.initialized())
+        self.lines().is_empty() && self.hub.len() <= usize::from(self.own_subscription.initialized())
     }
 
     /// Records that `owner` waits in a line (if it is not recorded yet).
