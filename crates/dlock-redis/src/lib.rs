@@ -8,8 +8,10 @@
 //! TTL; a counter key in the same hash slot gives the fencing token.
 //! Waiters stand in a line on the server; a release hands the lock straight
 //! to the first waiter (a short reservation with a new fencing token) and
-//! tells it on the key's channel, which waiters listen to on one shared
-//! pub/sub connection; the waiter's next round trip makes the lock its own.
+//! tells the waiter's backend on that backend's own channel, read by one
+//! pub/sub connection per backend. A waiter with auto-renewal takes the
+//! lock from that message; one without makes it its own with one round
+//! trip.
 //!
 //! ```no_run
 //! use std::time::Duration;
@@ -223,7 +225,9 @@ impl RedisBackend {
         format!("{}{{{key}}}:line", self.inner.prefix)
     }
 
-    /// The Redis hash of the places in `key`'s line (owner to deadline and TTL).
+    /// The Redis hash of the places in `key`'s line (owner to the place's
+    /// deadline, the TTL asked for, the waiter's attempt and its backend's
+    /// channel).
     pub fn places_key(&self, key: &str) -> String {
         format!("{}{{{key}}}:places", self.inner.prefix)
     }
@@ -248,10 +252,10 @@ impl RedisBackend {
     }
 
     /// For operators, and unsafe: deletes the lock on `key` whoever holds
-    /// it, and hands it to the first waiter in line. The holder is not told until its next
-    /// renewal (within a third of its TTL), and may still be writing; only
-    /// fencing tokens protect the resource from it. Returns whether there
-    /// was a lock.
+    /// it, and hands it to the first waiter in line. The holder is not told
+    /// until its next renewal (within a third of its TTL), and may still be
+    /// writing; only fencing tokens protect the resource from it. Returns
+    /// whether there was a lock.
     pub async fn force_release(&self, key: &str) -> Result<bool, LockError> {
         validate_key(key)?;
         let channel = self.release_channel(key);
