@@ -268,6 +268,20 @@ async fn until_line_is(harness: &RedisHarness, key: &str, length: usize) -> Vec<
     }
 }
 
+/// The guard `waiter` gets within `limit`; fails with `what` if it does not.
+async fn acquired_within(
+    limit: Duration,
+    waiter: JoinHandle<Result<LockGuard, LockError>>,
+    what: &str,
+) -> LockGuard {
+    match timeout(limit, waiter).await {
+        Ok(Ok(Ok(guard))) => guard,
+        Ok(Ok(Err(error))) => panic!("{what}: {error}"),
+        Ok(Err(error)) => panic!("{what}: the waiter task failed: {error}"),
+        Err(_) => panic!("{what}: not within {limit:?}"),
+    }
+}
+
 fn wait_for(
     locker: &Locker,
     key: &str,
@@ -297,11 +311,12 @@ pub async fn a_waiter_whose_place_ran_out_is_passed_over(harness: &RedisHarness)
     let waiter = wait_for(&locker, &key, Duration::from_secs(30), true);
     until_line_is(harness, &key, 2).await;
     held.release().await.expect("release");
-    let next = timeout(Duration::from_secs(5), waiter)
-        .await
-        .expect("the live waiter gets the lock at once")
-        .expect("waiter task")
-        .expect("lock");
+    let next = acquired_within(
+        Duration::from_secs(5),
+        waiter,
+        "the live waiter gets the lock at once",
+    )
+    .await;
     assert!(line(harness, &key).await.is_empty(), "the stale place is gone");
     next.release().await.expect("release");
 }
@@ -326,11 +341,12 @@ pub async fn a_waiter_that_died_holds_the_line_up_for_its_place_lease_at_most(ha
         Some(dead.as_str()),
         "the first waiter in line gets the lock"
     );
-    let next = timeout(Duration::from_secs(10), waiter)
-        .await
-        .expect("the next waiter gets the lock after the reservation")
-        .expect("waiter task")
-        .expect("lock");
+    let next = acquired_within(
+        Duration::from_secs(10),
+        waiter,
+        "the next waiter gets the lock after the reservation",
+    )
+    .await;
     let waited = released_at.elapsed();
     // The reservation is three renewals (600 ms); the waiter renews every
     // 200 ms (plus jitter).
@@ -385,11 +401,12 @@ pub async fn a_lost_hand_over_message_is_made_up_for_by_the_renewal(harness: &Re
     let token = held.fencing_token();
     held.release().await.expect("release");
     assert_eq!(lock_holder(harness, &key).await, Some(owner), "handed over");
-    let next = timeout(Duration::from_secs(4), waiter)
-        .await
-        .expect("the renewal finds the lock handed over")
-        .expect("waiter task")
-        .expect("lock");
+    let next = acquired_within(
+        Duration::from_secs(4),
+        waiter,
+        "the renewal finds the lock handed over",
+    )
+    .await;
     assert!(next.fencing_token() > token);
     next.release().await.expect("release");
 }
@@ -407,11 +424,7 @@ pub async fn a_handed_over_lock_lasts_its_ttl(harness: &RedisHarness) {
         let waiter = wait_for(&locker, &key, ttl, auto_renew);
         until_line_is(harness, &key, 1).await;
         held.release().await.expect("release");
-        let next = timeout(Duration::from_secs(5), waiter)
-            .await
-            .expect("handed over")
-            .expect("waiter task")
-            .expect("lock");
+        let next = acquired_within(Duration::from_secs(5), waiter, "handed over").await;
         sleep(Duration::from_millis(1500)).await;
         assert!(
             next.is_held(),
