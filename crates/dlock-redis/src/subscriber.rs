@@ -49,6 +49,16 @@ struct InLine {
     handed: Option<(u64, u64)>,
 }
 
+impl InLine {
+    /// Events for the waiter's current attempt; those of the previous one
+    /// no longer fire.
+    fn new_events(&mut self) -> ReleaseEvents {
+        let (wake, events) = mpsc::channel(1);
+        self.wake = wake;
+        ReleaseEvents::from_channel(events)
+    }
+}
+
 /// A hand-over this backend was told of: the waiter's fencing token, and
 /// since when its lease certainly runs.
 pub(crate) struct HandOver {
@@ -157,19 +167,13 @@ impl Subscriber {
     pub(crate) fn begin_attempt(&self, owner: &str) -> Option<(u64, ReleaseEvents)> {
         let mut lines = self.lines();
         let waiter = lines.get_mut(owner)?;
-        let (wake, events) = mpsc::channel(1);
-        waiter.wake = wake;
         waiter.attempts += 1;
-        Some((waiter.attempts, ReleaseEvents::from_channel(events)))
+        Some((waiter.attempts, waiter.new_events()))
     }
 
     /// New events for `owner` without a new attempt.
     pub(crate) fn events(&self, owner: &str) -> Option<ReleaseEvents> {
-        let mut lines = self.lines();
-        let waiter = lines.get_mut(owner)?;
-        let (wake, events) = mpsc::channel(1);
-        waiter.wake = wake;
-        Some(ReleaseEvents::from_channel(events))
+        self.lines().get_mut(owner).map(InLine::new_events)
     }
 
     /// `owner`'s attempt number `attempt`, begun at `began`, found the lock
