@@ -1098,10 +1098,11 @@ fn write_report(table: &str, summary: &str, plot: &str) -> Result {
          - Throughput (2) is shared between the client and the one Redis thread on two cores; \
          the CPU time per cycle shows where it goes. dlock's acquire is a script (`SET NX PX` and \
          the fencing counter's `INCR`), which costs the server more than the peers' plain `SET NX PX`.\n\
-         - A hand-off (3) on Redis takes at least two round trips after the holder's release is \
-         sent: the release (whose notification reaches the waiters with its answer), then the next \
-         holder's acquire. Every waiter is woken and tries; one wins. rslock and redsync retry on a \
-         timer instead: a client that releases often takes the lock again at once (short hand-offs, \
+         - A hand-off (3) on Redis: dlock's waiters stand in a line on the server, and the \
+         holder's release hands the lock to the first of them in the same script and tells only \
+         that waiter's client, which takes the lock from the message (no round trip with \
+         auto-renewal), so the hand-off is about one message and waiters are served in turn. \
+         rslock and redsync retry on a timer instead: a client that releases often takes the lock again at once (short hand-offs, \
          uneven acquisitions per client, attempts that give up). distributed-lock's `acquire` makes \
          one attempt and returns `Timeout` while the lock is held, so the harness calls it again at \
          once: its \"gave up\" count is that busy loop.\n\
