@@ -71,29 +71,6 @@ pub const DEFAULT_WAITER_RENEWAL: Duration = Duration::from_secs(1);
 /// The shortest waiter renewal the builder accepts.
 const MIN_WAITER_RENEWAL: Duration = Duration::from_millis(100);
 
-/// Timing of the waiters' lines.
-#[derive(Clone, Copy, Debug)]
-struct LineTiming {
-    /// How often a waiter renews its place in line (and reads the lock, in
-    /// case the message that handed it the lock was lost).
-    renewal: Duration,
-    /// How long a place lasts unrenewed (three renewals): a waiter that
-    /// died is passed over once it runs out. Also the longest reservation a
-    /// release gives the next waiter (shorter when the waiter asked for a
-    /// shorter TTL): how long a waiter that died since it last renewed its
-    /// place can hold up the line.
-    place_lease: Duration,
-}
-
-impl LineTiming {
-    fn new(renewal: Duration) -> Self {
-        LineTiming {
-            renewal,
-            place_lease: renewal * 3,
-        }
-    }
-}
-
 /// A lock backend on one Redis server, a Redis Cluster, or the master of a
 /// Sentinel group.
 ///
@@ -112,7 +89,9 @@ struct Inner {
     prefix: String,
     command_timeout: Duration,
     address: String,
-    line: LineTiming,
+    /// How often a waiter renews its place in line (and reads the lock, in
+    /// case the message that handed it the lock was lost).
+    waiter_renewal: Duration,
 }
 
 /// What one server answered to an acquire script.
@@ -262,7 +241,7 @@ impl RedisBackend {
         let call = self
             .line_call(&scripts::FORCE_RELEASE, key)
             .arg(&channel)
-            .arg(millis(self.inner.line.place_lease));
+            .arg(millis(self.place_lease()));
         let deleted: i64 = self.run(key, "force-releasing", &call).await?;
         Ok(deleted == 1)
     }
@@ -292,7 +271,7 @@ impl RedisBackend {
         let call = self
             .line_call(&scripts::RELEASE_TO_NEXT, key)
             .arg(owner.as_str())
-            .arg(millis(self.inner.line.place_lease));
+            .arg(millis(self.place_lease()));
         let reply: redis::Value = self.run(key, doing, &call).await?;
         Ok(match reply {
             redis::Value::BulkString(hand_over) => {
@@ -361,10 +340,19 @@ impl RedisBackend {
             .arg(owner.as_str())
             .arg(millis(ttl))
             .arg(if joining { "join" } else { "queued" })
-            .arg(millis(self.inner.line.place_lease))
+            .arg(millis(self.place_lease()))
             .arg(self.inner.subscriber.own_channel())
             .arg(attempt);
         self.acquire_call(key, &call).await
+    }
+
+    /// How long a place in line lasts unrenewed (three renewals): a waiter
+    /// that died is passed over once it runs out. Also the longest
+    /// reservation a release gives the next waiter (shorter when the waiter
+    /// asked for a shorter TTL): how long a waiter that died since it last
+    /// renewed its place can hold up the line.
+    fn place_lease(&self) -> Duration {
+        self.inner.waiter_renewal * 3
     }
 
     /// A granted lease's token and validity.
@@ -566,7 +554,7 @@ impl RedisBackendBuilder {
                 prefix: self.key_prefix,
                 command_timeout: self.command_timeout,
                 address,
-                line: LineTiming::new(self.waiter_renewal),
+                waiter_renewal: self.waiter_renewal,
             }),
         })
     }
@@ -791,7 +779,7 @@ impl LockBackend for RedisBackend {
         let began = Instant::now();
         let subscriber = &self.inner.subscriber;
         let in_line = subscriber.is_in_line(owner.as_str());
-        let reservation = ttl.min(self.inner.line.place_lease);
+        let reservation = ttl.min(self.place_lease());
         if in_line && request.auto_renew {
             // Handed over while this waiter waited: the lease runs from
             // before the hand-over for the reservation, which renewal
@@ -819,7 +807,9 @@ impl LockBackend for RedisBackend {
         let number = attempt.as_ref().map_or(0, |(number, _)| *number);
         let remaining = match self.acquire_in_line(key, owner, ttl, !in_line, number).await? {
             NodeGrant::Granted(token) => {
-                subscriber.leave_line(owner.as_str());
+                if attempt.is_some() {
+                    subscriber.leave_line(owner.as_str());
+                }
                 return Ok(Attempt::Acquired(self.grant(token, ttl)));
             }
             NodeGrant::Busy(remaining) => remaining,
@@ -827,7 +817,7 @@ impl LockBackend for RedisBackend {
         if let (Some((number, events)), true) = (attempt, listening) {
             subscriber.found_busy(owner.as_str(), number, began);
             // Come back before the place runs out, or when the lock does.
-            let renewal = self.inner.line.renewal;
+            let renewal = self.inner.waiter_renewal;
             let renew_in = remaining.map_or(renewal, |remaining| remaining.min(renewal));
             return Ok(Attempt::Busy(Busy::new().retry_after(renew_in).wake(events)));
         }

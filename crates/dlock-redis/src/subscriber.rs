@@ -180,9 +180,8 @@ impl Subscriber {
     /// busy.
     pub(crate) fn found_busy(&self, owner: &str, attempt: u64, began: Instant) {
         if let Some(waiter) = self.lines().get_mut(owner) {
-            if waiter.busy.is_none_or(|(latest, _)| latest < attempt) {
-                waiter.busy = Some((attempt, began));
-            }
+            // A waiter's attempts run one after the other: this is the latest.
+            waiter.busy = Some((attempt, began));
         }
     }
 
