@@ -112,17 +112,25 @@ fn two_runs_never_overlap(backend: &str) {
 
 fn no_wait_on_a_held_key_exits_with_75(backend: &str) {
     let key = unique_key("cli-no-wait");
-    let mut holder = spawn(dlock(backend, &["run", &key, "--", "sleep", "3"]));
+    // The holder outlives any slow server by far, so a second run that
+    // waited for it, instead of giving up at once, would still be running
+    // when the holder is stopped below. No wall-clock bound: CI's etcd can
+    // take a few hundred ms per request.
+    let mut holder = spawn(dlock(backend, &["run", &key, "--", "sleep", "60"]));
     wait_until_held(backend, &key);
-    let began = Instant::now();
     let second = output(dlock(backend, &["run", "--no-wait", &key, "--", "true"]));
     assert_eq!(second.status.code(), Some(75), "{second:?}");
     assert!(
-        began.elapsed() < Duration::from_secs(2),
-        "took {:?}",
-        began.elapsed()
+        holder.try_wait().expect("wait").is_none(),
+        "the holder ended before the --no-wait run returned"
     );
-    assert_eq!(wait_exit(&mut holder, Duration::from_secs(10)), 0);
+    assert!(is_held(backend, &key), "the --no-wait run disturbed the holder");
+    let stopped = Command::new("kill")
+        .args(["-TERM", &holder.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(stopped.success());
+    assert_eq!(wait_exit(&mut holder, Duration::from_secs(10)), 143);
 }
 
 fn a_lock_deleted_from_outside_stops_the_command(backend: &str) {
