@@ -13,8 +13,10 @@
 //! `redsync` (blocking, so its calls go to Tokio's blocking pool) and
 //! `distributed-lock`'s Redis backend.
 //!
-//! `DLOCK_BENCH_PROFILE=throughput` runs only dlock's scenario 2 for 15 s,
-//! for a profiler to attach to; `DLOCK_BENCH_PROFILE=handoff` only dlock's
+//! `DLOCK_BENCH_PROFILE=throughput` runs only scenario 2 for 15 s, for a
+//! profiler to attach to, with dlock or with `DLOCK_BENCH_CONTENDER=floor`
+//! or `rslock` (comparing instructions per cycle under a profiler is steadier
+//! than CPU time on a shared machine); `DLOCK_BENCH_PROFILE=handoff` only dlock's
 //! scenario 3; `DLOCK_BENCH_PROFILE=throughput-vs` scenario 2 for the floor,
 //! dlock and rslock; `DLOCK_BENCH_PROFILE=etcd-growth` scenario 5's cycle,
 //! floor and dlock, in 8 batches of 1 000 on one key (does the cycle slow
@@ -319,10 +321,18 @@ async fn main() -> Result {
     };
     let url = env("DLOCK_BENCH_REDIS_URL")?;
     if std::env::var("DLOCK_BENCH_PROFILE").is_ok_and(|only| only == "throughput") {
-        // Only dlock's scenario 2, long enough to attach a profiler.
-        let locker = Locker::new(RedisBackend::connect(&url).await?);
-        let rate = throughput(|| Contender::Dlock(locker.clone()), 64, Duration::from_secs(15)).await?;
-        println!("dlock throughput, 64 tasks on 64 keys: {rate:.0} cycles/s");
+        // Only scenario 2 for one contender, long enough to attach a profiler.
+        let name = std::env::var("DLOCK_BENCH_CONTENDER").unwrap_or_else(|_| "dlock".to_owned());
+        let contender = match name.as_str() {
+            "dlock" => Contender::Dlock(Locker::new(RedisBackend::connect(&url).await?)),
+            "floor" => Contender::FloorRedis(floor_connection(&url).await?),
+            "rslock" => Contender::Rslock(rslock::LockManager::new(vec![url.clone()])),
+            other => {
+                return Err(format!("DLOCK_BENCH_CONTENDER={other}: expected dlock, floor or rslock").into());
+            }
+        };
+        let rate = throughput(|| contender.clone(), 64, Duration::from_secs(15)).await?;
+        println!("{name} throughput, 64 tasks on 64 keys: {rate:.0} cycles/s");
         return Ok(());
     }
     if std::env::var("DLOCK_BENCH_PROFILE").is_ok_and(|only| only == "throughput-vs") {

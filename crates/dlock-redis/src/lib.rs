@@ -191,36 +191,36 @@ impl RedisBackend {
     }
     /// The Redis key that holds the lock for `key`.
     pub fn lock_key(&self, key: &str) -> String {
-        format!("{}{{{key}}}", self.inner.prefix)
+        scripts::key_name(&self.inner.prefix, key, scripts::LOCK)
     }
 
     /// The Redis key that holds the fencing counter for `key`.
     pub fn fence_key(&self, key: &str) -> String {
-        format!("{}{{{key}}}:fence", self.inner.prefix)
+        scripts::key_name(&self.inner.prefix, key, scripts::FENCE)
     }
 
     /// The Redis list of the owners waiting for `key`, in arrival order.
     pub fn line_key(&self, key: &str) -> String {
-        format!("{}{{{key}}}:line", self.inner.prefix)
+        scripts::key_name(&self.inner.prefix, key, scripts::LINE)
     }
 
     /// The Redis hash of the places in `key`'s line (owner to the place's
     /// deadline, the TTL asked for, the waiter's attempt and its backend's
     /// channel).
     pub fn places_key(&self, key: &str) -> String {
-        format!("{}{{{key}}}:places", self.inner.prefix)
+        scripts::key_name(&self.inner.prefix, key, scripts::PLACES)
     }
 
     /// The pub/sub channel on which releases of `key` are announced.
     pub fn release_channel(&self, key: &str) -> String {
-        format!("{}{{{key}}}:released", self.inner.prefix)
+        scripts::key_name(&self.inner.prefix, key, scripts::RELEASED)
     }
 
     /// For operators: whether `key` is held, for how long, and the last
     /// fencing token handed out (never the owner's secret). One round trip.
     pub async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
         validate_key(key)?;
-        let call = ScriptCall::new(&scripts::STATUS, &[&self.lock_key(key), &self.fence_key(key)]);
+        let call = self.call(&scripts::STATUS, key, &[scripts::LOCK, scripts::FENCE]);
         let (pttl, counter): (i64, i64) = self.run(key, "inspecting", &call).await?;
         Ok(KeyStatus::new(
             pttl != -2,
@@ -246,17 +246,18 @@ impl RedisBackend {
         Ok(deleted == 1)
     }
 
+    /// A call of `script` on the keys of `key` with these suffixes.
+    fn call(&self, script: &'static redis::Script, key: &str, suffixes: &[&str]) -> ScriptCall {
+        ScriptCall::new(script, &self.inner.prefix, key, suffixes)
+    }
+
     /// A call of a script that reads the line: the lock, fence, line and
     /// places keys.
     fn line_call(&self, script: &'static redis::Script, key: &str) -> ScriptCall {
-        ScriptCall::new(
+        self.call(
             script,
-            &[
-                &self.lock_key(key),
-                &self.fence_key(key),
-                &self.line_key(key),
-                &self.places_key(key),
-            ],
+            key,
+            &[scripts::LOCK, scripts::FENCE, scripts::LINE, scripts::PLACES],
         )
     }
 
@@ -294,7 +295,8 @@ impl RedisBackend {
         doing: &str,
     ) -> Result<ReleaseOutcome, LockError> {
         let channel = self.release_channel(key);
-        let call = ScriptCall::new(&scripts::RELEASE, &[&self.lock_key(key)])
+        let call = self
+            .call(&scripts::RELEASE, key, &[scripts::LOCK])
             .arg(owner.as_str())
             .arg(&channel);
         let status: i64 = self.run(key, doing, &call).await?;
@@ -318,7 +320,8 @@ impl RedisBackend {
         owner: &OwnerToken,
         ttl: Duration,
     ) -> Result<NodeGrant, LockError> {
-        let call = ScriptCall::new(&scripts::ACQUIRE, &[&self.lock_key(key), &self.fence_key(key)])
+        let call = self
+            .call(&scripts::ACQUIRE, key, &[scripts::LOCK, scripts::FENCE])
             .arg(owner.as_str())
             .arg(millis(ttl))
             .arg("");
@@ -398,7 +401,8 @@ impl RedisBackend {
         owner: &OwnerToken,
         ttl: Duration,
     ) -> Result<Option<NotHeldReason>, LockError> {
-        let call = ScriptCall::new(&scripts::EXTEND, &[&self.lock_key(key)])
+        let call = self
+            .call(&scripts::EXTEND, key, &[scripts::LOCK])
             .arg(owner.as_str())
             .arg(millis(ttl));
         let status: i64 = self.run(key, "extending", &call).await?;
@@ -411,7 +415,9 @@ impl RedisBackend {
 
     /// Raises this server's fencing counter for `key` to at least `token`.
     pub(crate) async fn raise_fence(&self, key: &str, token: u64) -> Result<(), LockError> {
-        let call = ScriptCall::new(&scripts::RAISE_FENCE, &[&self.fence_key(key)]).arg(token);
+        let call = self
+            .call(&scripts::RAISE_FENCE, key, &[scripts::FENCE])
+            .arg(token);
         let status: i64 = self.run(key, "raising the fencing counter", &call).await?;
         if status == 1 {
             Ok(())

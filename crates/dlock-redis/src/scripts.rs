@@ -6,7 +6,26 @@
 
 use std::sync::LazyLock;
 
-use redis::{Cmd, FromRedisValue, RedisResult, Script, ToRedisArgs};
+use std::io::Write as _;
+
+use redis::{Cmd, FromRedisValue, RedisResult, RedisWrite, Script, ToRedisArgs};
+
+/// The Redis key of a lock (no suffix) and of the keys kept beside it:
+/// `{prefix}{key}{suffix}`, the user's key as the hash tag.
+pub(crate) const LOCK: &str = "";
+/// Suffix of the fencing counter's key.
+pub(crate) const FENCE: &str = ":fence";
+/// Suffix of the line: a list of waiting owners in arrival order.
+pub(crate) const LINE: &str = ":line";
+/// Suffix of the places: a hash of waiting owner to place.
+pub(crate) const PLACES: &str = ":places";
+/// Suffix of the channel on which Redlock nodes announce releases.
+pub(crate) const RELEASED: &str = ":released";
+
+/// `{prefix}{key}{suffix}` as a `String`, for callers outside the hot path.
+pub(crate) fn key_name(prefix: &str, key: &str, suffix: &str) -> String {
+    format!("{prefix}{{{key}}}{suffix}")
+}
 
 /// One call of a script, built straight into an EVALSHA command: cheaper
 /// on the hot path than redis-rs's `ScriptInvocation`, which copies every
@@ -18,12 +37,20 @@ pub(crate) struct ScriptCall {
 }
 
 impl ScriptCall {
-    /// A call of `script` on `keys`; add the arguments with [`arg`](Self::arg).
-    pub(crate) fn new(script: &'static Script, keys: &[&str]) -> Self {
-        let mut command = Cmd::with_capacity(3 + keys.len() + 2, 160);
-        command.arg("EVALSHA").arg(script.get_hash()).arg(keys.len());
-        for key in keys {
-            command.arg(*key);
+    /// A call of `script` on the keys `{prefix}{key}{suffix}`, one per
+    /// suffix, written into the command without a `String` each (this runs
+    /// twice per lock cycle); add the arguments with [`arg`](Self::arg).
+    pub(crate) fn new(script: &'static Script, prefix: &str, key: &str, suffixes: &[&str]) -> Self {
+        // Room for every key and the usual arguments (an owner token, a TTL,
+        // a short mode or channel), so that the buffer is not grown.
+        let key_bytes: usize = suffixes
+            .iter()
+            .map(|suffix| prefix.len() + key.len() + 2 + suffix.len())
+            .sum();
+        let mut command = Cmd::with_capacity(3 + suffixes.len() + 6, 64 + key_bytes + 128);
+        command.arg("EVALSHA").arg(script.get_hash()).arg(suffixes.len());
+        for suffix in suffixes {
+            command.arg(KeyName { prefix, key, suffix });
         }
         ScriptCall { script, command }
     }
@@ -44,6 +71,25 @@ impl ScriptCall {
             }
             answer => answer,
         }
+    }
+}
+
+/// One Redis key name, written into a command piece by piece.
+struct KeyName<'a> {
+    prefix: &'a str,
+    key: &'a str,
+    suffix: &'a str,
+}
+
+impl ToRedisArgs for KeyName<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        let mut arg = out.writer_for_next_arg();
+        // Writing into the command's own buffer cannot fail.
+        let _ = arg.write_all(self.prefix.as_bytes());
+        let _ = arg.write_all(b"{");
+        let _ = arg.write_all(self.key.as_bytes());
+        let _ = arg.write_all(b"}");
+        let _ = arg.write_all(self.suffix.as_bytes());
     }
 }
 
@@ -248,3 +294,21 @@ return held
 "
     ))
 });
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_names_its_keys_as_key_name_does() {
+        let call = ScriptCall::new(&EXTEND, "dlock:", "orders/7", &[LOCK, FENCE, LINE, PLACES]).arg("owner");
+        let mut expected = redis::cmd("EVALSHA");
+        expected.arg(EXTEND.get_hash()).arg(4);
+        for suffix in [LOCK, FENCE, LINE, PLACES] {
+            expected.arg(key_name("dlock:", "orders/7", suffix));
+        }
+        expected.arg("owner");
+        assert_eq!(call.command.get_packed_command(), expected.get_packed_command());
+        assert_eq!(key_name("dlock:", "orders/7", FENCE), "dlock:{orders/7}:fence");
+    }
+}
