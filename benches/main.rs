@@ -17,8 +17,8 @@
 //! profiler to attach to, with dlock or with `DLOCK_BENCH_CONTENDER=floor`
 //! or `rslock` (comparing instructions per cycle under a profiler is steadier
 //! than CPU time on a shared machine); `DLOCK_BENCH_PROFILE=handoff` only dlock's
-//! scenario 3; `DLOCK_BENCH_PROFILE=throughput-vs` scenario 2 for the floor,
-//! dlock and rslock; `DLOCK_BENCH_PROFILE=etcd-growth` scenario 5's cycle,
+//! scenario 3; `DLOCK_BENCH_PROFILE=throughput-vs` scenario 2 for the two
+//! floors, dlock and rslock; `DLOCK_BENCH_PROFILE=etcd-growth` scenario 5's cycle,
 //! floor and dlock, in 8 batches of 1 000 on one key (does the cycle slow
 //! down as acquisitions of a key accumulate?).
 
@@ -103,6 +103,11 @@ impl Samples {
 enum Contender {
     /// The raw redis client: one EVALSHA to acquire, one to release.
     FloorRedis(MultiplexedConnection),
+    /// The raw redis client without a fencing counter: a native `SET NX PX`
+    /// to acquire (as rslock does), the floor's release script. No lock
+    /// that hands out fencing tokens can do less; scenario 2 reports it to
+    /// show what the counter costs.
+    UnfencedFloor(MultiplexedConnection),
     /// The raw redis client on N nodes: the same two EVALSHAs sent to every
     /// node at once; the acquire is done when a majority answered, the
     /// release when every node did (as dlock's Redlock release).
@@ -157,6 +162,31 @@ impl Contender {
             }
             Contender::Dlock(locker) => {
                 locker.try_lock(key).await?.release().await?;
+                Ok(())
+            }
+            Contender::UnfencedFloor(connection) => {
+                let mut connection = connection.clone();
+                let lock_key = format!("floor:{{{key}}}");
+                let taken: Option<String> = redis::cmd("SET")
+                    .arg(&lock_key)
+                    .arg(OWNER)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(30_000)
+                    .query_async(&mut connection)
+                    .await?;
+                if taken.is_none() {
+                    return Err("the unfenced floor found its key held".into());
+                }
+                let released: i64 = FLOOR_RELEASE
+                    .key(&lock_key)
+                    .arg(OWNER)
+                    .arg(format!("floor:{{{key}}}:released"))
+                    .invoke_async(&mut connection)
+                    .await?;
+                if released != 1 {
+                    return Err("the unfenced floor's release found no lock".into());
+                }
                 Ok(())
             }
             Contender::FloorRedlock(connections) => {
@@ -336,10 +366,14 @@ async fn main() -> Result {
         return Ok(());
     }
     if std::env::var("DLOCK_BENCH_PROFILE").is_ok_and(|only| only == "throughput-vs") {
-        // Scenario 2 for the floor, dlock and rslock only, 8 slices each.
+        // Scenario 2 for the floors, dlock and rslock only, 8 slices each.
         let mut admin = floor_connection(&url).await?;
         let contenders = [
             ("floor", Contender::FloorRedis(floor_connection(&url).await?)),
+            (
+                "unfenced floor",
+                Contender::UnfencedFloor(floor_connection(&url).await?),
+            ),
             (
                 "dlock",
                 Contender::Dlock(Locker::new(RedisBackend::connect(&url).await?)),
@@ -548,6 +582,10 @@ async fn main() -> Result {
     let mut admin = floor_connection(&url).await?;
     let mut shared = vec![
         ("floor", Contender::FloorRedis(floor_connection(&url).await?)),
+        (
+            "unfenced floor",
+            Contender::UnfencedFloor(floor_connection(&url).await?),
+        ),
         (
             "dlock",
             Contender::Dlock(Locker::new(RedisBackend::connect(&url).await?)),
@@ -1107,7 +1145,10 @@ fn write_report(table: &str, summary: &str, plot: &str) -> Result {
          How the scenarios behave (the figures above show by how much):\n\n\
          - Throughput (2) is shared between the client and the one Redis thread on two cores; \
          the CPU time per cycle shows where it goes. dlock's acquire is a script (`SET NX PX` and \
-         the fencing counter's `INCR`), which costs the server more than the peers' plain `SET NX PX`.\n\
+         the fencing counter's `INCR` in one atomic step), which costs the server more than the \
+         peers' plain `SET NX PX`. The \"unfenced floor\" row is the raw client doing the peers' \
+         round trips (`SET NX PX`, then the floor's release script): the gap between it and the \
+         floor is what an atomic fencing counter costs on this machine, whatever library sends it.\n\
          - A hand-off (3) on Redis: dlock's waiters stand in a line on the server, and the \
          holder's release hands the lock to the first of them in the same script and tells only \
          that waiter's client, which takes the lock from the message (no round trip with \
