@@ -402,6 +402,34 @@ pub fn etcd_endpoints() -> Vec<String> {
     list_from_env("DLOCK_TEST_ETCD_ENDPOINTS")
 }
 
+/// The Prometheus metrics of the etcd member at `endpoint` (an
+/// `http://host:port` client URL), as text.
+pub async fn etcd_member_metrics(endpoint: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = endpoint.trim_start_matches("http://");
+    let mut connection = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect to a member");
+    connection
+        .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
+        .await
+        .expect("ask for metrics");
+    let mut text = String::new();
+    connection.read_to_string(&mut text).await.expect("read metrics");
+    text
+}
+
+/// The value of the first metric line that starts with `prefix`, 0 when
+/// there is none.
+pub fn metric_value(metrics: &str, prefix: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|line| line.starts_with(prefix))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse::<f64>().ok())
+        .map_or(0, |value| value as u64)
+}
+
 /// The conformance harness for [`dlock_etcd::EtcdBackend`]: every locker is
 /// a new backend (its own connection and sessions).
 pub struct EtcdHarness {

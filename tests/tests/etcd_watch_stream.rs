@@ -8,38 +8,18 @@ use std::time::Duration;
 use dlock_core::Locker;
 use dlock_etcd::EtcdBackend;
 use dlock_testkit::conformance::unique_key;
-use dlock_tests::etcd_endpoints;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use dlock_tests::{etcd_endpoints, etcd_member_metrics, metric_value};
 
 /// Watch streams opened so far, and watchers alive now, over all members.
 async fn watch_counts(endpoints: &[String]) -> (u64, u64) {
     let (mut opened, mut watchers) = (0, 0);
     for endpoint in endpoints {
-        let address = endpoint.trim_start_matches("http://");
-        let mut connection = tokio::net::TcpStream::connect(address)
-            .await
-            .expect("connect to a member");
-        connection
-            .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes())
-            .await
-            .expect("ask for metrics");
-        let mut text = String::new();
-        connection.read_to_string(&mut text).await.expect("read metrics");
-        for line in text.lines() {
-            let value = |line: &str| {
-                line.rsplit(' ')
-                    .next()
-                    .and_then(|value| value.parse::<f64>().ok())
-                    .expect("a metric value") as u64
-            };
-            if line.starts_with(
-                "grpc_server_started_total{grpc_method=\"Watch\",grpc_service=\"etcdserverpb.Watch\"",
-            ) {
-                opened += value(line);
-            } else if line.starts_with("etcd_debugging_mvcc_watcher_total ") {
-                watchers += value(line);
-            }
-        }
+        let metrics = etcd_member_metrics(endpoint).await;
+        opened += metric_value(
+            &metrics,
+            "grpc_server_started_total{grpc_method=\"Watch\",grpc_service=\"etcdserverpb.Watch\"",
+        );
+        watchers += metric_value(&metrics, "etcd_debugging_mvcc_watcher_total ");
     }
     (opened, watchers)
 }

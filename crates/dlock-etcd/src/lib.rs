@@ -618,6 +618,10 @@ impl EtcdBackendBuilder {
             });
         }
         let members = Arc::new(Members::new(clients));
+        // At most a second: this only saves a hop per request.
+        members
+            .prefer_leader(self.connect_timeout.min(Duration::from_secs(1)))
+            .await;
         // A linearizable read: answers only with a leader and quorum.
         let probe = members
             .call(self.connect_timeout, |mut client| {

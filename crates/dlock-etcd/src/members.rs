@@ -34,6 +34,38 @@ impl Members {
         }
     }
 
+    /// Makes the leader the member in use, if the members that answer
+    /// within `limit` name one among them; else the member in use stays.
+    /// Returns as soon as the leader is known, so a member that hangs
+    /// delays this only when the leader is not found first. Only a start:
+    /// after an election, requests go on to a follower that forwards them,
+    /// until that member fails to answer.
+    pub(crate) async fn prefer_leader(&self, limit: Duration) {
+        let mut asking = tokio::task::JoinSet::new();
+        for (index, client) in self.clients.iter().enumerate() {
+            let mut client = client.clone();
+            asking.spawn(async move {
+                let status = timeout(limit, client.status()).await.ok()?.ok()?;
+                let member = status.header()?.member_id();
+                Some((index, member, status.leader()))
+            });
+        }
+        let mut answers: Vec<(usize, u64, u64)> = Vec::new();
+        while let Some(joined) = asking.join_next().await {
+            let Ok(Some(answer)) = joined else { continue };
+            answers.push(answer);
+            let leader = answers.iter().find(|(_, member, _)| {
+                answers
+                    .iter()
+                    .any(|(_, _, leader)| *leader != 0 && leader == member)
+            });
+            if let Some(&(index, _, _)) = leader {
+                self.current.store(index, Ordering::Relaxed);
+                return; // dropping the set stops the other questions
+            }
+        }
+    }
+
     /// The client in use.
     pub(crate) fn current(&self) -> (usize, Client) {
         let index = self.current.load(Ordering::Relaxed) % self.clients.len().max(1);
