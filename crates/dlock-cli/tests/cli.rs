@@ -75,6 +75,16 @@ fn wait_exit(child: &mut Child, limit: Duration) -> i32 {
     }
 }
 
+/// Sends SIGTERM to a `dlock run` and returns its exit code.
+fn terminate(run: &mut Child) -> i32 {
+    let sent = Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    wait_exit(run, Duration::from_secs(10))
+}
+
 /// Two runs append their start and end times; the intervals must not overlap.
 fn two_runs_never_overlap(backend: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -125,12 +135,7 @@ fn no_wait_on_a_held_key_exits_with_75(backend: &str) {
         "the holder ended before the --no-wait run returned"
     );
     assert!(is_held(backend, &key), "the --no-wait run disturbed the holder");
-    let stopped = Command::new("kill")
-        .args(["-TERM", &holder.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(stopped.success());
-    assert_eq!(wait_exit(&mut holder, Duration::from_secs(10)), 143);
+    assert_eq!(terminate(&mut holder), 143);
 }
 
 fn a_lock_deleted_from_outside_stops_the_command(backend: &str) {
@@ -167,13 +172,8 @@ fn a_signal_to_dlock_stops_the_command_and_frees_the_key(backend: &str) {
     let key = unique_key("cli-signal");
     let mut run = spawn(dlock(backend, &["run", &key, "--", "sleep", "20"]));
     wait_until_held(backend, &key);
-    let killed = Command::new("kill")
-        .args(["-TERM", &run.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
     // sleep dies of the forwarded SIGTERM: 128 + 15, as a shell reports it.
-    assert_eq!(wait_exit(&mut run, Duration::from_secs(10)), 143);
+    assert_eq!(terminate(&mut run), 143);
     assert!(!is_held(backend, &key), "the key was not freed");
 }
 
