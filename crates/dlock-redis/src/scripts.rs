@@ -4,9 +4,8 @@
 //! `KEYS[2]` the fencing counter; both carry the same `{...}` hash tag, so they
 //! live in one Cluster slot.
 
-use std::sync::LazyLock;
-
 use std::io::Write as _;
+use std::sync::LazyLock;
 
 use redis::{Cmd, FromRedisValue, RedisResult, RedisWrite, Script, ToRedisArgs};
 
