@@ -178,16 +178,7 @@ impl Contender {
                 if taken.is_none() {
                     return Err("the unfenced floor found its key held".into());
                 }
-                let released: i64 = FLOOR_RELEASE
-                    .key(&lock_key)
-                    .arg(OWNER)
-                    .arg(format!("floor:{{{key}}}:released"))
-                    .invoke_async(&mut connection)
-                    .await?;
-                if released != 1 {
-                    return Err("the unfenced floor's release found no lock".into());
-                }
-                Ok(())
+                floor_release(&mut connection, &lock_key, &format!("floor:{{{key}}}:released")).await
             }
             Contender::FloorRedlock(connections) => {
                 let lock_key = format!("floor:{{{key}}}");
@@ -716,16 +707,22 @@ async fn floor_cycles(
             .invoke_async(&mut connection)
             .await?;
         acquires.0.push(started.elapsed());
-        let released: i64 = FLOOR_RELEASE
-            .key(&lock_key)
-            .arg(OWNER)
-            .arg(&channel)
-            .invoke_async(&mut connection)
-            .await?;
-        if released != 1 {
-            return Err("the floor's release found no lock".into());
-        }
+        floor_release(&mut connection, &lock_key, &channel).await?;
         cycles.0.push(started.elapsed());
+    }
+    Ok(())
+}
+
+/// The floor's release of `lock_key`, which must find the floor's lock.
+async fn floor_release(connection: &mut MultiplexedConnection, lock_key: &str, channel: &str) -> Result {
+    let released: i64 = FLOOR_RELEASE
+        .key(lock_key)
+        .arg(OWNER)
+        .arg(channel)
+        .invoke_async(connection)
+        .await?;
+    if released != 1 {
+        return Err(format!("the floor's release found no lock at {lock_key}").into());
     }
     Ok(())
 }

@@ -419,15 +419,19 @@ pub async fn etcd_member_metrics(endpoint: &str) -> String {
     text
 }
 
-/// The value of the first metric line that starts with `prefix`, 0 when
-/// there is none.
+/// The sum of the values of the metric lines that start with `prefix` (0
+/// when there is none).
 pub fn metric_value(metrics: &str, prefix: &str) -> u64 {
     metrics
         .lines()
-        .find(|line| line.starts_with(prefix))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse::<f64>().ok())
-        .map_or(0, |value| value as u64)
+        .filter(|line| line.starts_with(prefix))
+        .map(|line| {
+            line.rsplit(' ')
+                .next()
+                .and_then(|value| value.parse::<f64>().ok())
+                .expect("a metric value") as u64
+        })
+        .sum()
 }
 
 /// The conformance harness for [`dlock_etcd::EtcdBackend`]: every locker is

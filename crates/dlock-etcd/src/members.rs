@@ -50,16 +50,21 @@ impl Members {
                 Some((index, member, status.leader()))
             });
         }
-        let mut answers: Vec<(usize, u64, u64)> = Vec::new();
+        // Which member leads (0: "none known") and which member is where.
+        let mut leader = 0;
+        let mut members: Vec<(usize, u64)> = Vec::new();
         while let Some(joined) = asking.join_next().await {
-            let Ok(Some(answer)) = joined else { continue };
-            answers.push(answer);
-            let leader = answers.iter().find(|(_, member, _)| {
-                answers
-                    .iter()
-                    .any(|(_, _, leader)| *leader != 0 && leader == member)
-            });
-            if let Some(&(index, _, _)) = leader {
+            let Ok(Some((index, member, named))) = joined else {
+                continue;
+            };
+            members.push((index, member));
+            if leader == 0 {
+                leader = named;
+            }
+            if let Some(&(index, _)) = members
+                .iter()
+                .find(|(_, member)| leader != 0 && *member == leader)
+            {
                 self.current.store(index, Ordering::Relaxed);
                 return; // dropping the set stops the other questions
             }
