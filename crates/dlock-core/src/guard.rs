@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
-use tokio::time::{Instant, sleep, timeout_at};
+use tokio::time::{Instant, sleep, sleep_until, timeout_at};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::backend::{ExtendOutcome, Grant, Lease, LockBackend, ReleaseOutcome};
@@ -161,17 +161,41 @@ impl LockGuard {
     ///
     /// Race it against the critical section to stop work as soon as the lock
     /// is gone ([`Locker::with_lock`](crate::Locker::with_lock) does that for you).
+    ///
+    /// It resolves no later than the lease's local validity deadline, even
+    /// if no renewal ever reports back (a stalled runtime, a renewal that
+    /// hangs): past that instant another client may hold the lock.
     pub async fn lost(&self) {
-        let mut states = self.shared.state.subscribe();
-        // The sender lives in `self.shared`, which outlives this borrow, so
-        // `wait_for` only returns once the guard is marked lost.
-        if states.wait_for(|state| state.lost).await.is_err() {
-            pending::<()>().await;
+        let shared = &self.shared;
+        let mut states = shared.state.subscribe();
+        loop {
+            let state = *states.borrow_and_update();
+            if state.lost {
+                return;
+            }
+            tokio::select! {
+                changed = states.changed() => {
+                    // The sender lives in `self.shared`, which outlives this
+                    // borrow: it cannot close.
+                    if changed.is_err() {
+                        pending::<()>().await;
+                    }
+                }
+                () = sleep_until(state.valid_until) => {
+                    // A renewal may have moved the deadline just now.
+                    if !shared.is_held() {
+                        shared.mark_lost("the lease's local validity ran out before a renewal succeeded");
+                        return;
+                    }
+                }
+            }
         }
     }
 
     /// Resets the lease to `ttl` from now, if the lock is still ours; later
-    /// automatic renewals use the new length.
+    /// automatic renewals use the new length and are rescheduled from now
+    /// (every `ttl / 3`), and without auto-renewal the guard turns lost when
+    /// the new lease ends, even when it is shorter than the old one.
     ///
     /// Fails with [`LockError::Lost`] when the guard is no longer held (see
     /// [`is_held`](Self::is_held)), and with [`LockError::NotHeld`] (marking the guard lost) when the
@@ -191,6 +215,9 @@ impl LockGuard {
             match shared.backend.extend(&shared.lease, ttl).await? {
                 ExtendOutcome::Extended { validity } => {
                     shared.record_validity(started, validity, ttl);
+                    // The next renewal (or, without auto-renewal, the loss
+                    // check) follows the new lease, which may be shorter.
+                    shared.schedule_next();
                     debug!("extended");
                     Ok(())
                 }

@@ -15,7 +15,7 @@ use crate::error::LockError;
 use crate::guard::{Acquired, LockGuard};
 use crate::notify::ReleaseEvents;
 use crate::options::{DEFAULT_TTL, validate_key, validate_ttl, validate_wait};
-use crate::renewals::Renewals;
+use crate::renewals::RenewalsByRuntime;
 use crate::token::OwnerToken;
 
 /// Hands out locks from one backend.
@@ -51,7 +51,7 @@ use crate::token::OwnerToken;
 #[derive(Clone)]
 pub struct Locker {
     backend: Arc<dyn LockBackend>,
-    renewals: Arc<Renewals>,
+    renewals: Arc<RenewalsByRuntime>,
 }
 
 impl Locker {
@@ -117,7 +117,7 @@ impl fmt::Debug for Locker {
 #[must_use = "a LockRequest does nothing until it is awaited"]
 pub struct LockRequest {
     backend: Arc<dyn LockBackend>,
-    renewals: Arc<Renewals>,
+    renewals: Arc<RenewalsByRuntime>,
     key: String,
     ttl: Duration,
     wait: Option<Duration>,
@@ -262,6 +262,22 @@ impl LockRequest {
                 }
             };
             let busy = match attempt {
+                Attempt::Acquired(grant) if started + grant.validity <= Instant::now() => {
+                    // The answer came after the lease it granted was over
+                    // (a slow server, a slow quorum): another client may
+                    // hold the key already. Not acquired; `pending` gives
+                    // the key back if this request ends here, and a retry
+                    // by the same owner is granted afresh.
+                    let error = LockError::unavailable(
+                        Some(&pending.key),
+                        format!(
+                            "the backend granted the lock {:?} after the request began, when its lease ({ttl:?}) was no longer certain to last",
+                            started.elapsed()
+                        ),
+                    );
+                    ride_out(error, deadline, &mut backoff).await?;
+                    continue;
+                }
                 Attempt::Acquired(grant) => {
                     let (key, owner) = pending.disarm();
                     Span::current().record("token", grant.token.get());
@@ -274,7 +290,7 @@ impl LockRequest {
                         auto_renew,
                         started,
                         grant,
-                        renewals,
+                        renewals: renewals.for_current_runtime(),
                     }));
                 }
                 Attempt::Busy(busy) => busy,

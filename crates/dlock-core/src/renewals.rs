@@ -7,9 +7,13 @@
 //! until the earliest deadline and starts the renewals that are due side
 //! by side, so renewals falling due together share the connection's writes.
 //!
-//! The driver runs while its locker (or a guard from it) lives; it is
-//! started by the first guard, and started again by the next one if it has
-//! ended (for instance with the runtime it ran on).
+//! Each runtime a locker is used on gets a schedule and a driver of its
+//! own ([`RenewalsByRuntime`]): a guard is renewed on the runtime it was
+//! taken on, so a locker shared across runtimes keeps renewing on every
+//! healthy one when another stalls or shuts down.
+//!
+//! A driver runs while its schedule lives; it is started by the first
+//! guard, and started again by the next one if it has ended.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +26,31 @@ use tracing::Instrument;
 
 use crate::guard::GuardShared;
 
-/// The deadlines of one locker's guards, and its driver task.
+/// A locker's renewal schedules, one per Tokio runtime it is used on.
+#[derive(Default)]
+pub(crate) struct RenewalsByRuntime {
+    /// Few runtimes use one locker (usually one): a list beats a map.
+    schedules: Mutex<Vec<(tokio::runtime::Id, Arc<Renewals>)>>,
+}
+
+impl RenewalsByRuntime {
+    /// The schedule of the runtime this is called on (needs one).
+    pub(crate) fn for_current_runtime(&self) -> Arc<Renewals> {
+        let runtime = tokio::runtime::Handle::current().id();
+        let mut schedules = self.schedules.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, renewals)) = schedules.iter().find(|(id, _)| *id == runtime) {
+            return Arc::clone(renewals);
+        }
+        // Runtimes that were shut down have nothing left to renew.
+        schedules.retain(|(_, renewals)| !renewals.driver_ended());
+        let renewals = Arc::new(Renewals::default());
+        schedules.push((runtime, Arc::clone(&renewals)));
+        renewals
+    }
+}
+
+/// The deadlines of the guards one locker handed out on one runtime, and
+/// their driver task.
 pub(crate) struct Renewals {
     schedule: Mutex<Schedule>,
     /// Wakes the driver when a deadline earlier than its timer arrives, or
@@ -62,6 +90,14 @@ impl Drop for Renewals {
 impl Renewals {
     fn schedule(&self) -> std::sync::MutexGuard<'_, Schedule> {
         self.schedule.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether a driver was started and has ended (its runtime is gone).
+    fn driver_ended(&self) -> bool {
+        self.schedule()
+            .driver
+            .as_ref()
+            .is_some_and(JoinHandle::is_finished)
     }
 
     /// A fresh id for a guard's entry.
