@@ -785,12 +785,13 @@ impl LockBackend for RedisBackend {
         let began = Instant::now();
         let subscriber = &self.inner.subscriber;
         let in_line = subscriber.is_in_line(owner.as_str());
-        let reservation = ttl.min(self.place_lease());
         if in_line && request.auto_renew {
             // Handed over while this waiter waited: the lease runs from
-            // before the hand-over for the reservation, which renewal
-            // extends; no round trip needed.
+            // before the hand-over for the reservation the server set
+            // (named in the message: the releaser's settings decide it),
+            // which renewal extends; no round trip needed.
             if let Some(hand_over) = subscriber.take_hand_over(owner.as_str()) {
+                let reservation = hand_over.reservation.min(ttl);
                 let lasts_until = hand_over.since + reservation.saturating_sub(drift_allowance(reservation));
                 let validity = lasts_until.saturating_duration_since(began);
                 if validity >= reservation / 2 {

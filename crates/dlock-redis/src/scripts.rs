@@ -80,10 +80,24 @@ struct KeyName<'a> {
     suffix: &'a str,
 }
 
+/// Put before a key that starts with `}`: Redis Cluster hashes a name by
+/// the text between its first `{` and the next `}`, and an empty tag
+/// (`{}`) means the whole name, so the lock and its counter would land in
+/// different slots. Valid keys hold no control characters, so no other
+/// key's name can start with this one's tag.
+const EMPTY_TAG_ESCAPE: &str = "\u{1}";
+
 impl<'a> KeyName<'a> {
     /// The name's pieces, in order: the one place that spells the format.
-    fn parts(&self) -> [&'a str; 5] {
-        [self.prefix, "{", self.key, "}", self.suffix]
+    /// The hash tag is the key up to its first `}` (the whole key when it
+    /// has none), the same for every suffix.
+    fn parts(&self) -> [&'a str; 6] {
+        let escape = if self.key.starts_with('}') {
+            EMPTY_TAG_ESCAPE
+        } else {
+            ""
+        };
+        [self.prefix, "{", escape, self.key, "}", self.suffix]
     }
 }
 
@@ -127,8 +141,10 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
     return 'counter'
   end
   if ARGV[3] == 'queued' then
-    redis.call('HDEL', KEYS[4], ARGV[1])
-    redis.call('LREM', KEYS[3], 1, ARGV[1])
+    -- The lock is taken: a line key of another type (not ours to touch)
+    -- must not turn that into an error that leaves the lock behind.
+    redis.pcall('HDEL', KEYS[4], ARGV[1])
+    redis.pcall('LREM', KEYS[3], 1, ARGV[1])
   end
   return token
 end
@@ -155,23 +171,32 @@ return -1 - redis.call('PTTL', KEYS[1])
     )
 });
 
+/// The first word of a hand-over message: `HAND_OVER_V2 owner token
+/// attempt px`. Clients before it read `owner token attempt` and counted
+/// the reservation from their own settings; this word makes them drop the
+/// message (its second word is no fencing token) and find the lock with a
+/// round trip instead, which sets their own TTL.
+pub(crate) const HAND_OVER_V2: &str = "v2";
+
 /// Lua shared by the scripts that free a lock: `hand_over()` gives the lock
 /// to the first waiter in line whose place is still renewed, as a
 /// reservation of `min(its TTL, ARGV[2] ms)` with a new fencing token, and
-/// tells it on its client's channel: the message is `owner token attempt`,
-/// the attempt being the last one the server saw from that waiter before
-/// the hand-over. Waiters whose places ran out are dropped on the way.
-/// Returns the message, or false when nobody waits (the lock key is then
-/// left for the caller to delete).
+/// tells it on its client's channel: the message is `v2 owner token
+/// attempt px`, the attempt being the last one the server saw from that
+/// waiter before the hand-over and `px` the reservation in ms, the lease
+/// the waiter counts from (whatever its own settings say). Waiters whose
+/// places ran out are dropped on the way. Returns the message, or false
+/// when nobody waits or the line is not ours (a key of another type): the
+/// lock key is then left for the caller to delete.
 const HAND_OVER: &str = r"
 local function hand_over()
   local now
   while true do
-    local waiter = redis.call('LPOP', KEYS[3])
-    if not waiter then return false end
-    local place = redis.call('HGET', KEYS[4], waiter)
-    if place then
-      redis.call('HDEL', KEYS[4], waiter)
+    local waiter = redis.pcall('LPOP', KEYS[3])
+    if type(waiter) ~= 'string' then return false end
+    local place = redis.pcall('HGET', KEYS[4], waiter)
+    if type(place) == 'string' then
+      redis.pcall('HDEL', KEYS[4], waiter)
       if not now then
         local time = redis.call('TIME')
         now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
@@ -181,8 +206,9 @@ local function hand_over()
         local token = redis.pcall('INCR', KEYS[2])
         -- A broken counter: free the lock; each waiter's next attempt reports it.
         if type(token) == 'table' then return false end
-        redis.call('SET', KEYS[1], waiter, 'PX', math.min(tonumber(ttl), tonumber(ARGV[2])))
-        local message = waiter .. ' ' .. token .. ' ' .. attempt
+        local px = math.min(tonumber(ttl), tonumber(ARGV[2]))
+        redis.call('SET', KEYS[1], waiter, 'PX', px)
+        local message = 'v2 ' .. waiter .. ' ' .. token .. ' ' .. attempt .. ' ' .. px
         redis.call('PUBLISH', channel, message)
         return message
       end
@@ -207,8 +233,8 @@ if holder == ARGV[1] then
   redis.call('DEL', KEYS[1])
   return 1
 end
-if redis.call('HDEL', KEYS[4], ARGV[1]) == 1 then
-  redis.call('LREM', KEYS[3], 1, ARGV[1])
+if redis.pcall('HDEL', KEYS[4], ARGV[1]) == 1 then
+  redis.pcall('LREM', KEYS[3], 1, ARGV[1])
 end
 if holder == false then
   -- The lock may have run out while waiters slept; hand it on now.
@@ -314,5 +340,41 @@ mod tests {
         expected.arg("owner");
         assert_eq!(call.command.get_packed_command(), expected.get_packed_command());
         assert_eq!(key_name("dlock:", "orders/7", FENCE), "dlock:{orders/7}:fence");
+    }
+
+    /// The text between a name's first `{` and the next `}`, as Redis
+    /// Cluster hashes it (`None`: the whole name is hashed).
+    fn hash_tag(name: &str) -> Option<&str> {
+        let open = name.find('{')?;
+        let close = name[open + 1..].find('}')? + open + 1;
+        (close > open + 1).then(|| &name[open + 1..close])
+    }
+
+    #[test]
+    fn hand_over_messages_start_with_the_version_word() {
+        let scripts = [&*RELEASE_TO_NEXT, &*FORCE_RELEASE];
+        for script in scripts {
+            let code = format!("{script:?}");
+            assert!(code.contains(&format!("'{HAND_OVER_V2} '")), "{code}");
+        }
+    }
+
+    #[test]
+    fn every_key_puts_its_names_in_one_slot() {
+        for key in [
+            "orders/7", "}", "}leading", "{}", "a{}b", "{x}", "}{", "{", "a}b{c", "}}",
+        ] {
+            let names: Vec<String> = [LOCK, FENCE, LINE, PLACES, RELEASED]
+                .iter()
+                .map(|suffix| key_name("dlock:", key, suffix))
+                .collect();
+            let tag = hash_tag(&names[0]);
+            assert!(tag.is_some(), "{key:?}: {} has an empty hash tag", names[0]);
+            for name in &names {
+                assert_eq!(hash_tag(name), tag, "{key:?}: {name} is in another slot");
+            }
+        }
+        // Escaped names stay apart from every other key's.
+        assert_ne!(key_name("dlock:", "}a", LOCK), key_name("dlock:", "a", LOCK));
     }
 }

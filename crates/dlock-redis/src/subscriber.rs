@@ -19,20 +19,42 @@ use tracing::{debug, warn};
 
 use crate::connection::PubSubSource;
 use crate::errors::from_redis;
+use crate::scripts::HAND_OVER_V2;
 
 pub(crate) struct Subscriber {
     source: PubSubSource,
     hub: ReleaseHub,
-    sink: Mutex<Option<PubSubSink>>,
+    /// The open pub/sub connection's writing half, if any, and which
+    /// connection it is.
+    connection: Mutex<Connection>,
     timeout: Duration,
     /// The backend's own channel, subscribed from the first wait in a line
     /// on for as long as the backend lives.
     own_channel: String,
     own_subscription: tokio::sync::OnceCell<ReleaseEvents>,
-    /// Whether a pub/sub connection is open and read.
+    /// Whether a pub/sub connection is open and read; changed only with
+    /// `connection` locked, so that it always says what that holds.
     connected: AtomicBool,
     /// This backend's waiters in a line, by owner token.
     in_line: std::sync::Mutex<HashMap<String, InLine>>,
+}
+
+/// The pub/sub connection. Each one opened gets the next generation; the
+/// task that reads a connection knows its generation, so that once a newer
+/// connection replaced its own it changes nothing.
+#[derive(Default)]
+struct Connection {
+    sink: Option<PubSubSink>,
+    generation: u64,
+}
+
+impl Subscriber {
+    /// Forgets the open connection (it broke); hand-overs do not reach this
+    /// backend until the next one is opened.
+    fn disconnected(&self, connection: &mut Connection) {
+        connection.sink = None;
+        self.connected.store(false, Ordering::Release);
+    }
 }
 
 /// What this backend knows of one of its waiters in a line.
@@ -44,9 +66,18 @@ struct InLine {
     /// The latest attempt that found the lock busy: its number, and when
     /// it began.
     busy: Option<(u64, Instant)>,
-    /// A hand-over announced for this waiter: the fencing token, and the
-    /// waiter's last attempt the server had seen before it.
-    handed: Option<(u64, u64)>,
+    /// A hand-over announced for this waiter.
+    handed: Option<Announced>,
+}
+
+/// A hand-over message for one waiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Announced {
+    token: u64,
+    /// The waiter's last attempt the server had seen before it.
+    attempt: u64,
+    /// The lease the server set.
+    reservation: Duration,
 }
 
 impl InLine {
@@ -59,11 +90,12 @@ impl InLine {
     }
 }
 
-/// A hand-over this backend was told of: the waiter's fencing token, and
-/// since when its lease certainly runs.
+/// A hand-over this backend was told of: the waiter's fencing token, since
+/// when its lease certainly runs, and for how long the server set it.
 pub(crate) struct HandOver {
     pub(crate) token: u64,
     pub(crate) since: Instant,
+    pub(crate) reservation: Duration,
 }
 
 impl Subscriber {
@@ -78,7 +110,7 @@ impl Subscriber {
         let subscriber = Arc::new(Subscriber {
             source,
             hub,
-            sink: Mutex::new(None),
+            connection: Mutex::default(),
             timeout,
             own_channel,
             own_subscription: tokio::sync::OnceCell::new(),
@@ -116,13 +148,13 @@ impl Subscriber {
                 .await
                 .map(drop);
         }
-        let mut sink = self.sink.lock().await;
-        if sink.is_none() {
+        let mut connection = self.connection.lock().await;
+        if connection.sink.is_none() {
             let stream = self
-                .reconnect(&mut sink)
+                .reconnect(&mut connection)
                 .await
                 .map_err(|error| self.subscribe_failed(key, error))?;
-            tokio::spawn(read_messages(Arc::downgrade(self), stream));
+            tokio::spawn(read_messages(Arc::downgrade(self), stream, connection.generation));
         }
         Ok(())
     }
@@ -193,9 +225,13 @@ impl Subscriber {
     pub(crate) fn take_hand_over(&self, owner: &str) -> Option<HandOver> {
         let mut lines = self.lines();
         let waiter = lines.get_mut(owner)?;
-        let (token, attempt) = waiter.handed.take()?;
+        let announced = waiter.handed.take()?;
         let (busy, since) = waiter.busy?;
-        (attempt == busy).then_some(HandOver { token, since })
+        (announced.attempt == busy).then_some(HandOver {
+            token: announced.token,
+            since,
+            reservation: announced.reservation,
+        })
     }
 
     /// `owner` left its line (it got the lock, or gave up).
@@ -203,21 +239,16 @@ impl Subscriber {
         self.lines().remove(owner);
     }
 
-    /// A release handed a lock over (`message` as published: `owner token
-    /// attempt`): records it and wakes the waiter, if it waits here.
+    /// A release handed a lock over (`message` as published, see
+    /// [`parse_hand_over`]): records it and wakes the waiter, if it waits
+    /// here. A message without the lease the server set (from an older
+    /// client) only wakes the waiter, whose next attempt reads the lock.
     pub(crate) fn handed_over(&self, message: &[u8]) {
-        let Ok(message) = std::str::from_utf8(message) else {
-            return;
-        };
-        let mut parts = message.split(' ');
-        let (Some(owner), Some(token), Some(attempt)) = (parts.next(), parts.next(), parts.next()) else {
-            return;
-        };
-        let (Ok(token), Ok(attempt)) = (token.parse(), attempt.parse()) else {
+        let Some((owner, announced)) = parse_hand_over(message) else {
             return;
         };
         if let Some(waiter) = self.lines().get_mut(owner) {
-            waiter.handed = Some((token, attempt));
+            waiter.handed = announced;
             // Full: a wake-up is pending already. Closed: the attempt is
             // over, and the next one reads the lock anyway.
             let _ = waiter.wake.try_send(());
@@ -246,27 +277,29 @@ impl Subscriber {
         if !subscription.first {
             return Ok(subscription.events);
         }
-        let mut sink = self.sink.lock().await;
-        if let Some(live) = sink.as_mut() {
+        let mut connection = self.connection.lock().await;
+        if let Some(live) = connection.sink.as_mut() {
             match timeout(self.timeout, live.subscribe(channel)).await {
                 Ok(Ok(())) => return Ok(subscription.events),
                 // The connection is broken: open a new one below.
-                Ok(Err(_)) | Err(_) => *sink = None,
+                Ok(Err(_)) | Err(_) => self.disconnected(&mut connection),
             }
         }
         let stream = self
-            .reconnect(&mut sink)
+            .reconnect(&mut connection)
             .await
             .map_err(|error| self.subscribe_failed(key, error))?;
-        tokio::spawn(read_messages(Arc::downgrade(self), stream));
+        tokio::spawn(read_messages(Arc::downgrade(self), stream, connection.generation));
         Ok(subscription.events)
     }
 
     /// Opens a pub/sub connection, subscribes to every channel someone waits
-    /// on, and returns the message stream to read. `None` as error: a timeout.
+    /// on, and returns the message stream to read (the connection's
+    /// generation is then `connection.generation`). `None` as error: a
+    /// timeout.
     async fn reconnect(
         &self,
-        sink: &mut Option<PubSubSink>,
+        connection: &mut Connection,
     ) -> Result<PubSubStream, Option<redis::RedisError>> {
         let opened = timeout(self.timeout, async {
             let (mut new_sink, stream) = self.source.open().await?.split();
@@ -282,7 +315,8 @@ impl Subscriber {
             Ok(Err(error)) => return Err(Some(error)),
             Err(_) => return Err(None),
         };
-        *sink = Some(new_sink);
+        connection.sink = Some(new_sink);
+        connection.generation += 1;
         self.connected.store(true, Ordering::Release);
         // Releases may have been missed while no connection listened.
         self.wake_everyone();
@@ -290,10 +324,32 @@ impl Subscriber {
     }
 }
 
-/// Reads release messages. After a disconnect it reconnects while anyone
-/// waits (waiters fall back to their TTL hints meanwhile), unless a new
-/// subscriber already did.
-async fn read_messages(subscriber: Weak<Subscriber>, mut stream: PubSubStream) {
+/// The waiter a hand-over message names, and what it announces: `v2
+/// owner token attempt px` in full; an older client's `owner token attempt`
+/// names the waiter but not the lease the server set, so it announces
+/// nothing a waiter may count on.
+fn parse_hand_over(message: &[u8]) -> Option<(&str, Option<Announced>)> {
+    let message = std::str::from_utf8(message).ok()?;
+    let parts: Vec<&str> = message.split(' ').collect();
+    match parts.as_slice() {
+        [version, owner, token, attempt, px] if *version == HAND_OVER_V2 => {
+            let announced = Announced {
+                token: token.parse().ok()?,
+                attempt: attempt.parse().ok()?,
+                reservation: Duration::from_millis(px.parse().ok()?),
+            };
+            Some((owner, Some(announced)))
+        }
+        [owner, _token, _attempt] => Some((owner, None)),
+        _ => None,
+    }
+}
+
+/// Reads release messages from connection `generation`. After a disconnect
+/// it reconnects while anyone waits (waiters fall back to their TTL hints
+/// meanwhile), unless a newer connection was opened already: then it ends
+/// and changes nothing.
+async fn read_messages(subscriber: Weak<Subscriber>, mut stream: PubSubStream, mut generation: u64) {
     'connection: loop {
         while let Some(message) = stream.next().await {
             let Some(subscriber) = subscriber.upgrade() else {
@@ -306,8 +362,13 @@ async fn read_messages(subscriber: Weak<Subscriber>, mut stream: PubSubStream) {
             }
         }
         let Some(live) = subscriber.upgrade() else { return };
-        *live.sink.lock().await = None;
-        live.connected.store(false, Ordering::Release);
+        {
+            let mut connection = live.connection.lock().await;
+            if connection.generation != generation {
+                return; // a newer connection is read by its own task
+            }
+            live.disconnected(&mut connection);
+        }
         live.wake_everyone();
         warn!("the pub/sub connection closed; reconnecting");
         let mut pause = Duration::from_millis(50);
@@ -317,13 +378,14 @@ async fn read_messages(subscriber: Weak<Subscriber>, mut stream: PubSubStream) {
                 return;
             }
             {
-                let mut sink = live.sink.lock().await;
-                if sink.is_some() {
+                let mut connection = live.connection.lock().await;
+                if connection.generation != generation {
                     return; // a subscriber reconnected first and reads the new connection
                 }
-                if let Ok(new_stream) = live.reconnect(&mut sink).await {
+                if let Ok(new_stream) = live.reconnect(&mut connection).await {
                     debug!("pub/sub reconnected");
                     stream = new_stream;
+                    generation = connection.generation;
                     continue 'connection;
                 }
             }
@@ -339,15 +401,44 @@ async fn unsubscribe_idle(subscriber: Weak<Subscriber>, mut idle: mpsc::Unbounde
         let Some(subscriber) = subscriber.upgrade() else {
             return;
         };
-        let mut sink = subscriber.sink.lock().await;
+        let mut connection = subscriber.connection.lock().await;
         // A new waiter may have subscribed again meanwhile.
         if subscriber.hub.keys_with_subscribers().contains(&channel) {
             continue;
         }
-        if let Some(live) = sink.as_mut() {
-            if let Err(error) = live.unsubscribe(&channel).await {
-                debug!(%error, "unsubscribe failed; the reconnect will drop the channel");
+        if let Some(live) = connection.sink.as_mut() {
+            // Bounded: every subscribe waits for this lock.
+            match timeout(subscriber.timeout, live.unsubscribe(&channel)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => debug!(%error, "unsubscribe failed; the reconnect will drop the channel"),
+                Err(_) => {
+                    debug!("unsubscribe got no answer; the next subscribe opens a new connection");
+                    subscriber.disconnected(&mut connection);
+                }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hand_over_messages_are_read_by_version() {
+        let (owner, announced) = parse_hand_over(b"v2 abc 7 3 300").expect("a v2 message");
+        assert_eq!(owner, "abc");
+        assert_eq!(
+            announced,
+            Some(Announced {
+                token: 7,
+                attempt: 3,
+                reservation: Duration::from_millis(300)
+            })
+        );
+        // An older client's message wakes the waiter but announces no lease.
+        assert_eq!(parse_hand_over(b"abc 7 3"), Some(("abc", None)));
+        assert_eq!(parse_hand_over(b"v2 abc 7 3"), None);
+        assert_eq!(parse_hand_over(b"v2 abc x 3 300"), None);
     }
 }
