@@ -115,3 +115,18 @@ async fn bad_settings_are_invalid_options() {
         );
     }
 }
+
+/// Two URLs that spell one server differently (another database number)
+/// are one vote, not two: refused at connect, whatever the text says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_server_under_two_urls_is_refused() {
+    let urls = redlock_urls();
+    let same_server = format!("{}/1", urls[0].trim_end_matches("/0"));
+    let listed = [urls[0].clone(), urls[1].clone(), same_server.clone()];
+    match RedlockBackend::connect(&listed).await {
+        Err(LockError::InvalidOptions { reason, .. }) => {
+            assert!(reason.contains("same Redis server"), "{reason}");
+        }
+        other => panic!("{listed:?}: expected InvalidOptions, got {other:?}"),
+    }
+}

@@ -217,3 +217,47 @@ async fn release_leaves_no_copy_on_a_slow_node() {
         }
     }
 }
+
+/// A node down at start whose connect then takes longer than the node
+/// timeout (a slow handshake) still joins: its connect runs to the end in
+/// the background instead of being cut off by every operation's timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_at_start_joins_even_when_its_connect_outlasts_the_node_timeout() {
+    let (nodes, mut urls) = five_nodes().await;
+    let proxy = FaultProxy::start(format!("127.0.0.1:{}", nodes[4].port()).parse().expect("address"))
+        .await
+        .expect("proxy");
+    urls[4] = format!("redis://{}", proxy.address());
+    proxy.set_refuse_new(true);
+    let locker = Locker::new(
+        RedlockBackend::builder(&urls)
+            .node_timeout(Duration::from_millis(200))
+            .connect()
+            .await
+            .expect("connect with 4 of 5"),
+    );
+    proxy.set_refuse_new(false);
+    proxy.set_connect_delay(Duration::from_millis(600));
+    let key = unique_key("redlock-late-node");
+    let lock_key = format!("{DEFAULT_KEY_PREFIX}{{{key}}}");
+    let began = Instant::now();
+    loop {
+        let guard = locker
+            .lock(&key)
+            .wait(Duration::from_secs(5))
+            .await
+            .expect("lock");
+        let on_late_node = block_in_place(|| servers::command(nodes[4].port(), &["EXISTS", &lock_key]))
+            .expect("EXISTS")
+            .text();
+        guard.release().await.expect("release");
+        if on_late_node.trim() == "1" {
+            break;
+        }
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "the late node never took part: its connect was cut off by the 200 ms node timeout"
+        );
+        sleep(Duration::from_millis(100)).await;
+    }
+}

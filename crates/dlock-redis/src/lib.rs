@@ -413,6 +413,33 @@ impl RedisBackend {
         })
     }
 
+    /// The server's `run_id` (one server, not a Cluster or Sentinel
+    /// group): two addresses of the same process answer the same one.
+    pub(crate) async fn server_run_id(&self) -> Result<Option<String>, LockError> {
+        let Commands::Direct(connection) = &self.inner.commands else {
+            return Ok(None);
+        };
+        let (mut connection, mut info) = (connection.clone(), redis::cmd("INFO"));
+        let asking = info.arg("server").query_async::<String>(&mut connection);
+        let info = match timeout(self.inner.command_timeout, asking).await {
+            Ok(Ok(info)) => info,
+            Ok(Err(error)) => return Err(from_redis(None, "reading the server's run_id", error)),
+            Err(_) => {
+                return Err(LockError::unavailable(
+                    None,
+                    format!(
+                        "{} did not answer INFO within {:?}",
+                        self.inner.address, self.inner.command_timeout
+                    ),
+                ));
+            }
+        };
+        Ok(info
+            .lines()
+            .find_map(|line| line.strip_prefix("run_id:"))
+            .map(|id| id.trim().to_owned()))
+    }
+
     /// Raises this server's fencing counter for `key` to at least `token`.
     pub(crate) async fn raise_fence(&self, key: &str, token: u64) -> Result<(), LockError> {
         let call = self

@@ -19,7 +19,7 @@ use dlock_core::{
 };
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use tokio::sync::{OnceCell, mpsc};
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, timeout};
 use tracing::debug;
 
@@ -70,16 +70,78 @@ struct Redlock {
     drift_factor: f64,
 }
 
-/// One master; connected at start, or later on first use if it was down.
+/// One master; connected at start, or later, in the background, if it was
+/// down then.
 struct Node {
     address: String,
     builder: RedisBackendBuilder,
-    live: OnceCell<RedisBackend>,
+    state: Arc<watch::Sender<NodeState>>,
+}
+
+/// Where a node's connection stands.
+#[derive(Clone)]
+enum NodeState {
+    /// Not connected; no attempt under way. The last failure, if any.
+    Down(Option<Arc<str>>),
+    /// An attempt is under way in a task of its own.
+    Connecting,
+    Live(RedisBackend),
 }
 
 impl Node {
-    async fn backend(&self) -> Result<&RedisBackend, LockError> {
-        self.live.get_or_try_init(|| self.builder.clone().connect()).await
+    fn new(address: String, builder: RedisBackendBuilder) -> Self {
+        Node {
+            address,
+            builder,
+            state: Arc::new(watch::Sender::new(NodeState::Down(None))),
+        }
+    }
+
+    /// Connects at start, reporting why not.
+    async fn connect(&self) -> Result<(), LockError> {
+        let backend = self.builder.clone().connect().await?;
+        self.state.send_replace(NodeState::Live(backend));
+        Ok(())
+    }
+
+    /// The node's backend; if it is not connected, starts a connect in a
+    /// task of its own and waits for it. The caller bounds the wait (the
+    /// node timeout), never the connect: a connect that takes longer than
+    /// the node timeout (a TLS handshake, a lost SYN) still completes and
+    /// serves the next operation, instead of being cut off every time.
+    async fn backend(&self) -> Result<RedisBackend, LockError> {
+        let mut states = self.state.subscribe();
+        self.state.send_if_modified(|state| {
+            if !matches!(state, NodeState::Down(_)) {
+                return false;
+            }
+            *state = NodeState::Connecting;
+            let (builder, node) = (self.builder.clone(), Arc::clone(&self.state));
+            let address = self.address.clone();
+            tokio::spawn(async move {
+                let next = match builder.connect().await {
+                    Ok(backend) => NodeState::Live(backend),
+                    Err(error) => {
+                        debug!(%address, %error, "a Redlock node could not be reached; tried again on next use");
+                        NodeState::Down(Some(Arc::from(error.to_string())))
+                    }
+                };
+                node.send_replace(next);
+            });
+            true
+        });
+        let settled = states
+            .wait_for(|state| !matches!(state, NodeState::Connecting))
+            .await
+            .map(|state| state.clone());
+        match settled {
+            Ok(NodeState::Live(backend)) => Ok(backend),
+            Ok(NodeState::Down(Some(why))) => Err(LockError::unavailable(None, why.to_string())),
+            _ => Err(LockError::unavailable(
+                None,
+                format!("{} is not connected", self.address),
+            )),
+        }
     }
 }
 
@@ -162,7 +224,7 @@ impl RedlockBackend {
                 async move {
                     let node_timeout = inner.node_timeout;
                     let answer = timeout(node_timeout, async {
-                        let backend = inner.nodes[index].backend().await?.clone();
+                        let backend = inner.nodes[index].backend().await?;
                         operation(index, backend, Arc::clone(&key)).await
                     })
                     .await
@@ -373,22 +435,18 @@ impl RedlockBackendBuilder {
         let nodes: Vec<Node> = self
             .urls
             .iter()
-            .map(|url| Node {
-                address: redact(url),
-                builder: RedisBackend::builder(url)
+            .map(|url| {
+                let builder = RedisBackend::builder(url)
                     .key_prefix(self.key_prefix.clone())
                     .command_timeout(self.node_timeout)
-                    .connect_timeout(self.connect_timeout),
-                live: OnceCell::new(),
+                    .connect_timeout(self.connect_timeout);
+                Node::new(redact(url), builder)
             })
             .collect();
         let quorum = nodes.len() / 2 + 1;
-        let connected: Vec<Result<(), LockError>> = futures_util::future::join_all(
-            nodes
-                .iter()
-                .map(|node| async move { node.backend().await.map(drop) }),
-        )
-        .await;
+        let connected: Vec<Result<(), LockError>> =
+            futures_util::future::join_all(nodes.iter().map(|node| async move { node.connect().await }))
+                .await;
         let mut failures = Vec::new();
         for (node, outcome) in nodes.iter().zip(connected) {
             match outcome {
@@ -412,6 +470,7 @@ impl RedlockBackendBuilder {
         for failure in &failures {
             debug!(%failure, "a Redlock node is down at start; it is retried on use");
         }
+        same_server_twice(&nodes).await?;
         Ok(RedlockBackend {
             inner: Arc::new(Redlock {
                 nodes,
@@ -421,6 +480,37 @@ impl RedlockBackendBuilder {
             }),
         })
     }
+}
+
+/// Fails when two of the connected nodes are one Redis process (the same
+/// `run_id`), however differently their URLs spell it (`localhost` and
+/// `127.0.0.1`, another database number): such a "majority" is one server.
+async fn same_server_twice(nodes: &[Node]) -> Result<(), LockError> {
+    let live: Vec<Option<RedisBackend>> = nodes
+        .iter()
+        .map(|node| match &*node.state.borrow() {
+            NodeState::Live(backend) => Some(backend.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut seen: Vec<(String, &str)> = Vec::new();
+    for (node, backend) in nodes.iter().zip(live) {
+        let Some(backend) = backend else { continue };
+        let Some(run_id) = backend.server_run_id().await? else {
+            continue;
+        };
+        if let Some((_, first)) = seen.iter().find(|(id, _)| *id == run_id) {
+            return Err(LockError::InvalidOptions {
+                key: String::new(),
+                reason: format!(
+                    "{first} and {} are the same Redis server (run_id {run_id}); each Redlock node must be a different master",
+                    node.address
+                ),
+            });
+        }
+        seen.push((run_id, &node.address));
+    }
+    Ok(())
 }
 
 #[async_trait]

@@ -54,6 +54,8 @@ struct Faults {
     latency: [Duration; 2],
     blackhole: [bool; 2],
     refuse_new: bool,
+    /// How long a new connection waits before it reaches the server.
+    connect_delay: Duration,
     /// Counts `cut` commands; a change closes every open connection.
     cuts: u64,
 }
@@ -146,6 +148,14 @@ impl FaultProxy {
         self.faults.send_modify(|faults| faults.refuse_new = on);
     }
 
+    /// Holds every new connection for `delay` before it reaches the server,
+    /// as a slow handshake would (a lost SYN, a TLS handshake over a long
+    /// link); its first bytes flow after that. Open connections are not
+    /// affected.
+    pub fn set_connect_delay(&self, delay: Duration) {
+        self.faults.send_modify(|faults| faults.connect_delay = delay);
+    }
+
     /// Replaces the next chunk the server sends to a client with bytes that
     /// no protocol accepts (the request itself reached the server).
     pub fn corrupt_next_reply(&self) {
@@ -201,6 +211,10 @@ async fn relay(
     faults: watch::Receiver<Faults>,
     one_shots: Arc<OneShots>,
 ) {
+    let delay = faults.borrow().connect_delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };
