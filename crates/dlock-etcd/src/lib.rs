@@ -202,7 +202,8 @@ impl EtcdBackend {
         (name, None)
     }
 
-    fn note_revision(&self, owner: &OwnerToken, revision: i64) {
+    /// Changes `owner`'s waiter entry, if it still has one.
+    fn update_entry(&self, owner: &OwnerToken, change: impl FnOnce(&mut WaiterName)) {
         if let Some(entry) = self
             .inner
             .waiting
@@ -210,8 +211,63 @@ impl EtcdBackend {
             .unwrap_or_else(PoisonError::into_inner)
             .get_mut(owner.as_str())
         {
-            entry.revision = Some(revision);
+            change(entry);
         }
+    }
+
+    /// The key that, once written, makes a late write of the waiter key
+    /// `waiter` fail (see [`leave_queue`](Self::leave_queue)). Outside
+    /// every queue: queue prefixes start with a digit.
+    fn abandoned_marker(&self, waiter: &str) -> String {
+        format!("{}abandoned/{waiter}", self.inner.prefix)
+    }
+
+    /// Deletes the waiter key `waiter`. When the outcome of its first write
+    /// is unknown (`revision` is `None`: the request timed out), that write
+    /// may still commit after this delete, and leave a key on a kept-alive
+    /// session at the head of the queue for as long as this process lives.
+    /// So the delete writes the name's marker in the same transaction, on
+    /// the lease that write named: a first write compares the marker's
+    /// absence, so a late one changes nothing; and the marker goes with
+    /// that lease, after which a late write fails anyway (no such lease).
+    /// Returns whether the marker was written: the name must then never be
+    /// used again.
+    async fn leave_queue(
+        &self,
+        key: &str,
+        waiter: &str,
+        revision: Option<i64>,
+        lease: Option<i64>,
+    ) -> Result<bool, LockError> {
+        let delete = TxnOp::delete(waiter, None);
+        let plain = match revision {
+            Some(revision) => Txn::new()
+                .when([Compare::create_revision(waiter, CompareOp::Equal, revision)])
+                .and_then([delete.clone()]),
+            None => Txn::new().and_then([delete.clone()]),
+        };
+        let Some(lease) = lease.filter(|_| revision.is_none()) else {
+            self.call(key, "leaving the queue", |client| transact(client, &plain))
+                .await?;
+            return Ok(false);
+        };
+        let marker = self.abandoned_marker(waiter);
+        let fenced = Txn::new().and_then([
+            TxnOp::put(marker, "", Some(PutOptions::new().with_lease(lease))),
+            delete,
+        ]);
+        let (fenced, plain) = (&fenced, &plain);
+        self.call(key, "leaving the queue", |client| async move {
+            match transact(client.clone(), fenced).await {
+                Ok(_) => Ok(true),
+                // The lease is gone: so is any key a late write could make.
+                Err(error) if error.to_string().contains("lease not found") => {
+                    transact(client, plain).await.map(|_| false)
+                }
+                Err(error) => Err(error),
+            }
+        })
+        .await
     }
 
     /// Runs one request, failing over between members, within the request
@@ -252,6 +308,19 @@ impl EtcdBackend {
             .await?;
         sessions.insert(seconds, Arc::clone(&session));
         Ok(session)
+    }
+
+    /// `owner`'s waiter key is gone (its lease ended, or it was deleted):
+    /// the error for the attempt, after forgetting the key.
+    fn waiter_key_gone(&self, key: &str, owner: &OwnerToken) -> LockError {
+        if let Some(gone) = self.take_waiting(owner) {
+            gone.mark_gone();
+        }
+        LockError::unavailable(
+            Some(key),
+            "the waiter key disappeared while waiting (its lease expired or it was deleted); \
+             the request will queue again if its wait allows",
+        )
     }
 
     fn take_waiting(&self, owner: &OwnerToken) -> Option<WaiterName> {
@@ -358,15 +427,21 @@ impl EtcdBackend {
         Ok(response.succeeded())
     }
 
-    /// `None` if our key is still there, else why not.
+    /// `None` if our key is still there (on `lease`, when given: the lease
+    /// whose validity the caller reports), else why not.
     async fn check_ours(
         &self,
         key: &str,
         waiter: &str,
         revision: i64,
+        lease: Option<i64>,
     ) -> Result<Option<NotHeldReason>, LockError> {
+        let mut compares = vec![Compare::create_revision(waiter, CompareOp::Equal, revision)];
+        if let Some(lease) = lease {
+            compares.push(Compare::lease(waiter, CompareOp::Equal, lease));
+        }
         let txn = Txn::new()
-            .when([Compare::create_revision(waiter, CompareOp::Equal, revision)])
+            .when(compares)
             .or_else([TxnOp::get(self.queue_prefix(key), Some(oldest_waiter()))]);
         let response = self
             .call(key, "checking the lock", |client| transact(client, &txn))
@@ -398,28 +473,19 @@ impl EtcdBackend {
     /// long as the session lives. Stops when the key is gone, or with the
     /// backend (whose sessions then end, and their keys with them). Frees
     /// the name once the key is gone.
-    fn delete_in_background(&self, key: &str, waiter: String, revision: Option<i64>) {
+    fn delete_in_background(&self, key: &str, waiter: String, revision: Option<i64>, lease: Option<i64>) {
         let backend = Arc::downgrade(&self.inner);
         let key = key.to_owned();
         tokio::spawn(async move {
-            let delete = match revision {
-                Some(revision) => Txn::new()
-                    .when([Compare::create_revision(
-                        waiter.as_str(),
-                        CompareOp::Equal,
-                        revision,
-                    )])
-                    .and_then([TxnOp::delete(waiter.as_str(), None)]),
-                None => Txn::new().and_then([TxnOp::delete(waiter.as_str(), None)]),
-            };
             // The request that failed just now would likely fail again at once.
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let (key, waiter, delete) = (&key, &waiter, &delete);
+            let (key, waiter) = (&key, &waiter);
             let deleted = retry_until(&backend, Duration::from_millis(200), |backend| async move {
-                let sent = backend.call(key, "deleting a left-over waiter key", |client| {
-                    transact(client, delete)
-                });
-                sent.await.ok().map(|_| backend.inner.reserved.free(waiter))
+                let fenced = backend.leave_queue(key, waiter, revision, lease).await.ok()?;
+                if !fenced {
+                    backend.inner.reserved.free(waiter);
+                }
+                Some(())
             });
             if deleted.await.is_some() {
                 debug!(key, "a left-over waiter key was deleted");
@@ -463,7 +529,7 @@ impl EtcdBackend {
                 }
             }
             let gone = retry_until(&backend, first_pause, |backend| async move {
-                backend.check_ours(key, waiter, revision).await.ok()
+                backend.check_ours(key, waiter, revision, None).await.ok()
             });
             let deleted = match gone.await {
                 Some(None) => match backend.upgrade() {
@@ -762,10 +828,18 @@ impl LockBackend for EtcdBackend {
         // long wait never outlives the waiter key.
         let session = self.session(key, ttl).await?;
         let lease = session.lease;
+        if known.is_none() {
+            self.update_entry(owner, |entry| entry.lease = Some(lease));
+        }
         let txn = match known {
-            // First attempt: queue up, and read the oldest waiter.
+            // First attempt: queue up, and read the oldest waiter. The
+            // marker's absence: a write that arrives after the request gave
+            // up under an unknown outcome changes nothing (see `leave_queue`).
             None => Txn::new()
-                .when([Compare::create_revision(waiter.as_str(), CompareOp::Equal, 0)])
+                .when([
+                    Compare::create_revision(waiter.as_str(), CompareOp::Equal, 0),
+                    Compare::create_revision(self.abandoned_marker(&waiter), CompareOp::Equal, 0),
+                ])
                 .and_then([
                     TxnOp::put(
                         waiter.as_str(),
@@ -778,20 +852,26 @@ impl LockBackend for EtcdBackend {
                     TxnOp::get(waiter.as_str(), None),
                     TxnOp::get(queue.as_str(), Some(oldest)),
                 ]),
-            // After a wait: our key must still be the one we wrote.
+            // After a wait: our key must still be the one we wrote, on the
+            // lease whose validity a grant would report.
             Some(revision) => Txn::new()
-                .when([Compare::create_revision(
-                    waiter.as_str(),
-                    CompareOp::Equal,
-                    revision,
-                )])
-                .and_then([TxnOp::get(queue.as_str(), Some(oldest))]),
+                .when([
+                    Compare::create_revision(waiter.as_str(), CompareOp::Equal, revision),
+                    Compare::lease(waiter.as_str(), CompareOp::Equal, lease),
+                ])
+                .and_then([TxnOp::get(queue.as_str(), Some(oldest.clone()))])
+                .or_else([
+                    TxnOp::get(waiter.as_str(), None),
+                    TxnOp::get(queue.as_str(), Some(oldest)),
+                ]),
         };
         let response = self
             .call(key, "queueing", |client| transact(client, &txn))
             .await?;
         let header_revision = response.header().map_or(0, |header| header.revision());
         let responses = response.op_responses();
+        // The lease our key is on, when it is not the session's.
+        let mut on_lease = lease;
         let (my_revision, first) = match (known, response.succeeded()) {
             (None, true) => (header_revision, first_kv(&responses, 1)),
             // The name is taken: by this request's own write, which a
@@ -799,6 +879,7 @@ impl LockBackend for EtcdBackend {
             // that reached the cluster after that request had given up.
             (None, false) => match first_kv(&responses, 0) {
                 Some(mine) if mine.value() == owner.as_str().as_bytes() => {
+                    on_lease = mine.lease();
                     (mine.create_revision(), first_kv(&responses, 1))
                 }
                 Some(stale_key) => {
@@ -820,20 +901,22 @@ impl LockBackend for EtcdBackend {
                 }
             },
             (Some(revision), true) => (revision, first_kv(&responses, 0)),
-            (Some(_), false) => {
+            (Some(revision), false) => match first_kv(&responses, 0) {
+                // Ours, on an older session's lease (that session was given
+                // up): moved onto the current one below.
+                Some(mine) if mine.create_revision() == revision => {
+                    on_lease = mine.lease();
+                    (revision, first_kv(&responses, 1))
+                }
                 // Our key expired (its lease ended) or was deleted while we
                 // waited: never report success on a key that is gone.
-                if let Some(gone) = self.take_waiting(owner) {
-                    gone.mark_gone();
-                }
-                return Err(LockError::unavailable(
-                    Some(key),
-                    "the waiter key disappeared while waiting (its lease expired or it was deleted); \
-                     the request will queue again if its wait allows",
-                ));
-            }
+                _ => return Err(self.waiter_key_gone(key, owner)),
+            },
         };
-        self.note_revision(owner, my_revision);
+        self.update_entry(owner, |entry| entry.revision = Some(my_revision));
+        if on_lease != lease && !self.rebind_key(key, &waiter, owner, my_revision, lease).await? {
+            return Err(self.waiter_key_gone(key, owner));
+        }
 
         let is_first = first
             .is_some_and(|head| head.key() == waiter.as_bytes() && head.create_revision() == my_revision);
@@ -946,8 +1029,12 @@ impl LockBackend for EtcdBackend {
         let seconds = whole_seconds(ttl);
         let (binding, valid_until) = match held.binding() {
             Binding::Session(session) if session.seconds == seconds && !session.state().lost => {
-                // The session keeps the lease alive; check that the key is still ours.
-                if let Some(reason) = self.check_ours(key, waiter, revision).await? {
+                // The session keeps the lease alive; check that the key is
+                // still ours, on that lease.
+                if let Some(reason) = self
+                    .check_ours(key, waiter, revision, Some(session.lease))
+                    .await?
+                {
                     return Ok(ExtendOutcome::NotHeld(reason));
                 }
                 let valid_until = session.state().valid_until;
@@ -977,7 +1064,7 @@ impl LockBackend for EtcdBackend {
                 if renewed.is_none_or(|response| response.ttl() <= 0) {
                     return Ok(ExtendOutcome::NotHeld(self.why_not_held(key).await?));
                 }
-                if let Some(reason) = self.check_ours(key, waiter, revision).await? {
+                if let Some(reason) = self.check_ours(key, waiter, revision, Some(id)).await? {
                     return Ok(ExtendOutcome::NotHeld(reason));
                 }
                 (Binding::Own { id, ttl: lease_ttl }, sent + lease_ttl)
@@ -1036,15 +1123,13 @@ impl LockBackend for EtcdBackend {
         let Some(entry) = self.take_waiting(owner) else {
             return Ok(());
         };
-        let waiter = entry.as_str().to_owned();
         let outcome = self
-            .call(key, "leaving the queue", |mut client| {
-                let waiter = waiter.clone();
-                async move { client.delete(waiter, None).await }
-            })
+            .leave_queue(key, entry.as_str(), entry.revision, entry.lease)
             .await;
-        if outcome.is_ok() {
-            entry.mark_gone();
+        match outcome {
+            Ok(true) => entry.retire(),
+            Ok(false) => entry.mark_gone(),
+            Err(_) => {}
         }
         // Dropping the entry frees its name, or first deletes its key in the background.
         outcome.map(drop)

@@ -11,7 +11,9 @@
 //!
 //! Architecture Invariant: a name is reserved from the first write of an
 //! acquisition until its key is known to be gone (deleted, or found gone
-//! by an owner check), and is freed exactly once. So a name never stands
+//! by an owner check), and is freed at most once; a name whose first write
+//! had an unknown outcome when it was given up is fenced by a marker and
+//! never freed (see `EtcdBackend::leave_queue`). So a name never stands
 //! for two live keys, and the owner checks (which compare the create
 //! revision, new for every key written under a name) keep their meaning.
 
@@ -57,6 +59,8 @@ const GONE: u8 = 1;
 /// A background task frees the name (after deleting the key, or once the
 /// key is gone by itself).
 const HANDED_OFF: u8 = 2;
+/// The key is gone and the name fenced against a late write: never reused.
+const RETIRED: u8 = 3;
 
 /// One acquisition's waiter key name. Dropped while its key may still
 /// exist, it deletes the key in the background and frees the name once
@@ -69,6 +73,8 @@ pub(crate) struct WaiterName {
     /// Create revision of our key under this name, once known: the
     /// background delete compares on it.
     pub(crate) revision: Option<i64>,
+    /// The lease the first write named, once sent.
+    pub(crate) lease: Option<i64>,
     state: AtomicU8,
     backend: Weak<Inner>,
 }
@@ -79,6 +85,7 @@ impl WaiterName {
             key: key.to_owned(),
             name,
             revision: None,
+            lease: None,
             state: AtomicU8::new(LIVE),
             backend,
         }
@@ -95,12 +102,20 @@ impl WaiterName {
             .compare_exchange(LIVE, GONE, Ordering::AcqRel, Ordering::Acquire);
     }
 
+    /// Our key under this name is gone, and the name fenced: it is never
+    /// freed.
+    pub(crate) fn retire(&self) {
+        let _ = self
+            .state
+            .compare_exchange(LIVE, RETIRED, Ordering::AcqRel, Ordering::Acquire);
+    }
+
     /// Starts deleting the key in the background now (a release failed);
     /// the task frees the name when the key is gone.
     pub(crate) fn delete_later(&self) {
         if self.hand_off() {
             if let Some(backend) = self.backend_in_runtime() {
-                backend.delete_in_background(&self.key, self.name.clone(), self.revision);
+                backend.delete_in_background(&self.key, self.name.clone(), self.revision, self.lease);
             }
         }
     }
