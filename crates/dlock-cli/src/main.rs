@@ -4,6 +4,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 #![forbid(unsafe_code)]
 
+mod job;
 mod run;
 mod target;
 
@@ -122,6 +123,11 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
+    // `dlock run` starts its command through this binary (see `job.rs`).
+    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    if arguments.first().is_some_and(|first| first == job::LAUNCH) {
+        return ExitCode::from(job::launch(&arguments[1..]));
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {

@@ -1,18 +1,22 @@
-//! `dlock run`: acquire, run the command, watch for loss, release.
+//! `dlock run`: acquire, run the command as a job (see `job.rs`), watch
+//! for loss, release.
 
 use std::io::{IsTerminal, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use dlock_core::{LockError, LockGuard};
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
-use tokio::signal::unix::{SignalKind, signal};
+use dlock_core::{LockError, LockGuard, Locker};
+use nix::sys::signal::Signal;
 use tokio::time::{Instant, sleep, timeout};
 
+use crate::job::{Event, Job, Signals};
 use crate::target::Backend;
 use crate::{code_for, exit, parse_duration};
+
+/// How long dlock waits for the clean-up of an acquisition it gave up on
+/// (a signal arrived while it waited), before it exits anyway.
+const CLEANUP_LIMIT: Duration = Duration::from_secs(5);
 
 /// Arguments of `dlock run`.
 #[derive(Debug, clap::Args)]
@@ -28,7 +32,8 @@ pub(crate) struct RunArgs {
     /// Do not wait: exit at once with 75 if the lock is held.
     #[arg(long)]
     no_wait: bool,
-    /// When the lock is lost, how long COMMAND gets after SIGTERM before SIGKILL.
+    /// When the lock is lost, how long COMMAND's process group gets after
+    /// SIGTERM before SIGKILL.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     kill_grace: Duration,
     /// The command to run, after `--`.
@@ -41,12 +46,14 @@ pub(crate) async fn run(backend: &Backend, args: RunArgs, quiet: bool) -> u8 {
     // the lock is being acquired or the command is starting cannot kill dlock
     // without its clean-up.
     let mut signals = Signals::install();
+    let locker = backend.locker();
     let acquired = tokio::select! {
-        acquired = acquire(backend, &args, quiet) => acquired,
-        received = signals.next() => {
-            // A grant still in flight is given back in the background, or
-            // ends with its TTL.
+        acquired = acquire(backend, &locker, &args, quiet) => acquired,
+        received = first_terminating(&mut signals) => {
+            // Dropping the request gives back what it may hold (a grant in
+            // flight, a place in line) in the background: wait for that.
             eprintln!("dlock: {received:?} while acquiring {:?}; giving up", args.key);
+            let _ = timeout(CLEANUP_LIMIT, locker.wait_for_cleanup()).await;
             return u8::try_from(128 + received as i32).unwrap_or(1);
         }
     };
@@ -56,34 +63,39 @@ pub(crate) async fn run(backend: &Backend, args: RunArgs, quiet: bool) -> u8 {
             if !quiet || !matches!(error, LockError::Contended { .. }) {
                 eprintln!("dlock: {error}");
             }
+            let _ = timeout(CLEANUP_LIMIT, locker.wait_for_cleanup()).await;
             return code_for(&error);
         }
     };
     let token = guard.fencing_token();
     tracing::info!(key = %args.key, %token, "acquired; starting the command");
-    let mut command = tokio::process::Command::new(&args.command[0]);
-    command
-        .args(&args.command[1..])
-        .env("DLOCK_KEY", &args.key)
-        .env("DLOCK_FENCING_TOKEN", token.to_string())
-        // Its own process group, so that a loss stops the command's children too.
-        .process_group(0);
-    let mut child = match command.spawn() {
-        Ok(child) => child,
+    let started = Job::spawn(&args.command, |command| {
+        command
+            .env("DLOCK_KEY", &args.key)
+            .env("DLOCK_FENCING_TOKEN", token.to_string());
+    });
+    let (mut job, mut child) = match started {
+        Ok(started) => started,
         Err(error) => {
             eprintln!("dlock: could not start {:?}: {error}", args.command[0]);
             let _ = guard.release().await;
             return 127;
         }
     };
-    let group = child
-        .id()
-        .and_then(|id| i32::try_from(id).ok())
-        .map(Pid::from_raw);
-    let outcome = supervise(&mut child, group, &guard, &args, &mut signals).await;
+    let outcome = supervise(&mut job, &mut child, &guard, &args, &mut signals).await;
+    job.finish();
     match outcome {
         Outcome::Exited(status) => match guard.release().await {
             Ok(()) => exit_code(status),
+            Err(error @ LockError::Unavailable { .. }) => {
+                // The lock was held while the command ran (no loss was
+                // seen); only giving it back failed: it runs out by its TTL.
+                eprintln!(
+                    "dlock: the command finished, but releasing {:?} failed ({error}); it frees itself within its TTL",
+                    args.key
+                );
+                exit_code(status)
+            }
             Err(error) => {
                 eprintln!(
                     "dlock: the command finished, but the lock on {:?} was no longer held at the end ({error}); \
@@ -97,8 +109,27 @@ pub(crate) async fn run(backend: &Backend, args: RunArgs, quiet: bool) -> u8 {
     }
 }
 
-async fn acquire(backend: &Backend, args: &RunArgs, quiet: bool) -> Result<LockGuard, LockError> {
-    let locker = backend.locker();
+/// The next signal that would end dlock. A stop request stops dlock (its
+/// handler replaced the default action); the others change nothing while
+/// no command runs.
+async fn first_terminating(signals: &mut Signals) -> Signal {
+    loop {
+        match signals.next().await {
+            Event::PassOn(which) => return which,
+            Event::Stop => {
+                let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGSTOP);
+            }
+            Event::Resumed | Event::Child => {}
+        }
+    }
+}
+
+async fn acquire(
+    backend: &Backend,
+    locker: &Locker,
+    args: &RunArgs,
+    quiet: bool,
+) -> Result<LockGuard, LockError> {
     let request = locker.lock(&args.key).ttl(args.ttl);
     if args.no_wait {
         return request.try_lock().await;
@@ -144,74 +175,64 @@ enum Outcome {
     Lost,
 }
 
-/// Waits for the command; passes SIGINT/SIGTERM on to it; stops it when
-/// the lock is lost.
+/// Waits for the command and every process left in its group; passes
+/// signals on; stops the group when the lock is lost.
 async fn supervise(
+    job: &mut Job,
     child: &mut tokio::process::Child,
-    group: Option<Pid>,
     guard: &LockGuard,
     args: &RunArgs,
     signals: &mut Signals,
 ) -> Outcome {
-    let send = |signal: Signal| {
-        if let Some(group) = group {
-            // An error means the group is gone already.
-            let _ = killpg(group, signal);
-        }
-    };
     let lost = guard.lost();
     tokio::pin!(lost);
+    let mut exited = None;
     loop {
+        if exited.is_some() && !job.group_alive() {
+            break;
+        }
         tokio::select! {
-            status = child.wait() => {
-                return match status {
-                    Ok(status) => Outcome::Exited(status),
+            status = child.wait(), if exited.is_none() => {
+                exited = Some(match status {
+                    Ok(status) => status,
                     Err(error) => {
                         eprintln!("dlock: lost track of the command: {error}");
-                        Outcome::Exited(ExitStatus::from_raw(1 << 8))
+                        ExitStatus::from_raw(1 << 8)
                     }
-                };
+                });
+                if job.group_alive() {
+                    tracing::info!("the command exited; waiting for the rest of its process group");
+                }
             }
+            () = job.group_gone(), if exited.is_some() => {}
             () = &mut lost => {
                 eprintln!(
                     "dlock: lost the lock on {:?} (fencing token {}); stopping the command",
                     args.key,
                     guard.fencing_token()
                 );
-                send(Signal::SIGTERM);
-                if timeout(args.kill_grace, child.wait()).await.is_err() {
-                    eprintln!("dlock: the command did not stop within {:?}; killing it", args.kill_grace);
-                    send(Signal::SIGKILL);
-                    let _ = child.wait().await;
-                }
+                stop_group(job, child, args.kill_grace).await;
                 return Outcome::Lost;
             }
-            received = signals.next() => send(received),
+            event = signals.next() => job.on_event(event, signals).await,
         }
     }
+    Outcome::Exited(exited.unwrap_or_else(|| ExitStatus::from_raw(1 << 8)))
 }
 
-/// SIGINT and SIGTERM, caught instead of ending dlock.
-struct Signals {
-    interrupts: Option<tokio::signal::unix::Signal>,
-    terminates: Option<tokio::signal::unix::Signal>,
-}
-
-impl Signals {
-    fn install() -> Self {
-        Signals {
-            interrupts: signal(SignalKind::interrupt()).ok(),
-            terminates: signal(SignalKind::terminate()).ok(),
-        }
-    }
-
-    /// The next SIGINT or SIGTERM; never resolves if none could be caught.
-    async fn next(&mut self) -> Signal {
-        tokio::select! {
-            Some(()) = async { self.interrupts.as_mut()?.recv().await } => Signal::SIGINT,
-            Some(()) = async { self.terminates.as_mut()?.recv().await } => Signal::SIGTERM,
-            else => std::future::pending().await,
-        }
+/// SIGTERM to the whole group; SIGKILL to whatever of it is left after
+/// `grace`; returns when the group is gone.
+async fn stop_group(job: &Job, child: &mut tokio::process::Child, grace: Duration) {
+    job.signal(Signal::SIGTERM);
+    let everyone_gone = async {
+        let _ = child.wait().await;
+        job.group_gone().await;
+    };
+    if timeout(grace, everyone_gone).await.is_err() {
+        eprintln!("dlock: the command's process group did not stop within {grace:?}; killing it");
+        job.signal(Signal::SIGKILL);
+        let _ = child.wait().await;
+        job.group_gone().await;
     }
 }
 

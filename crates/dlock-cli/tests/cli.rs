@@ -2,88 +2,14 @@
 //! `cargo xtask integration` starts.
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Child;
+use std::time::Duration;
 
 use dlock_testkit::conformance::unique_key;
 
-const DLOCK: &str = env!("CARGO_BIN_EXE_dlock");
+mod common;
 
-fn redis_backend() -> String {
-    dlock_tests::redis_url()
-}
-
-fn etcd_backend() -> String {
-    let hosts: Vec<String> = dlock_tests::etcd_endpoints()
-        .iter()
-        .map(|endpoint| endpoint.trim_start_matches("http://").to_owned())
-        .collect();
-    format!("etcd://{}", hosts.join(","))
-}
-
-fn dlock(backend: &str, args: &[&str]) -> Command {
-    let mut command = Command::new(DLOCK);
-    command
-        .arg("--backend")
-        .arg(backend)
-        .args(args)
-        .env_remove("DLOCK_URL");
-    command
-}
-
-fn output(mut command: Command) -> Output {
-    command.output().expect("run dlock")
-}
-
-fn spawn(mut command: Command) -> Child {
-    command
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start dlock")
-}
-
-/// Polls `dlock status` until the key is held.
-fn wait_until_held(backend: &str, key: &str) {
-    let began = Instant::now();
-    loop {
-        let status = output(dlock(backend, &["status", key]));
-        if String::from_utf8_lossy(&status.stdout).contains("held: yes") {
-            return;
-        }
-        assert!(
-            began.elapsed() < Duration::from_secs(10),
-            "{key} never became held"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn is_held(backend: &str, key: &str) -> bool {
-    let status = output(dlock(backend, &["status", key]));
-    String::from_utf8_lossy(&status.stdout).contains("held: yes")
-}
-
-fn wait_exit(child: &mut Child, limit: Duration) -> i32 {
-    let began = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status.code().unwrap_or(-1);
-        }
-        assert!(began.elapsed() < limit, "dlock did not exit within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Sends SIGTERM to a `dlock run` and returns its exit code.
-fn terminate(run: &mut Child) -> i32 {
-    let sent = Command::new("kill")
-        .args(["-TERM", &run.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(sent.success());
-    wait_exit(run, Duration::from_secs(10))
-}
+use common::*;
 
 /// Two runs append their start and end times; the intervals must not overlap.
 fn two_runs_never_overlap(backend: &str) {

@@ -11,6 +11,7 @@ use tokio::time::{Instant, sleep, sleep_until, timeout_at};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::backend::{ExtendOutcome, Grant, Lease, LockBackend, ReleaseOutcome};
+use crate::background::Background;
 use crate::backoff::Backoff;
 use crate::error::LockError;
 use crate::options::validate_ttl;
@@ -62,6 +63,8 @@ pub(crate) struct GuardShared {
     /// The locker's renewal schedule, and this guard's entry in it.
     renewals: Arc<Renewals>,
     entry: u64,
+    /// Where a dropped guard's release runs.
+    background: Arc<Background>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -86,6 +89,7 @@ pub(crate) struct Acquired {
     pub(crate) started: Instant,
     pub(crate) grant: Grant,
     pub(crate) renewals: Arc<Renewals>,
+    pub(crate) background: Arc<Background>,
 }
 
 impl LockGuard {
@@ -99,6 +103,7 @@ impl LockGuard {
             started,
             grant,
             renewals,
+            background,
         } = acquired;
         let Grant {
             token,
@@ -121,6 +126,7 @@ impl LockGuard {
             state: watch::Sender::new(state),
             renewals,
             entry,
+            background,
         });
         shared.schedule_next();
         let loss_watch = loss_signal.map(|signal| {
@@ -274,7 +280,7 @@ impl Drop for LockGuard {
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 let shared = Arc::clone(&self.shared);
-                runtime.spawn(async move {
+                self.shared.background.spawn(&runtime, async move {
                     if let Err(error) = shared.release().await {
                         debug!(%error, "background release after drop failed; the lease runs out by its TTL");
                     }

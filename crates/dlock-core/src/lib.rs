@@ -24,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 mod backend;
+mod background;
 mod backoff;
 mod error;
 mod guard;

@@ -10,6 +10,7 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{Instrument, Span, debug, field, info_span, warn};
 
 use crate::backend::{AcquireRequest, Attempt, LockBackend};
+use crate::background::Background;
 use crate::backoff::{Backoff, small_jitter};
 use crate::error::LockError;
 use crate::guard::{Acquired, LockGuard};
@@ -52,6 +53,7 @@ use crate::token::OwnerToken;
 pub struct Locker {
     backend: Arc<dyn LockBackend>,
     renewals: Arc<RenewalsByRuntime>,
+    background: Arc<Background>,
 }
 
 impl Locker {
@@ -65,7 +67,33 @@ impl Locker {
         Locker {
             backend,
             renewals: Arc::default(),
+            background: Arc::default(),
         }
+    }
+
+    /// Waits until the clean-up this locker left to background tasks has
+    /// finished: the release of a guard that was dropped, and the clean-up
+    /// after a request that was cancelled or failed (a lock its last
+    /// attempt may have taken, a place in a queue).
+    ///
+    /// Call it before the process exits: a Tokio runtime that shuts down
+    /// drops those tasks, and what they were giving back then stays until
+    /// its TTL runs out. A clean-up retries while the backend is
+    /// unavailable (for at most the request's TTL), so bound the wait:
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dlock_core::Locker;
+    /// use dlock_testkit::MemoryBackend;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let locker = Locker::new(MemoryBackend::new());
+    /// drop(locker.try_lock("jobs/nightly").await); // released in the background
+    /// let _ = tokio::time::timeout(Duration::from_secs(5), locker.wait_for_cleanup()).await;
+    /// # }
+    /// ```
+    pub async fn wait_for_cleanup(&self) {
+        self.background.idle().await;
     }
 
     /// The backend behind this locker.
@@ -80,6 +108,7 @@ impl Locker {
         LockRequest {
             backend: Arc::clone(&self.backend),
             renewals: Arc::clone(&self.renewals),
+            background: Arc::clone(&self.background),
             key: key.into(),
             ttl: DEFAULT_TTL,
             wait: None,
@@ -118,6 +147,7 @@ impl fmt::Debug for Locker {
 pub struct LockRequest {
     backend: Arc<dyn LockBackend>,
     renewals: Arc<RenewalsByRuntime>,
+    background: Arc<Background>,
     key: String,
     ttl: Duration,
     wait: Option<Duration>,
@@ -232,6 +262,7 @@ impl LockRequest {
         let LockRequest {
             backend,
             renewals,
+            background,
             key,
             ttl,
             wait,
@@ -242,6 +273,7 @@ impl LockRequest {
         // Owns the key and owner token until a guard takes them over.
         let mut pending = PendingAcquisition {
             backend: Arc::clone(&backend),
+            background: Arc::clone(&background),
             key,
             owner,
             ttl,
@@ -291,6 +323,7 @@ impl LockRequest {
                         started,
                         grant,
                         renewals: renewals.for_current_runtime(),
+                        background,
                     }));
                 }
                 Attempt::Busy(busy) => busy,
@@ -407,6 +440,7 @@ impl fmt::Debug for LockRequest {
 /// waiting request may hold a queue place.
 struct PendingAcquisition {
     backend: Arc<dyn LockBackend>,
+    background: Arc<Background>,
     key: String,
     owner: OwnerToken,
     /// The lease length asked for: past it, nothing is left to clean up.
@@ -434,7 +468,7 @@ impl Drop for PendingAcquisition {
         let key = std::mem::take(&mut self.key);
         let owner = self.owner.clone();
         let give_up_at = Instant::now() + self.ttl;
-        runtime.spawn(async move {
+        self.background.spawn(&runtime, async move {
             // The failure that ended the request (a broken connection, a
             // failover) often ends the first clean-up too; try again while
             // a lease we may have taken could still be alive.

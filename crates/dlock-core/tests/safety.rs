@@ -218,3 +218,30 @@ async fn a_waiting_request_retries_after_a_late_grant() {
     assert_eq!(inner.holder_token("late-wait"), Some(guard.fencing_token()));
     guard.release().await.expect("release");
 }
+
+/// A process can wait for what its locker gives back in the background
+/// (a dropped guard, a cancelled request) before it exits.
+#[tokio::test(start_paused = true)]
+async fn wait_for_cleanup_waits_for_background_releases() {
+    let (backend, locker) = setup();
+    let dropped = locker.try_lock("dropped").await.expect("lock");
+    let waiting = locker.try_lock("waited-for").await.expect("lock");
+    backend.set_latency(Duration::from_secs(1));
+    drop(dropped);
+    let cancelled = timeout(
+        Duration::from_millis(10),
+        locker.lock("waited-for").wait(Duration::from_secs(60)),
+    )
+    .await;
+    assert!(cancelled.is_err(), "still waiting when cancelled");
+    let began = Instant::now();
+    locker.wait_for_cleanup().await;
+    assert!(
+        began.elapsed() >= Duration::from_millis(900),
+        "returned before the slow release"
+    );
+    assert!(!backend.is_locked("dropped"), "the dropped guard's release ran");
+    backend.set_latency(Duration::ZERO);
+    assert_eq!(backend.holder_token("waited-for"), Some(waiting.fencing_token()));
+    waiting.release().await.expect("release");
+}
