@@ -39,6 +39,11 @@ pub(crate) const PROTOC: Tool = Tool {
     program: "protoc",
     package: "protobuf-compiler",
 };
+/// A pseudo-terminal for the CLI's job-control tests (util-linux `script`).
+pub(crate) const SCRIPT: Tool = Tool {
+    program: "script",
+    package: "bsdutils",
+};
 /// The well-known `.proto` files that etcd-client's build imports.
 pub(crate) const PROTOBUF_INCLUDES: Tool = Tool {
     program: "/usr/include/google/protobuf/descriptor.proto",
@@ -46,7 +51,7 @@ pub(crate) const PROTOBUF_INCLUDES: Tool = Tool {
 };
 
 /// Everything any suite may need (`cargo xtask deps`).
-pub(crate) const ALL: &[Tool] = &[REDIS_SERVER, REDIS_CLI, ETCD, PROTOC, PROTOBUF_INCLUDES];
+pub(crate) const ALL: &[Tool] = &[REDIS_SERVER, REDIS_CLI, ETCD, SCRIPT, PROTOC, PROTOBUF_INCLUDES];
 
 /// Installs the missing tools with apt-get when running as root, or fails
 /// with the exact command to run.

@@ -12,8 +12,8 @@ use dlock_servers::redis::{self, RedisCluster, RedisSentinel, SENTINEL_MASTER_NA
 use crate::Result;
 use crate::deps::{self, Tool};
 
-/// The system programs the servers below need.
-pub(crate) const NEEDED: &[Tool] = &[deps::REDIS_SERVER, deps::REDIS_CLI, deps::ETCD];
+/// The system programs the servers below and the suites that use them need.
+pub(crate) const NEEDED: &[Tool] = &[deps::REDIS_SERVER, deps::REDIS_CLI, deps::ETCD, deps::SCRIPT];
 
 /// The servers of one run; all are stopped when this is dropped.
 #[derive(Debug)]
