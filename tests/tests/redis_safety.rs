@@ -225,12 +225,12 @@ async fn pub_sub_cuts_leave_no_waiter_spinning() {
         }
     }
     sleep(Duration::from_millis(500)).await;
-    for round in 0..150 {
+    for round in 0..400 {
         spawn_blocking(move || servers::command(port, &["CLIENT", "KILL", "TYPE", "pubsub"]))
             .await
             .expect("task")
             .expect("CLIENT KILL");
-        sleep(Duration::from_millis(2 + round % 7)).await;
+        sleep(Duration::from_millis(1 + round % 5)).await;
     }
     sleep(Duration::from_secs(2)).await;
     let before = evalsha_calls(port);
