@@ -3,7 +3,7 @@
 //! of its waiter key).
 //!
 //! ```text
-//! cargo run --example etcd -- http://127.0.0.1:2379 http://127.0.0.1:22379 http://127.0.0.1:32379
+//! cargo run -p dlock-examples --features etcd --example etcd -- http://127.0.0.1:2379 http://127.0.0.1:22379 http://127.0.0.1:32379
 //! ```
 //!
 //! `cargo xtask servers` starts a 3-member cluster and prints its endpoints.

@@ -4,9 +4,9 @@
 //! A second client waits on the same key and is woken by the release.
 //!
 //! ```text
-//! cargo run --example redis -- redis://127.0.0.1:6379
-//! cargo run --example redis -- cluster redis://127.0.0.1:7000 redis://127.0.0.1:7001
-//! cargo run --example redis -- sentinel mymaster redis://127.0.0.1:26379 redis://127.0.0.1:26380
+//! cargo run -p dlock-examples --features redis --example redis -- redis://127.0.0.1:6379
+//! cargo run -p dlock-examples --features redis --example redis -- cluster redis://127.0.0.1:7000 redis://127.0.0.1:7001
+//! cargo run -p dlock-examples --features redis --example redis -- sentinel mymaster redis://127.0.0.1:26379 redis://127.0.0.1:26380
 //! ```
 //!
 //! `cargo xtask servers` starts all three deployments and prints their addresses.

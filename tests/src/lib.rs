@@ -5,46 +5,7 @@
 
 use async_trait::async_trait;
 use dlock_core::Locker;
-use dlock_testkit::MemoryBackend;
 use dlock_testkit::conformance::{Harness, SuiteConfig};
-
-/// The conformance harness for the in-memory backend: every locker is a
-/// clone of one backend, like clients of one server.
-#[derive(Debug, Clone, Default)]
-pub struct MemoryHarness {
-    backend: MemoryBackend,
-}
-
-impl MemoryHarness {
-    /// A harness over a fresh backend.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The backend, for fault injection.
-    pub fn backend(&self) -> &MemoryBackend {
-        &self.backend
-    }
-}
-
-#[async_trait]
-impl Harness for MemoryHarness {
-    async fn locker(&self) -> Locker {
-        Locker::new(self.backend.clone())
-    }
-
-    async fn force_expire(&self, key: &str) {
-        self.backend.force_expire(key);
-    }
-
-    async fn leftovers(&self, key: &str) -> usize {
-        usize::from(self.backend.is_locked(key))
-    }
-
-    fn config(&self) -> SuiteConfig {
-        SuiteConfig::default()
-    }
-}
 
 /// Reads a server address that `cargo xtask integration` hands to the suites.
 ///

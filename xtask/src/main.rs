@@ -69,7 +69,16 @@ fn ci() -> Result {
     // The build itself needs protoc (etcd-client), the suites need the servers.
     deps::ensure(deps::ALL)?;
     cargo(&["fmt", "--all", "--", "--check"])?;
-    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    // Every feature, so that the backend examples are linted too.
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--all-features",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     // The packages whose tests need servers run in `integration`.
     cargo(&[
         "test",
@@ -78,6 +87,9 @@ fn ci() -> Result {
         "dlock-tests",
         "--exclude",
         "dlock-cli",
+        // The backend examples, and the README's doctests, which use both.
+        "--features",
+        "dlock-examples/redis,dlock-examples/etcd",
     ])?;
     integration()?;
     // The short form, with a fixed seed so that a failure can be replayed.
@@ -102,12 +114,26 @@ fn integration() -> Result {
         run(cargo_command(&[
             "run",
             "--quiet",
+            "--package",
+            "dlock-examples",
+            "--features",
+            "redis",
             "--example",
             "redis",
             "--",
             &url,
         ]))?;
-        let mut etcd = cargo_command(&["run", "--quiet", "--example", "etcd", "--"]);
+        let mut etcd = cargo_command(&[
+            "run",
+            "--quiet",
+            "--package",
+            "dlock-examples",
+            "--features",
+            "etcd",
+            "--example",
+            "etcd",
+            "--",
+        ]);
         etcd.args(running.etcd_endpoints());
         run(etcd)
     });

@@ -24,6 +24,13 @@
 //! predecessor's deletion. Locks with auto-renewal share one lease per TTL
 //! (in whole seconds, the unit etcd leases use); `auto_renew(false)` gets
 //! a lease of its own that runs out.
+//!
+//! # Building
+//!
+//! etcd-client compiles etcd's protocol files at build time, which needs
+//! the Protocol Buffers compiler and its well-known types. On Debian or
+//! Ubuntu: `sudo apt-get install protobuf-compiler libprotobuf-dev`
+//! (elsewhere, install `protoc` or point the `PROTOC` variable at it).
 
 #![forbid(unsafe_code)]
 

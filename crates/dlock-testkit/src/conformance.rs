@@ -613,10 +613,17 @@ pub async fn waiters_served_in_turn(harness: &dyn Harness) {
 /// ```text
 /// dlock_testkit::conformance_tests!(#[tokio::test(start_paused = true)] MemoryHarness::new());
 /// ```
+///
+/// The list of checks below is the only one: [`CHECKS`] is made from it,
+/// and a unit test fails when a `pub async fn` check of this module is
+/// missing from it (or listed without existing).
 #[macro_export]
 macro_rules! conformance_tests {
     (#[$attribute:meta] $harness:expr) => {
-        $crate::conformance_tests!(@each #[$attribute] $harness;
+        $crate::conformance_tests!(@checks tests (#[$attribute] $harness));
+    };
+    (@checks $then:ident $arguments:tt) => {
+        $crate::conformance_tests! { @$then $arguments;
             acquire_release,
             try_lock_on_held_key,
             wait_times_out,
@@ -636,9 +643,9 @@ macro_rules! conformance_tests {
             bad_input_is_rejected,
             waiters_served_in_turn,
             paused_holder_is_fenced,
-        );
+        }
     };
-    (@each #[$attribute:meta] $harness:expr; $($check:ident,)*) => {
+    (@tests (#[$attribute:meta] $harness:expr); $($check:ident,)*) => {
         $(
             #[$attribute]
             async fn $check() {
@@ -647,7 +654,13 @@ macro_rules! conformance_tests {
             }
         )*
     };
+    (@names (); $($check:ident,)*) => {
+        &[$(stringify!($check)),*]
+    };
 }
+
+/// The names of every check, in the order [`conformance_tests!`](crate::conformance_tests) runs them.
+pub const CHECKS: &[&str] = crate::conformance_tests!(@checks names ());
 
 /// A holder whose whole process stalls past its TTL (a long GC pause, a
 /// SIGSTOP, a VM migration): when it resumes, its guard reports the loss
@@ -750,4 +763,27 @@ fn client_runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("a Tokio runtime for a client thread")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::CHECKS;
+
+    #[test]
+    fn every_check_is_listed_once() {
+        let defined: BTreeSet<&str> = include_str!("conformance.rs")
+            .lines()
+            .filter_map(|line| line.strip_prefix("pub async fn "))
+            .filter_map(|rest| rest.split_once("(harness: &dyn Harness)"))
+            .map(|(name, _)| name)
+            .collect();
+        let listed: BTreeSet<&str> = CHECKS.iter().copied().collect();
+        assert_eq!(listed.len(), CHECKS.len(), "a check is listed twice");
+        assert_eq!(
+            defined, listed,
+            "conformance_tests! and the checks of conformance.rs differ"
+        );
+    }
 }

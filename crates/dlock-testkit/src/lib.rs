@@ -7,7 +7,8 @@
 //!   refuses stale fencing tokens and records a history to check.
 //! * [`check_mutual_exclusion`]: many clients hammering one key, checked for
 //!   overlapping critical sections and tokens that do not increase.
-//! * [`conformance`]: the behaviour suite every backend passes.
+//! * [`conformance`]: the behaviour suite every backend passes, and
+//!   [`MemoryHarness`], which runs it on the in-memory backend.
 //! * [`FaultProxy`]: a loopback TCP proxy that makes a link slow or dead on command.
 
 #![forbid(unsafe_code)]
@@ -20,5 +21,5 @@ mod proxy;
 
 pub use checker::{CheckReport, CheckerConfig, check_mutual_exclusion};
 pub use fenced::{Event, EventKind, FencedResource, HistoryReport, Section, StaleToken, check_history};
-pub use memory::MemoryBackend;
+pub use memory::{MemoryBackend, MemoryHarness};
 pub use proxy::{Direction, FaultProxy};
