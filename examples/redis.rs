@@ -30,10 +30,10 @@ async fn connect(args: &[String]) -> Result<RedisBackend, LockError> {
         }
         [url] => RedisBackend::connect(url).await,
         [] => RedisBackend::connect("redis://127.0.0.1:6379").await,
-        _ => Err(LockError::InvalidOptions {
-            key: String::new(),
-            reason: "usage: redis [URL | cluster URL... | sentinel MASTER URL...]".into(),
-        }),
+        _ => Err(LockError::invalid_options(
+            None,
+            "usage: redis [URL | cluster URL... | sentinel MASTER URL...]",
+        )),
     }
 }
 

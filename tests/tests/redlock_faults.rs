@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use dlock_core::{LockError, Locker};
-use dlock_redis::{DEFAULT_KEY_PREFIX, RedlockBackend};
+use dlock_redis::{RedisBackend, RedlockBackend};
 use dlock_servers::ServerProcess;
 use dlock_servers::redis as servers;
 use dlock_testkit::conformance::unique_key;
@@ -209,7 +209,7 @@ async fn release_leaves_no_copy_on_a_slow_node() {
         guard.release().await.expect("release");
         for (index, connection) in direct.iter_mut().enumerate() {
             let copies: i64 = redis::cmd("EXISTS")
-                .arg(format!("{DEFAULT_KEY_PREFIX}{{{key}}}"))
+                .arg(format!("{}{{{key}}}", RedisBackend::DEFAULT_KEY_PREFIX))
                 .query_async(connection)
                 .await
                 .expect("EXISTS on a node");
@@ -239,7 +239,7 @@ async fn a_node_down_at_start_joins_even_when_its_connect_outlasts_the_node_time
     proxy.set_refuse_new(false);
     proxy.set_connect_delay(Duration::from_millis(600));
     let key = unique_key("redlock-late-node");
-    let lock_key = format!("{DEFAULT_KEY_PREFIX}{{{key}}}");
+    let lock_key = format!("{}{{{key}}}", RedisBackend::DEFAULT_KEY_PREFIX);
     let began = Instant::now();
     loop {
         let guard = locker

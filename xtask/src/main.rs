@@ -24,7 +24,7 @@ type Result<T = ()> = std::result::Result<T, String>;
 
 const USAGE: &str = "usage: cargo xtask <ci | integration | servers | bench [--quick] | chaos [--quick] [--seed N] [--only D] | deps>
 
-  ci           fmt --check, clippy -D warnings, unit + doc tests, `integration`, `chaos --quick --seed 1`,
+  ci           fmt --check, clippy -D warnings, minimal feature builds, unit + doc tests, `integration`, `chaos --quick --seed 1`,
                `bench --quick`
   integration  start the test servers, run the suites that need them (dlock-tests, dlock-cli), stop them
   servers      start the test servers, print their environment, stop them when Enter is pressed
@@ -79,6 +79,10 @@ fn ci() -> Result {
         "-D",
         "warnings",
     ])?;
+    // The smallest builds a user can choose keep compiling.
+    for package in ["dlock-redis", "dlock-etcd"] {
+        cargo(&["check", "--quiet", "--package", package, "--no-default-features"])?;
+    }
     // The packages whose tests need servers run in `integration`.
     cargo(&[
         "test",

@@ -13,9 +13,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use dlock_core::LockError;
+use dlock_core::backend::redact_url;
+use dlock_core::{LockError, Locker};
 
-use crate::target::{ACCEPTED_FORMS, Backend, Target, redact};
+use crate::target::ACCEPTED_FORMS;
 
 /// Exit codes of dlock itself (the command's own code is passed through).
 pub(crate) mod exit {
@@ -158,24 +159,20 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> u8 {
-    let target = match Target::parse(&cli.backend) {
-        Ok(target) => target,
-        Err(message) => {
-            eprintln!("dlock: {message}");
-            return exit::USAGE;
-        }
-    };
-    let backend = match target.connect(cli.timeout).await {
-        Ok(backend) => backend,
+    let locker = match target::connect(&cli.backend, cli.timeout).await {
+        Ok(locker) => locker,
         Err(error) => {
-            eprintln!("dlock: {} : {error}", redact(&cli.backend));
+            eprintln!("dlock: {}: {error}", redact_url(&cli.backend));
+            if matches!(error, LockError::InvalidOptions { .. }) {
+                eprintln!("{ACCEPTED_FORMS}");
+            }
             return code_for(&error);
         }
     };
     match cli.command {
-        Command::Run(args) => run::run(&backend, args, cli.quiet).await,
-        Command::Status { key } => status(&backend, &key).await,
-        Command::Release { key, force, yes } => force_release(&backend, &key, force, yes).await,
+        Command::Run(args) => run::run(&locker, args, cli.quiet).await,
+        Command::Status { key } => status(&locker, &key).await,
+        Command::Release { key, force, yes } => force_release(&locker, &key, force, yes).await,
     }
 }
 
@@ -189,8 +186,8 @@ pub(crate) fn code_for(error: &LockError) -> u8 {
     }
 }
 
-async fn status(backend: &Backend, key: &str) -> u8 {
-    match backend.inspect(key).await {
+async fn status(locker: &Locker, key: &str) -> u8 {
+    match locker.inspect(key).await {
         Ok(status) => {
             println!("key: {key}");
             println!("held: {}", if status.held { "yes" } else { "no" });
@@ -212,7 +209,7 @@ async fn status(backend: &Backend, key: &str) -> u8 {
     }
 }
 
-async fn force_release(backend: &Backend, key: &str, force: bool, yes: bool) -> u8 {
+async fn force_release(locker: &Locker, key: &str, force: bool, yes: bool) -> u8 {
     if !force {
         eprintln!(
             "dlock: `release` breaks someone else's lock and needs --force; the holder may keep writing \
@@ -234,7 +231,7 @@ async fn force_release(backend: &Backend, key: &str, force: bool, yes: bool) -> 
             return exit::USAGE;
         }
     }
-    match backend.force_release(key).await {
+    match locker.force_release(key).await {
         Ok(true) => {
             eprintln!("dlock: released {key:?}");
             0

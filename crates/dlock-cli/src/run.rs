@@ -11,7 +11,6 @@ use nix::sys::signal::Signal;
 use tokio::time::{Instant, sleep, timeout};
 
 use crate::job::{Event, Job, Signals};
-use crate::target::Backend;
 use crate::{code_for, exit, parse_duration};
 
 /// How long dlock waits for the clean-up of an acquisition it gave up on
@@ -41,14 +40,13 @@ pub(crate) struct RunArgs {
     command: Vec<String>,
 }
 
-pub(crate) async fn run(backend: &Backend, args: RunArgs, quiet: bool) -> u8 {
+pub(crate) async fn run(locker: &Locker, args: RunArgs, quiet: bool) -> u8 {
     // Taken over before anything else, so that a signal that arrives while
     // the lock is being acquired or the command is starting cannot kill dlock
     // without its clean-up.
     let mut signals = Signals::install();
-    let locker = backend.locker();
     let acquired = tokio::select! {
-        acquired = acquire(backend, &locker, &args, quiet) => acquired,
+        acquired = acquire(locker, &args, quiet) => acquired,
         received = first_terminating(&mut signals) => {
             // Dropping the request gives back what it may hold (a grant in
             // flight, a place in line) in the background: wait for that.
@@ -124,12 +122,7 @@ async fn first_terminating(signals: &mut Signals) -> Signal {
     }
 }
 
-async fn acquire(
-    backend: &Backend,
-    locker: &Locker,
-    args: &RunArgs,
-    quiet: bool,
-) -> Result<LockGuard, LockError> {
+async fn acquire(locker: &Locker, args: &RunArgs, quiet: bool) -> Result<LockGuard, LockError> {
     let request = locker.lock(&args.key).ttl(args.ttl);
     if args.no_wait {
         return request.try_lock().await;
@@ -149,7 +142,7 @@ async fn acquire(
         tokio::select! {
             outcome = &mut acquiring => break outcome,
             () = sleep(Duration::from_millis(500)) => {
-                let left = match backend.inspect(&args.key).await {
+                let left = match locker.inspect(&args.key).await {
                     Ok(status) => status
                         .remaining
                         .map_or_else(|| "unknown".to_owned(), |left| format!("{:.1}s", left.as_secs_f64())),

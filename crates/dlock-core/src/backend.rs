@@ -1,4 +1,13 @@
-//! The contract between [`Locker`](crate::Locker) and a storage backend.
+//! The API for writing a backend: the contract between
+//! [`Locker`](crate::Locker) and a storage, and the helpers a backend uses.
+//! Users of dlock need none of it; the crate root has the user API.
+
+pub use async_trait::async_trait;
+
+pub use crate::notify::{HubSubscription, ReleaseEvents, ReleaseHub};
+pub use crate::options::{validate_timeout, validate_ttl, validate_wait};
+pub use crate::token::OwnerToken;
+pub use crate::url::{HostListUrl, redact_url};
 
 use std::any::Any;
 use std::fmt;
@@ -6,11 +15,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use async_trait::async_trait;
-
 use crate::error::{LockError, NotHeldReason};
-use crate::notify::ReleaseEvents;
-use crate::token::{FencingToken, OwnerToken};
+use crate::status::KeyStatus;
+use crate::token::FencingToken;
 
 /// A storage that can hold leases on keys: Redis, etcd, memory, ...
 ///
@@ -23,7 +30,7 @@ use crate::token::{FencingToken, OwnerToken};
 ///
 /// Keys reach the backend already validated by
 /// [`validate_key`](crate::validate_key); TTLs by
-/// [`validate_ttl`](crate::validate_ttl). Each method is one atomic,
+/// [`validate_ttl`]. Each method is one atomic,
 /// owner-checked step on the server:
 ///
 /// * [`try_acquire`](Self::try_acquire): if nobody holds `key`, make `owner`
@@ -89,6 +96,19 @@ pub trait LockBackend: Send + Sync + 'static {
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
     }
+
+    /// For operators: what the storage holds for `key` (see [`KeyStatus`]),
+    /// never an owner's secret. Default: [`LockError::Unsupported`].
+    async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
+        Err(LockError::unsupported(Some(key), "inspecting a key"))
+    }
+
+    /// For operators: ends the lock on `key` whoever holds it, and hands it
+    /// to the next waiter if the backend keeps a line; returns whether it
+    /// was held. Default: [`LockError::Unsupported`].
+    async fn force_release(&self, key: &str) -> Result<bool, LockError> {
+        Err(LockError::unsupported(Some(key), "force-releasing a key"))
+    }
 }
 
 /// The kind of lock asked for.
@@ -127,10 +147,10 @@ impl<'a> AcquireRequest<'a> {
         match self.kind {
             LockKind::Exclusive => Ok(()),
             #[allow(unreachable_patterns)] // kinds to come
-            other => Err(LockError::Unsupported {
-                key: self.key.to_owned(),
-                what: format!("lock kind {other:?}"),
-            }),
+            other => Err(LockError::unsupported(
+                Some(self.key),
+                format!("lock kind {other:?}"),
+            )),
         }
     }
 

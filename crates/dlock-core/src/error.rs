@@ -99,10 +99,10 @@ pub enum LockError {
     },
 
     /// An option (TTL, wait, extension, backend setting) is out of range.
-    #[error("invalid lock options for `{key}`: {reason}")]
+    #[error("invalid options{}: {reason}", for_key(.key))]
     InvalidOptions {
-        /// The key the options were meant for (empty for backend settings).
-        key: String,
+        /// The key the options were meant for; `None` for backend settings.
+        key: Option<String>,
         /// What is wrong and what is allowed.
         reason: String,
     },
@@ -133,23 +133,26 @@ pub enum LockError {
     },
 
     /// The backend does not offer the asked-for kind of lock or operation.
-    #[error("lock `{key}`: {what} is not supported by this backend")]
+    #[error("{what} is not supported by this backend{}", for_key(.key))]
     Unsupported {
-        /// The key of the operation.
-        key: String,
+        /// The key of the operation; `None` for a backend setting.
+        key: Option<String>,
         /// The feature that was asked for.
         what: String,
     },
 }
 
+/// ` for `key``, or nothing: how a message names the key when there is one.
+fn for_key(key: &Option<String>) -> String {
+    key.as_deref()
+        .map(|key| format!(" for `{key}`"))
+        .unwrap_or_default()
+}
+
 fn unavailable_message(key: Option<&str>, message: &str) -> String {
     match key {
-        Some(key) => format!(
-            "lock backend unavailable for `{key}`: {message}; check that the server is up and reachable, then retry"
-        ),
-        None => format!(
-            "lock backend unavailable: {message}; check that the server is up and reachable, then retry"
-        ),
+        Some(key) => format!("lock backend unavailable for `{key}`: {message}"),
+        None => format!("lock backend unavailable: {message}"),
     }
 }
 
@@ -176,7 +179,28 @@ impl LockError {
         }
     }
 
+    /// An [`LockError::InvalidOptions`]; `key` is `None` for a backend setting.
+    pub fn invalid_options(key: Option<&str>, reason: impl Into<String>) -> Self {
+        LockError::InvalidOptions {
+            key: key.map(str::to_owned),
+            reason: reason.into(),
+        }
+    }
+
+    /// An [`LockError::Unsupported`]; `key` is `None` for a backend setting.
+    pub fn unsupported(key: Option<&str>, what: impl Into<String>) -> Self {
+        LockError::Unsupported {
+            key: key.map(str::to_owned),
+            what: what.into(),
+        }
+    }
+
     /// The key the error is about, when it is about one.
+    ///
+    /// The one rule for keys in this enum: a variant that is always about a
+    /// key has a `key: String`; one that may be about a backend setting or a
+    /// connection instead has a `key: Option<String>`, and `None` means "no
+    /// key" (never an empty string).
     pub fn key(&self) -> Option<&str> {
         match self {
             LockError::Contended { key }
@@ -184,10 +208,10 @@ impl LockError {
             | LockError::Lost { key, .. }
             | LockError::NotHeld { key, .. }
             | LockError::InvalidKey { key, .. }
-            | LockError::InvalidOptions { key, .. }
-            | LockError::ForeignValue { key, .. }
-            | LockError::Unsupported { key, .. } => Some(key),
-            LockError::Unavailable { key, .. } => key.as_deref(),
+            | LockError::ForeignValue { key, .. } => Some(key),
+            LockError::InvalidOptions { key, .. }
+            | LockError::Unsupported { key, .. }
+            | LockError::Unavailable { key, .. } => key.as_deref(),
         }
     }
 

@@ -18,12 +18,16 @@
 //! # let _ = token; Ok(()) }
 //! ```
 //!
-//! Writing a backend: implement [`LockBackend`]; its documentation is the
-//! contract. [`ReleaseHub`] helps with release notifications.
+//! Writing a backend: see the [`backend`] module; [`LockBackend`]'s
+//! documentation is the contract. Backend crates re-export the user API
+//! ([`user_api`]) and not the backend-author one.
+//!
+//! Choosing a TTL: [`TTL_SHORT`] (5 s), [`TTL_MEDIUM`] (30 s, the default)
+//! or [`TTL_LONG`] (5 min); their docs say when to use which.
 
 #![forbid(unsafe_code)]
 
-mod backend;
+pub mod backend;
 mod background;
 mod backoff;
 mod error;
@@ -34,6 +38,7 @@ mod options;
 mod renewals;
 mod status;
 mod token;
+mod url;
 
 pub use backend::{
     AcquireRequest, Attempt, Busy, Capabilities, ExtendOutcome, Grant, Lease, LeaseHandle, LockBackend,
@@ -44,11 +49,26 @@ pub use guard::LockGuard;
 pub use locker::{LockRequest, Locker};
 pub use notify::{HubSubscription, ReleaseEvents, ReleaseHub};
 pub use options::{
-    DEFAULT_TTL, MAX_KEY_LEN, MAX_TTL, MAX_WAIT, MIN_TTL, drift_allowance, validate_key, validate_timeout,
-    validate_ttl, validate_wait,
+    DEFAULT_TTL, MAX_KEY_LEN, MAX_TTL, MAX_WAIT, MIN_TTL, TTL_LONG, TTL_MEDIUM, TTL_SHORT, drift_allowance,
+    validate_key, validate_timeout, validate_ttl, validate_wait,
 };
 pub use status::KeyStatus;
 pub use token::{FencingToken, OwnerToken};
 
 /// Re-exported so that backends implement [`LockBackend`] with the same macro version.
 pub use async_trait::async_trait;
+
+/// What a user of dlock needs, re-exported as a whole by the backend crates
+/// (`pub use dlock_core::user_api::*`), so that `use dlock_redis::*;` and
+/// `use dlock_etcd::*;` bring the same items and never clash.
+pub mod user_api {
+    pub use crate::error::{BoxError, LockError, NotHeldReason};
+    pub use crate::guard::LockGuard;
+    pub use crate::locker::{LockRequest, Locker};
+    pub use crate::options::{
+        DEFAULT_TTL, MAX_KEY_LEN, MAX_TTL, MAX_WAIT, MIN_TTL, TTL_LONG, TTL_MEDIUM, TTL_SHORT,
+        drift_allowance, validate_key,
+    };
+    pub use crate::status::KeyStatus;
+    pub use crate::token::FencingToken;
+}

@@ -17,6 +17,7 @@ use crate::guard::{Acquired, LockGuard};
 use crate::notify::ReleaseEvents;
 use crate::options::{DEFAULT_TTL, validate_key, validate_ttl, validate_wait};
 use crate::renewals::RenewalsByRuntime;
+use crate::status::KeyStatus;
 use crate::token::OwnerToken;
 
 /// Hands out locks from one backend.
@@ -94,6 +95,38 @@ impl Locker {
     /// ```
     pub async fn wait_for_cleanup(&self) {
         self.background.idle().await;
+    }
+
+    /// For operators: whether `key` is held, for how long, its last fencing
+    /// token and how many wait, as far as the backend knows (never the
+    /// holder's secret). [`LockError::Unsupported`] from a backend without
+    /// operator views.
+    ///
+    /// ```
+    /// use dlock_core::Locker;
+    /// use dlock_testkit::MemoryBackend;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dlock_core::LockError> {
+    /// let locker = Locker::new(MemoryBackend::new());
+    /// let guard = locker.try_lock("reports/daily").await?;
+    /// let status = locker.inspect("reports/daily").await?;
+    /// assert!(status.held);
+    /// assert_eq!(status.last_token, Some(guard.fencing_token().get()));
+    /// # Ok(()) }
+    /// ```
+    pub async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
+        validate_key(key)?;
+        self.backend.inspect(key).await
+    }
+
+    /// For operators, and unsafe: ends the lock on `key` whoever holds it,
+    /// and lets the next waiter in. The holder learns it at its next
+    /// renewal at the latest, and may still be writing until then: only
+    /// fencing tokens protect the resource from it. Returns whether the key
+    /// was held.
+    pub async fn force_release(&self, key: &str) -> Result<bool, LockError> {
+        validate_key(key)?;
+        self.backend.force_release(key).await
     }
 
     /// The backend behind this locker.
@@ -242,10 +275,10 @@ impl LockRequest {
             }
         }
         if tokio::runtime::Handle::try_current().is_err() {
-            return Err(LockError::Unsupported {
-                key: self.key,
-                what: "locking outside a Tokio runtime".into(),
-            });
+            return Err(LockError::unsupported(
+                Some(&self.key),
+                "locking outside a Tokio runtime",
+            ));
         }
         let owner = OwnerToken::generate()?;
         let span = info_span!(

@@ -7,8 +7,27 @@ use crate::error::LockError;
 /// Longest key accepted, in bytes. Backends add their own prefix on top.
 pub const MAX_KEY_LEN: usize = 512;
 
-/// TTL used when a request does not set one.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+/// TTL used when a request does not set one: [`TTL_MEDIUM`].
+pub const DEFAULT_TTL: Duration = TTL_MEDIUM;
+
+/// 5 s: for short critical sections in services that must not wait long
+/// for a holder that crashed (a request handler, a cache refill). With
+/// auto-renewal (the default) the lock is held as long as the work runs;
+/// the TTL is how long a dead holder keeps others out, and how long a
+/// pause (GC, a frozen VM) may last before the lock is lost. Renewal sends
+/// one extension every 1.7 s per held lock.
+pub const TTL_SHORT: Duration = Duration::from_secs(5);
+
+/// 30 s, the default: for jobs and workers of any length. A crashed holder
+/// keeps others out for at most 30 s; a pause of up to about 30 s is
+/// survived; one extension every 10 s per held lock.
+pub const TTL_MEDIUM: Duration = Duration::from_secs(30);
+
+/// 5 min: for holders that may stall for long (large heaps, batch hosts
+/// under load) or that hold without auto-renewal for a known, long piece
+/// of work (a migration). A crashed holder keeps others out for up to
+/// 5 min, so pair it with work that is rare and not latency-bound.
+pub const TTL_LONG: Duration = Duration::from_secs(5 * 60);
 
 /// Shortest TTL accepted. Below this, clock drift and one network round trip
 /// eat the whole lease.
@@ -71,12 +90,12 @@ pub fn validate_key(key: &str) -> Result<(), LockError> {
 /// Checks a lease length (`.ttl()` or `extend()`).
 pub fn validate_ttl(key: &str, ttl: Duration) -> Result<(), LockError> {
     if ttl < MIN_TTL || ttl > MAX_TTL {
-        return Err(LockError::InvalidOptions {
-            key: preview(key),
-            reason: format!(
+        return Err(LockError::invalid_options(
+            Some(&preview(key)),
+            format!(
                 "a TTL of {ttl:?} is out of range; use {MIN_TTL:?} to {MAX_TTL:?} (auto-renewal keeps a lock longer)"
             ),
-        });
+        ));
     }
     Ok(())
 }
@@ -91,10 +110,10 @@ pub fn validate_ttl(key: &str, ttl: Duration) -> Result<(), LockError> {
 /// ```
 pub fn validate_timeout(name: &str, value: Duration, max: Duration) -> Result<(), LockError> {
     if value.is_zero() || value > max {
-        return Err(LockError::InvalidOptions {
-            key: String::new(),
-            reason: format!("{name} {value:?} is out of range; use 1 ms to {max:?}"),
-        });
+        return Err(LockError::invalid_options(
+            None,
+            format!("{name} {value:?} is out of range; use 1 ms to {max:?}"),
+        ));
     }
     Ok(())
 }
@@ -102,18 +121,18 @@ pub fn validate_timeout(name: &str, value: Duration, max: Duration) -> Result<()
 /// Checks a `.wait()` duration.
 pub fn validate_wait(key: &str, wait: Duration) -> Result<(), LockError> {
     if wait.is_zero() {
-        return Err(LockError::InvalidOptions {
-            key: preview(key),
-            reason: "a wait of zero asks for a single attempt; use `try_lock` for that".into(),
-        });
+        return Err(LockError::invalid_options(
+            Some(&preview(key)),
+            "a wait of zero asks for a single attempt; use `try_lock` for that",
+        ));
     }
     if wait > MAX_WAIT {
-        return Err(LockError::InvalidOptions {
-            key: preview(key),
-            reason: format!(
+        return Err(LockError::invalid_options(
+            Some(&preview(key)),
+            format!(
                 "a wait of {wait:?} is over the limit of {MAX_WAIT:?}; leave `.wait()` unset to wait without limit"
             ),
-        });
+        ));
     }
     Ok(())
 }

@@ -19,18 +19,51 @@ pub struct KeyStatus {
 }
 
 impl KeyStatus {
-    /// A status with every field given.
-    pub fn new(
-        held: bool,
-        remaining: Option<Duration>,
-        last_token: Option<u64>,
-        waiting: Option<usize>,
-    ) -> Self {
+    /// Nobody holds the key; add what else the backend knows.
+    ///
+    /// ```
+    /// use dlock_core::KeyStatus;
+    ///
+    /// let status = KeyStatus::free().last_token(41).waiting(0);
+    /// assert!(!status.held);
+    /// assert_eq!(status.last_token, Some(41));
+    /// ```
+    pub fn free() -> Self {
+        KeyStatus::default()
+    }
+
+    /// Someone holds the key; add what else the backend knows.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use dlock_core::KeyStatus;
+    ///
+    /// let status = KeyStatus::held().remaining(Duration::from_secs(9)).last_token(42);
+    /// assert!(status.held);
+    /// assert_eq!(status.remaining, Some(Duration::from_secs(9)));
+    /// ```
+    pub fn held() -> Self {
         KeyStatus {
-            held,
-            remaining,
-            last_token,
-            waiting,
+            held: true,
+            ..KeyStatus::default()
         }
+    }
+
+    /// How long the holder's lease still runs.
+    pub fn remaining(mut self, remaining: Duration) -> Self {
+        self.remaining = Some(remaining);
+        self
+    }
+
+    /// The highest fencing token handed out so far (or the holder's).
+    pub fn last_token(mut self, token: u64) -> Self {
+        self.last_token = Some(token);
+        self
+    }
+
+    /// How many acquisitions wait in line.
+    pub fn waiting(mut self, waiting: usize) -> Self {
+        self.waiting = Some(waiting);
+        self
     }
 }

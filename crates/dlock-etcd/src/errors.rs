@@ -9,10 +9,10 @@ use tonic::Code;
 pub(crate) fn from_etcd(key: Option<&str>, doing: &str, error: Error) -> LockError {
     let hint = match &error {
         Error::InvalidUri(_) | Error::InvalidArgs(_) => {
-            return LockError::InvalidOptions {
-                key: key.unwrap_or_default().to_owned(),
-                reason: format!("{doing}: {error}; expected endpoints like http://host:2379"),
-            };
+            return LockError::invalid_options(
+                key,
+                format!("{doing}: {error}; expected endpoints like http://host:2379"),
+            );
         }
         // etcd answers a wrong password with InvalidArgument and this text.
         Error::GRpcStatus(status) if status.message().contains("authentication failed") => {

@@ -45,10 +45,17 @@ use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-pub use dlock_core::*;
+use dlock_core::backend::{
+    AcquireRequest, Attempt, Busy, Capabilities, ExtendOutcome, Grant, HostListUrl, Lease, LockBackend,
+    OwnerToken, ReleaseEvents, ReleaseOutcome, async_trait, redact_url, validate_timeout,
+};
+pub use dlock_core::user_api::*;
+pub use etcd_client;
+#[cfg(feature = "tls")]
+use etcd_client::{Certificate, TlsOptions};
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, PutOptions, SortOrder,
-    SortTarget, TlsOptions, Txn, TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn,
+    TxnOp, TxnOpResponse,
 };
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
@@ -59,13 +66,6 @@ use crate::members::{Failure, Members};
 use crate::names::{Reserved, WaiterName};
 use crate::session::Session;
 use crate::watches::{Deletion, Watches};
-
-/// Default prefix of every key dlock writes.
-pub const DEFAULT_KEY_PREFIX: &str = "/dlock/";
-/// Default limit for one request's round trip.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
-/// Default limit for connecting (and the first request, which needs a leader).
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A lock backend on an etcd cluster. Cheap to clone; clones share the
 /// connection, the sessions and the watch stream.
@@ -150,6 +150,8 @@ fn whole_seconds(ttl: Duration) -> i64 {
 #[derive(Clone)]
 pub struct EtcdBackendBuilder {
     endpoints: Vec<String>,
+    /// Why an `etcd://` URL could not be read, reported by `connect`.
+    invalid: Option<String>,
     key_prefix: String,
     request_timeout: Duration,
     connect_timeout: Duration,
@@ -158,8 +160,19 @@ pub struct EtcdBackendBuilder {
 }
 
 impl EtcdBackend {
-    /// Connects to the cluster at `endpoints` (`http://host:port` or
-    /// `host:port`) with default settings.
+    /// Default prefix of every key dlock writes.
+    pub const DEFAULT_KEY_PREFIX: &str = "/dlock/";
+    /// Default limit for one request's round trip.
+    pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+    /// Default limit for connecting (and the first request, which needs a leader).
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// Connects to the cluster with default settings. `endpoints` is either
+    /// the members' endpoints (`http://host:port`, `https://host:port` with
+    /// the `tls` feature, or `host:port`), or a single URL naming them all:
+    /// `etcd://[user:password@]h1:2379,h2:2379` (`etcd+https://` for TLS),
+    /// whose user and password are used as with
+    /// [`EtcdBackendBuilder::user`].
     pub async fn connect<I, S>(endpoints: I) -> Result<Self, LockError>
     where
         I: IntoIterator<Item = S>,
@@ -174,17 +187,45 @@ impl EtcdBackend {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        EtcdBackendBuilder {
-            endpoints: endpoints
-                .into_iter()
-                .map(|endpoint| endpoint.as_ref().to_owned())
-                .collect(),
-            key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
-            request_timeout: DEFAULT_REQUEST_TIMEOUT,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        let endpoints: Vec<String> = endpoints
+            .into_iter()
+            .map(|endpoint| endpoint.as_ref().to_owned())
+            .collect();
+        let mut builder = EtcdBackendBuilder {
+            endpoints,
+            invalid: None,
+            key_prefix: Self::DEFAULT_KEY_PREFIX.to_owned(),
+            request_timeout: Self::DEFAULT_REQUEST_TIMEOUT,
+            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
             user: None,
             root_certificates: None,
+        };
+        let single_url = match builder.endpoints.as_slice() {
+            [single] if single.starts_with("etcd://") || single.starts_with("etcd+") => Some(single.clone()),
+            _ => None,
+        };
+        if let Some(url) = single_url {
+            match HostListUrl::parse(&url) {
+                Ok(parsed) if matches!(parsed.scheme.as_str(), "etcd" | "etcd+http" | "etcd+https") => {
+                    let scheme = if parsed.scheme == "etcd+https" {
+                        "https"
+                    } else {
+                        "http"
+                    };
+                    builder.endpoints = parsed
+                        .hosts
+                        .iter()
+                        .map(|host| format!("{scheme}://{host}"))
+                        .collect();
+                    if let Some(password) = &parsed.password {
+                        builder.user = Some((parsed.user.clone().unwrap_or_default(), password.clone()));
+                    }
+                }
+                Ok(parsed) => builder.invalid = Some(format!("unknown scheme {:?}", parsed.scheme)),
+                Err(reason) => builder.invalid = Some(reason),
+            }
         }
+        builder
     }
 
     /// The prefix under which `key`'s waiter keys live. The key's length
@@ -336,65 +377,6 @@ impl EtcdBackend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(owner.as_str())
-    }
-
-    /// For operators: whether `key` is held, for how long its holder's
-    /// lease still runs, the holder's fencing token, and how many wait.
-    pub async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
-        validate_key(key)?;
-        let queue = self.queue_prefix(key);
-        let listing = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Ascend)
-            .with_keys_only();
-        let found = self
-            .call(key, "inspecting", |mut client| {
-                let (queue, listing) = (queue.clone(), listing.clone());
-                async move { client.get(queue, Some(listing)).await }
-            })
-            .await?;
-        let Some(holder) = found.kvs().first() else {
-            return Ok(KeyStatus::new(false, None, None, Some(0)));
-        };
-        let (token, lease) = (holder.create_revision(), holder.lease());
-        let remaining = self
-            .call(key, "reading the holder's lease", |mut client| async move {
-                client.lease_time_to_live(lease, None).await
-            })
-            .await?
-            .ttl();
-        Ok(KeyStatus::new(
-            true,
-            u64::try_from(remaining).ok().map(Duration::from_secs),
-            u64::try_from(token).ok(),
-            Some(found.kvs().len() - 1),
-        ))
-    }
-
-    /// For operators, and unsafe: deletes the holder's key, whoever it is;
-    /// the next waiter gets the lock. The holder learns it at once (its
-    /// watch sees the deletion) but may still be writing; only fencing
-    /// tokens protect the resource from it. Returns whether it was held.
-    pub async fn force_release(&self, key: &str) -> Result<bool, LockError> {
-        validate_key(key)?;
-        let queue = self.queue_prefix(key);
-        let found = self
-            .call(key, "finding the holder", |mut client| {
-                let queue = queue.clone();
-                async move { client.get(queue, Some(oldest_waiter())).await }
-            })
-            .await?;
-        let Some(holder) = found.kvs().first() else {
-            return Ok(false);
-        };
-        let (name, revision) = (holder.key().to_vec(), holder.create_revision());
-        let delete = Txn::new()
-            .when([Compare::create_revision(name.clone(), CompareOp::Equal, revision)])
-            .and_then([TxnOp::delete(name, None)]);
-        let response = self
-            .call(key, "force-releasing", |client| transact(client, &delete))
-            .await?;
-        Ok(response.succeeded())
     }
 
     /// A lease of its own for a lock without renewal: its id and TTL.
@@ -609,10 +591,30 @@ impl EtcdBackendBuilder {
     }
 
     /// Certificates (PEM) of the authorities to trust for `https://`
-    /// endpoints, instead of the system's trust store (the default).
+    /// endpoints, instead of the system's trust store (the default). With
+    /// the `tls` feature.
+    #[cfg(feature = "tls")]
     pub fn tls_root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.root_certificates = Some(pem.into());
         self
+    }
+
+    /// The options for `https://` endpoints.
+    #[cfg(feature = "tls")]
+    fn with_tls(&self, options: ConnectOptions) -> Result<ConnectOptions, LockError> {
+        let tls = match &self.root_certificates {
+            Some(pem) => TlsOptions::new().ca_certificate(Certificate::from_pem(pem)),
+            None => TlsOptions::new().with_native_roots(),
+        };
+        Ok(options.with_tls(tls))
+    }
+
+    #[cfg(not(feature = "tls"))]
+    fn with_tls(&self, _options: ConnectOptions) -> Result<ConnectOptions, LockError> {
+        Err(LockError::invalid_options(
+            None,
+            "https:// endpoints need the `tls` feature of dlock-etcd (on by default)",
+        ))
     }
 
     /// Connects and checks that the cluster answers with a leader. Fails
@@ -620,10 +622,12 @@ impl EtcdBackendBuilder {
     /// settings, and [`LockError::Unavailable`] when no member answers
     /// within the connect timeout.
     pub async fn connect(self) -> Result<EtcdBackend, LockError> {
-        let invalid = |reason: String| LockError::InvalidOptions {
-            key: String::new(),
-            reason,
-        };
+        let invalid = |reason: String| LockError::invalid_options(None, reason);
+        if let Some(reason) = &self.invalid {
+            return Err(invalid(format!(
+                "{reason}; expected etcd://[user:password@]host:port,host:port or http://host:port endpoints"
+            )));
+        }
         if self.endpoints.is_empty() {
             return Err(invalid(
                 "no etcd endpoints given; pass http://host:2379 or host:2379".into(),
@@ -632,7 +636,8 @@ impl EtcdBackendBuilder {
         for endpoint in &self.endpoints {
             check_endpoint(endpoint).map_err(|problem| {
                 invalid(format!(
-                    "{endpoint:?} is not an etcd endpoint ({problem}); expected http://host:port or host:port"
+                    "{:?} is not an etcd endpoint ({problem}); expected http://host:port or host:port",
+                    redact_url(endpoint)
                 ))
             })?;
         }
@@ -655,11 +660,7 @@ impl EtcdBackendBuilder {
             .iter()
             .any(|endpoint| endpoint.starts_with("https://"))
         {
-            let tls = match &self.root_certificates {
-                Some(pem) => TlsOptions::new().ca_certificate(Certificate::from_pem(pem)),
-                None => TlsOptions::new().with_native_roots(),
-            };
-            options = options.with_tls(tls);
+            options = self.with_tls(options)?;
         }
         let connecting = format!("connecting to etcd at {endpoints}");
         // One client per member (see `members.rs`). Without auth they
@@ -1150,6 +1151,65 @@ impl LockBackend for EtcdBackend {
     fn capabilities(&self) -> Capabilities {
         Capabilities::default().with_fifo_fairness()
     }
+
+    /// For operators: whether `key` is held, for how long its holder's
+    /// lease still runs, the holder's fencing token, and how many wait.
+    async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
+        let queue = self.queue_prefix(key);
+        let listing = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_keys_only();
+        let found = self
+            .call(key, "inspecting", |mut client| {
+                let (queue, listing) = (queue.clone(), listing.clone());
+                async move { client.get(queue, Some(listing)).await }
+            })
+            .await?;
+        let Some(holder) = found.kvs().first() else {
+            return Ok(KeyStatus::free().waiting(0));
+        };
+        let (token, lease) = (holder.create_revision(), holder.lease());
+        let remaining = self
+            .call(key, "reading the holder's lease", |mut client| async move {
+                client.lease_time_to_live(lease, None).await
+            })
+            .await?
+            .ttl();
+        let mut status = KeyStatus::held().waiting(found.kvs().len() - 1);
+        if let Ok(left) = u64::try_from(remaining) {
+            status = status.remaining(Duration::from_secs(left));
+        }
+        if let Ok(token) = u64::try_from(token) {
+            status = status.last_token(token);
+        }
+        Ok(status)
+    }
+
+    /// For operators, and unsafe: deletes the holder's key, whoever it is;
+    /// the next waiter gets the lock. The holder learns it at once (its
+    /// watch sees the deletion) but may still be writing; only fencing
+    /// tokens protect the resource from it. Returns whether it was held.
+    async fn force_release(&self, key: &str) -> Result<bool, LockError> {
+        let queue = self.queue_prefix(key);
+        let found = self
+            .call(key, "finding the holder", |mut client| {
+                let queue = queue.clone();
+                async move { client.get(queue, Some(oldest_waiter())).await }
+            })
+            .await?;
+        let Some(holder) = found.kvs().first() else {
+            return Ok(false);
+        };
+        let (name, revision) = (holder.key().to_vec(), holder.create_revision());
+        let delete = Txn::new()
+            .when([Compare::create_revision(name.clone(), CompareOp::Equal, revision)])
+            .and_then([TxnOp::delete(name, None)]);
+        let response = self
+            .call(key, "force-releasing", |client| transact(client, &delete))
+            .await?;
+        Ok(response.succeeded())
+    }
 }
 
 impl fmt::Debug for EtcdBackend {
@@ -1179,6 +1239,26 @@ impl fmt::Debug for EtcdBackendBuilder {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn one_etcd_url_names_every_member() {
+        let builder = super::EtcdBackend::builder(["etcd+https://root:pw@h1:2379,h2:2379"]);
+        assert_eq!(builder.endpoints, ["https://h1:2379", "https://h2:2379"]);
+        assert_eq!(builder.user, Some(("root".to_owned(), "pw".to_owned())));
+        let plain = super::EtcdBackend::builder(["etcd://h1:2379"]);
+        assert_eq!(plain.endpoints, ["http://h1:2379"]);
+        assert_eq!(plain.user, None);
+        assert!(
+            super::EtcdBackend::builder(["etcd://u:secret@h1"])
+                .invalid
+                .is_some_and(|why| !why.contains("secret"))
+        );
+        assert!(
+            super::EtcdBackend::builder(["http://h1:2379", "h2:2379"])
+                .invalid
+                .is_none()
+        );
+    }
+
     use super::check_endpoint;
 
     #[test]

@@ -9,20 +9,27 @@
 //!
 //! The pub/sub side ([`PubSubSource`]) follows the same deployment.
 
+#[cfg(feature = "sentinel")]
+use std::sync::Arc;
+#[cfg(feature = "sentinel")]
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
-use redis::aio::{ConnectionManager, MultiplexedConnection, PubSub};
+use redis::aio::{ConnectionManager, PubSub};
+#[cfg(feature = "cluster")]
 use redis::cluster_async::ClusterConnection;
-use redis::sentinel::SentinelClient;
-use redis::{AsyncConnectionConfig, FromRedisValue, RedisResult};
+#[cfg(feature = "sentinel")]
+use redis::{AsyncConnectionConfig, aio::MultiplexedConnection, sentinel::SentinelClient};
+use redis::{FromRedisValue, RedisResult};
 
 use crate::scripts::ScriptCall;
 
 /// Where lock commands go.
 pub(crate) enum Commands {
     Direct(ConnectionManager),
+    #[cfg(feature = "cluster")]
     Cluster(ClusterConnection),
+    #[cfg(feature = "sentinel")]
     Sentinel(Arc<SentinelMaster>),
 }
 
@@ -31,13 +38,16 @@ impl Commands {
     pub(crate) async fn invoke<T: FromRedisValue>(&self, call: &ScriptCall) -> RedisResult<T> {
         match self {
             Commands::Direct(connection) => call.run(&mut connection.clone()).await,
+            #[cfg(feature = "cluster")]
             Commands::Cluster(connection) => call.run(&mut connection.clone()).await,
+            #[cfg(feature = "sentinel")]
             Commands::Sentinel(master) => master.invoke(call).await,
         }
     }
 }
 
 /// The master of a Sentinel-managed group, found through the sentinels.
+#[cfg(feature = "sentinel")]
 pub(crate) struct SentinelMaster {
     /// Held while looking the master up, so concurrent callers do it once.
     sentinels: tokio::sync::Mutex<SentinelClient>,
@@ -47,6 +57,7 @@ pub(crate) struct SentinelMaster {
     config: AsyncConnectionConfig,
 }
 
+#[cfg(feature = "sentinel")]
 impl SentinelMaster {
     pub(crate) fn new(sentinels: SentinelClient, config: AsyncConnectionConfig) -> Arc<Self> {
         Arc::new(SentinelMaster {
@@ -115,6 +126,7 @@ impl SentinelMaster {
 
 /// Errors after which the node we talk to may no longer be the master: the
 /// connection broke, it timed out, or the node now is a read-only replica.
+#[cfg(feature = "sentinel")]
 fn master_may_have_moved(error: &redis::RedisError) -> bool {
     error.is_io_error()
         || error.is_connection_dropped()
@@ -137,6 +149,7 @@ pub(crate) enum PubSubSource {
         next: Mutex<usize>,
     },
     /// The master of a Sentinel group, looked up on every (re)connect.
+    #[cfg(feature = "sentinel")]
     Sentinel(Arc<SentinelMaster>),
 }
 
@@ -173,6 +186,7 @@ impl PubSubSource {
                     ))
                 }))
             }
+            #[cfg(feature = "sentinel")]
             PubSubSource::Sentinel(master) => master.master_client().await?.get_async_pubsub().await,
         }
     }

@@ -1,7 +1,7 @@
 //! Redis backend for [dlock](dlock_core): distributed locks with fencing
 //! tokens, loss signals and pub/sub wake-ups, on a single Redis server, a
-//! Redis Cluster ([`RedisBackend::connect_cluster`]) or a Sentinel-managed
-//! master ([`RedisBackend::connect_sentinel`]).
+//! Redis Cluster (`RedisBackend::connect_cluster`) or a Sentinel-managed
+//! master (`RedisBackend::connect_sentinel`).
 //!
 //! Every lock operation is one round trip: a Lua script called by EVALSHA
 //! (loaded on first use). The lock key holds the owner's secret with a PX
@@ -33,10 +33,30 @@
 //! waiters' line (only while someone waits), and `{prefix}{<key>}:released`
 //! is the release channel.
 
+//!
+//! # Features
+//!
+//! | feature | default | brings |
+//! |---|---|---|
+//! | `cluster` | on | `RedisBackend::connect_cluster`, `redis+cluster://` URLs (redis-rs `cluster-async`) |
+//! | `sentinel` | on | `RedisBackend::connect_sentinel`, `redis+sentinel://` URLs (redis-rs `sentinel`) |
+//! | `redlock` | on | `RedlockBackend`, over N independent masters |
+//! | `tls` | on | `rediss://` URLs and `tls_root_certificates` (rustls with the ring provider) |
+//!
+//! All are on by default: someone who adds dlock-redis expects every
+//! deployment its documentation shows to connect. `default-features =
+//! false` gives a single-server backend with the fewest crates.
+//!
+//! dlock never installs a process-wide rustls `CryptoProvider`. With `tls`,
+//! rustls is built with ring alone and picks it by itself; if your program
+//! also enables another provider (aws-lc-rs, through another crate),
+//! install one with `CryptoProvider::install_default` before connecting.
+
 #![forbid(unsafe_code)]
 
 mod connection;
 mod errors;
+#[cfg(feature = "redlock")]
 mod redlock;
 mod scripts;
 mod subscriber;
@@ -45,29 +65,34 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use dlock_core::*;
+use dlock_core::backend::{
+    AcquireRequest, Attempt, Busy, ExtendOutcome, Grant, HostListUrl, Lease, LockBackend, OwnerToken,
+    ReleaseEvents, ReleaseOutcome, async_trait, redact_url, validate_timeout,
+};
+pub use dlock_core::user_api::*;
 pub use redis;
+#[cfg(feature = "sentinel")]
 use redis::AsyncConnectionConfig;
 use redis::aio::ConnectionManagerConfig;
+#[cfg(feature = "sentinel")]
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use tokio::time::{Instant, timeout};
 
-use crate::connection::{Commands, PubSubSource, SentinelMaster};
+#[cfg(feature = "sentinel")]
+use crate::connection::SentinelMaster;
+use crate::connection::{Commands, PubSubSource};
 use crate::errors::from_redis;
-pub use crate::redlock::{DEFAULT_DRIFT_FACTOR, DEFAULT_NODE_TIMEOUT, RedlockBackend, RedlockBackendBuilder};
+#[cfg(feature = "redlock")]
+pub use crate::redlock::{RedlockBackend, RedlockBackendBuilder};
 use crate::scripts::ScriptCall;
 use crate::subscriber::Subscriber;
 
-/// Default key prefix.
-pub const DEFAULT_KEY_PREFIX: &str = "dlock:";
-/// Default limit for one command's round trip.
-pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+// The defaults are associated constants (`RedisBackend::DEFAULT_...`):
+// `use dlock_redis::*; use dlock_etcd::*;` must not bring two items of one
+// name.
 /// The longest command or connect timeout the builder accepts.
 const MAX_TIMEOUT: Duration = Duration::from_secs(300);
-/// Default limit for opening a connection.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default for how often a waiter renews its place in a key's line.
-pub const DEFAULT_WAITER_RENEWAL: Duration = Duration::from_secs(1);
+
 /// The shortest waiter renewal the builder accepts.
 const MIN_WAITER_RENEWAL: Duration = Duration::from_millis(100);
 
@@ -103,7 +128,7 @@ pub(crate) enum NodeGrant {
 }
 
 /// Settings for [`RedisBackend`]; start with [`RedisBackend::builder`],
-/// [`RedisBackend::cluster_builder`] or [`RedisBackend::sentinel_builder`].
+/// `RedisBackend::cluster_builder` or `RedisBackend::sentinel_builder`.
 #[derive(Clone)]
 pub struct RedisBackendBuilder {
     target: Target,
@@ -120,23 +145,55 @@ pub struct RedisBackendBuilder {
 #[derive(Clone)]
 enum Target {
     Single(String),
+    #[cfg(feature = "cluster")]
     Cluster(Vec<String>),
-    Sentinel { sentinels: Vec<String>, master: String },
+    #[cfg(feature = "sentinel")]
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
+    /// A URL that names no deployment this build can reach; the reason.
+    Invalid(String),
 }
 
+/// The Redis URL forms, for messages.
+const URL_FORMS: &str = "redis://[user:password@]host:port[/db] (rediss:// for TLS), \
+     redis+sentinel://[user:password@]host:port,host:port/MASTER, redis+cluster://[user:password@]host:port,host:port";
+
 impl RedisBackend {
-    /// Connects to one Redis server with default settings. The URL is
-    /// `redis://[user:password@]host:port/db`.
+    /// Default key prefix.
+    pub const DEFAULT_KEY_PREFIX: &str = "dlock:";
+    /// Default limit for one command's round trip.
+    pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Default limit for opening a connection.
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Default for how often a waiter renews its place in a key's line.
+    pub const DEFAULT_WAITER_RENEWAL: Duration = Duration::from_secs(1);
+
+    /// Connects with default settings to the deployment `url` names:
+    ///
+    /// * `redis://[user:password@]host:port[/db]`: one server
+    ///   (`rediss://` for TLS, with the `tls` feature);
+    /// * `redis+sentinel://[user:password@]host:port,host:port/MASTER`: the
+    ///   master that these Redis Sentinels name `MASTER` (the `sentinel`
+    ///   feature); the credentials are the master's;
+    /// * `redis+cluster://[user:password@]host:port,host:port`: a Redis
+    ///   Cluster, by any of its nodes (the `cluster` feature).
+    ///
+    /// A malformed URL is [`LockError::InvalidOptions`] (the password never
+    /// shows in it).
     pub async fn connect(url: &str) -> Result<Self, LockError> {
         Self::builder(url).connect().await
     }
 
     /// Connects to a Redis Cluster through any of its nodes (`seed_urls`;
-    /// the rest are discovered), with default settings.
+    /// the rest are discovered), with default settings (the `cluster`
+    /// feature).
     ///
     /// Commands go to the master of the key's slot and follow MOVED/ASK
     /// redirections and failovers. Credentials in the first URL apply to
     /// every node.
+    #[cfg(feature = "cluster")]
     pub async fn connect_cluster<I, S>(seed_urls: I) -> Result<Self, LockError>
     where
         I: IntoIterator<Item = S>,
@@ -147,10 +204,11 @@ impl RedisBackend {
 
     /// Connects to the master that the given Redis Sentinels name for
     /// `master_name`, with default settings; after a failover it finds the
-    /// new master by itself.
+    /// new master by itself (the `sentinel` feature).
     ///
     /// Credentials in the sentinel URLs are for the sentinels; those for the
     /// master go in [`RedisBackendBuilder::credentials`].
+    #[cfg(feature = "sentinel")]
     pub async fn connect_sentinel<I, S>(sentinel_urls: I, master_name: &str) -> Result<Self, LockError>
     where
         I: IntoIterator<Item = S>,
@@ -159,12 +217,58 @@ impl RedisBackend {
         Self::sentinel_builder(sentinel_urls, master_name).connect().await
     }
 
-    /// Settings for a connection to the one server at `url`.
+    /// Settings for a connection to the deployment `url` names (see
+    /// [`connect`](Self::connect) for the forms).
     pub fn builder(url: &str) -> RedisBackendBuilder {
-        RedisBackendBuilder::new(Target::Single(url.to_owned()))
+        let Some((scheme, _)) = url.split_once("://") else {
+            return RedisBackendBuilder::new(Target::Single(url.to_owned()));
+        };
+        match scheme {
+            "redis+sentinel" | "redis+cluster" => match HostListUrl::parse(url) {
+                Ok(parsed) => Self::host_list_builder(parsed),
+                Err(reason) => RedisBackendBuilder::new(Target::Invalid(reason)),
+            },
+            _ => RedisBackendBuilder::new(Target::Single(url.to_owned())),
+        }
+    }
+
+    /// The builder for a `redis+sentinel://` or `redis+cluster://` URL.
+    fn host_list_builder(url: HostListUrl) -> RedisBackendBuilder {
+        #[cfg(not(all(feature = "cluster", feature = "sentinel")))]
+        let missing = |feature: &str| {
+            RedisBackendBuilder::new(Target::Invalid(format!(
+                "{}:// needs the `{feature}` feature of dlock-redis",
+                url.scheme
+            )))
+        };
+        match url.scheme.as_str() {
+            "redis+sentinel" if url.path.is_empty() => RedisBackendBuilder::new(Target::Invalid(
+                "the Sentinel master name is missing (redis+sentinel://host:port,host:port/MASTER)".into(),
+            )),
+            #[cfg(feature = "sentinel")]
+            "redis+sentinel" => {
+                let sentinels = url.hosts.iter().map(|host| format!("redis://{host}"));
+                let builder = Self::sentinel_builder(sentinels, &url.path);
+                match &url.password {
+                    Some(password) => builder.credentials(url.user.as_deref(), password),
+                    None => builder,
+                }
+            }
+            #[cfg(not(feature = "sentinel"))]
+            "redis+sentinel" => missing("sentinel"),
+            #[cfg(feature = "cluster")]
+            _ => Self::cluster_builder(
+                url.hosts
+                    .iter()
+                    .map(|host| format!("redis://{}{host}", url.userinfo())),
+            ),
+            #[cfg(not(feature = "cluster"))]
+            _ => missing("cluster"),
+        }
     }
 
     /// Settings for a connection to a Redis Cluster; see [`connect_cluster`](Self::connect_cluster).
+    #[cfg(feature = "cluster")]
     pub fn cluster_builder<I, S>(seed_urls: I) -> RedisBackendBuilder
     where
         I: IntoIterator<Item = S>,
@@ -175,6 +279,7 @@ impl RedisBackend {
     }
 
     /// Settings for a connection through Redis Sentinel; see [`connect_sentinel`](Self::connect_sentinel).
+    #[cfg(feature = "sentinel")]
     pub fn sentinel_builder<I, S>(sentinel_urls: I, master_name: &str) -> RedisBackendBuilder
     where
         I: IntoIterator<Item = S>,
@@ -214,36 +319,6 @@ impl RedisBackend {
     /// The pub/sub channel on which releases of `key` are announced.
     pub fn release_channel(&self, key: &str) -> String {
         scripts::key_name(&self.inner.prefix, key, scripts::RELEASED)
-    }
-
-    /// For operators: whether `key` is held, for how long, and the last
-    /// fencing token handed out (never the owner's secret). One round trip.
-    pub async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
-        validate_key(key)?;
-        let call = self.call(&scripts::STATUS, key, &[scripts::LOCK, scripts::FENCE]);
-        let (pttl, counter): (i64, i64) = self.run(key, "inspecting", &call).await?;
-        Ok(KeyStatus::new(
-            pttl != -2,
-            u64::try_from(pttl).ok().map(Duration::from_millis),
-            u64::try_from(counter).ok(),
-            None,
-        ))
-    }
-
-    /// For operators, and unsafe: deletes the lock on `key` whoever holds
-    /// it, and hands it to the first waiter in line. The holder is not told
-    /// until its next renewal (within a third of its TTL), and may still be
-    /// writing; only fencing tokens protect the resource from it. Returns
-    /// whether there was a lock.
-    pub async fn force_release(&self, key: &str) -> Result<bool, LockError> {
-        validate_key(key)?;
-        let channel = self.release_channel(key);
-        let call = self
-            .line_call(&scripts::FORCE_RELEASE, key)
-            .arg(&channel)
-            .arg(millis(self.place_lease()));
-        let deleted: i64 = self.run(key, "force-releasing", &call).await?;
-        Ok(deleted == 1)
     }
 
     /// A call of `script` on the keys of `key` with these suffixes.
@@ -288,6 +363,7 @@ impl RedisBackend {
 
     /// The owner-checked release of a Redlock node, whose waiters do not
     /// queue: wakes them all.
+    #[cfg(feature = "redlock")]
     pub(crate) async fn release_owned(
         &self,
         key: &str,
@@ -415,7 +491,9 @@ impl RedisBackend {
 
     /// The server's `run_id` (one server, not a Cluster or Sentinel
     /// group): two addresses of the same process answer the same one.
+    #[cfg(feature = "redlock")]
     pub(crate) async fn server_run_id(&self) -> Result<Option<String>, LockError> {
+        #[allow(irrefutable_let_patterns)] // without Cluster and Sentinel
         let Commands::Direct(connection) = &self.inner.commands else {
             return Ok(None);
         };
@@ -441,6 +519,7 @@ impl RedisBackend {
     }
 
     /// Raises this server's fencing counter for `key` to at least `token`.
+    #[cfg(feature = "redlock")]
     pub(crate) async fn raise_fence(&self, key: &str, token: u64) -> Result<(), LockError> {
         let call = self
             .call(&scripts::RAISE_FENCE, key, &[scripts::FENCE])
@@ -477,13 +556,13 @@ impl RedisBackendBuilder {
     fn new(target: Target) -> Self {
         RedisBackendBuilder {
             target,
-            key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
-            command_timeout: DEFAULT_COMMAND_TIMEOUT,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            key_prefix: RedisBackend::DEFAULT_KEY_PREFIX.to_owned(),
+            command_timeout: RedisBackend::DEFAULT_COMMAND_TIMEOUT,
+            connect_timeout: RedisBackend::DEFAULT_CONNECT_TIMEOUT,
             username: None,
             password: None,
             root_certificates: None,
-            waiter_renewal: DEFAULT_WAITER_RENEWAL,
+            waiter_renewal: RedisBackend::DEFAULT_WAITER_RENEWAL,
         }
     }
 
@@ -533,6 +612,7 @@ impl RedisBackendBuilder {
     /// servers, instead of the system's trust store (the default). For a
     /// private CA, such as one a test creates. Not supported with Sentinel,
     /// which uses the system's trust store.
+    #[cfg(feature = "tls")]
     pub fn tls_root_certificates(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.root_certificates = Some(pem.into());
         self
@@ -557,12 +637,15 @@ impl RedisBackendBuilder {
                 self.waiter_renewal
             )));
         }
-        let address = self.describe_target();
-        if self.uses_tls() {
-            // rustls needs a process-wide crypto provider; dlock brings ring.
-            // An error means one is installed already, which is as good.
-            let _ = rustls::crypto::ring::default_provider().install_default();
+        if let Target::Invalid(reason) = &self.target {
+            return Err(invalid(format!("{reason}; expected {URL_FORMS}")));
         }
+        if self.uses_tls() && !cfg!(feature = "tls") {
+            return Err(invalid(
+                "rediss:// needs the `tls` feature of dlock-redis (on by default)".into(),
+            ));
+        }
+        let address = self.describe_target();
         let connecting = format!("connecting to {address}");
         let (commands, pubsub) = match timeout(self.connect_timeout, self.open()).await {
             Ok(Ok(opened)) => opened,
@@ -595,6 +678,7 @@ impl RedisBackendBuilder {
     /// Opens the command connection (checking that the servers answer) and
     /// describes where the pub/sub connection goes.
     async fn open(&self) -> Result<(Commands, PubSubSource), Opening> {
+        #[cfg(feature = "sentinel")]
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.command_timeout));
@@ -618,18 +702,22 @@ impl RedisBackendBuilder {
                     .map_err(Opening::Failed)?;
                 Ok((Commands::Direct(connection), PubSubSource::nodes(vec![client])))
             }
+            #[cfg(feature = "cluster")]
             Target::Cluster(urls) => {
                 let nodes = self.urls_to_infos(urls, true)?;
                 let clients = nodes
                     .iter()
                     .map(|info| self.client(info.clone()))
                     .collect::<Result<Vec<_>, _>>()?;
+                #[allow(unused_mut)] // without TLS nothing changes it
                 let mut cluster = redis::cluster::ClusterClient::builder(nodes)
                     .connection_timeout(self.connect_timeout)
                     .response_timeout(self.command_timeout);
+                #[cfg(feature = "tls")]
                 if urls.iter().any(|url| url.starts_with("rediss://")) {
                     cluster = cluster.tls(redis::TlsMode::Secure);
                 }
+                #[cfg(feature = "tls")]
                 if let Some(pem) = &self.root_certificates {
                     cluster = cluster.certs(redis::TlsCertificates {
                         client_tls: None,
@@ -644,6 +732,7 @@ impl RedisBackendBuilder {
                     .map_err(Opening::Failed)?;
                 Ok((Commands::Cluster(connection), PubSubSource::nodes(clients)))
             }
+            #[cfg(feature = "sentinel")]
             Target::Sentinel { sentinels, master } => {
                 if master.is_empty() {
                     return Err(Opening::Invalid(invalid(
@@ -660,10 +749,10 @@ impl RedisBackendBuilder {
                     }
                 }
                 if self.root_certificates.is_some() {
-                    return Err(Opening::Invalid(LockError::Unsupported {
-                        key: String::new(),
-                        what: "custom TLS root certificates with Sentinel; use the system trust store".into(),
-                    }));
+                    return Err(Opening::Invalid(LockError::unsupported(
+                        None,
+                        "custom TLS root certificates with Sentinel (use the system trust store)",
+                    )));
                 }
                 let mut node_settings =
                     SentinelNodeConnectionInfo::default().set_redis_connection_info(redis_settings);
@@ -681,43 +770,54 @@ impl RedisBackendBuilder {
                 master.connection().await.map_err(Opening::Failed)?;
                 Ok((Commands::Sentinel(master.clone()), PubSubSource::Sentinel(master)))
             }
+            Target::Invalid(reason) => Err(Opening::Invalid(invalid(reason.clone()))),
         }
     }
 
     fn uses_tls(&self) -> bool {
         let urls: Vec<&String> = match &self.target {
             Target::Single(url) => vec![url],
+            #[cfg(feature = "cluster")]
             Target::Cluster(urls) => urls.iter().collect(),
+            #[cfg(feature = "sentinel")]
             Target::Sentinel { sentinels, .. } => sentinels.iter().collect(),
+            Target::Invalid(_) => Vec::new(),
         };
         urls.iter().any(|url| url.starts_with("rediss://"))
     }
 
     /// Where this builder connects, for messages (passwords redacted).
     fn describe_target(&self) -> String {
-        let list = |urls: &[String]| urls.iter().map(|url| redact(url)).collect::<Vec<_>>().join(", ");
+        #[cfg(any(feature = "cluster", feature = "sentinel"))]
+        let list = |urls: &[String]| {
+            urls.iter()
+                .map(|url| redact_url(url))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         match &self.target {
-            Target::Single(url) => redact(url),
+            Target::Single(url) => redact_url(url),
+            #[cfg(feature = "cluster")]
             Target::Cluster(urls) => format!("the Redis Cluster seeded by {}", list(urls)),
+            #[cfg(feature = "sentinel")]
             Target::Sentinel { sentinels, master } => {
                 format!("the Sentinel master `{master}` (sentinels {})", list(sentinels))
             }
+            Target::Invalid(reason) => reason.clone(),
         }
     }
 
     /// A client for one node, trusting the builder's root certificates if any.
     fn client(&self, info: redis::ConnectionInfo) -> Result<redis::Client, Opening> {
-        match &self.root_certificates {
-            Some(pem) => redis::Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.clone()),
-                },
-            ),
-            None => redis::Client::open(info),
+        #[cfg(feature = "tls")]
+        if let Some(pem) = &self.root_certificates {
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            };
+            return redis::Client::build_with_tls(info, certificates).map_err(Opening::Failed);
         }
-        .map_err(Opening::Failed)
+        redis::Client::open(info).map_err(Opening::Failed)
     }
 
     /// One Redis node's connection info, with the builder's credentials.
@@ -733,6 +833,7 @@ impl RedisBackendBuilder {
         Ok(info)
     }
 
+    #[cfg(any(feature = "cluster", feature = "sentinel"))]
     fn urls_to_infos(
         &self,
         urls: &[String],
@@ -762,35 +863,16 @@ enum Opening {
 }
 
 fn invalid(reason: String) -> LockError {
-    LockError::InvalidOptions {
-        key: String::new(),
-        reason,
-    }
+    LockError::invalid_options(None, reason)
 }
 
 fn parse_url(url: &str) -> Result<redis::ConnectionInfo, Opening> {
     redis::IntoConnectionInfo::into_connection_info(url).map_err(|error| {
         Opening::Invalid(invalid(format!(
-            "{} is not a Redis URL ({error}); expected redis://[user:password@]host:port[/db]",
-            redact(url)
+            "{} is not a Redis URL ({error}); expected {URL_FORMS}",
+            redact_url(url)
         )))
     })
-}
-
-/// The URL with any password replaced, for messages and logs.
-pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = rest
-        .split_once('/')
-        .map_or((rest, ""), |(authority, path)| (authority, path));
-    let Some((credentials, host)) = authority.rsplit_once('@') else {
-        return url.to_owned();
-    };
-    let user = credentials.split_once(':').map_or(credentials, |(user, _)| user);
-    let slash = if rest.contains('/') { "/" } else { "" };
-    format!("{scheme}://{user}:***@{host}{slash}{path}")
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -893,6 +975,39 @@ impl LockBackend for RedisBackend {
             .subscribe(key, &self.release_channel(key))
             .await
     }
+
+    /// Whether `key` is held, for how long, and the last fencing token
+    /// handed out (never the owner's secret). One round trip.
+    async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
+        let call = self.call(&scripts::STATUS, key, &[scripts::LOCK, scripts::FENCE]);
+        let (pttl, counter): (i64, i64) = self.run(key, "inspecting", &call).await?;
+        let status = if pttl == -2 {
+            KeyStatus::free()
+        } else {
+            KeyStatus::held()
+        };
+        let status = match u64::try_from(pttl) {
+            Ok(left) => status.remaining(Duration::from_millis(left)),
+            Err(_) => status,
+        };
+        Ok(match u64::try_from(counter) {
+            Ok(token) => status.last_token(token),
+            Err(_) => status,
+        })
+    }
+
+    /// Deletes the lock on `key` whoever holds it, and hands it to the
+    /// first waiter in line. The holder is not told until its next renewal
+    /// (within a third of its TTL). Returns whether there was a lock.
+    async fn force_release(&self, key: &str) -> Result<bool, LockError> {
+        let channel = self.release_channel(key);
+        let call = self
+            .line_call(&scripts::FORCE_RELEASE, key)
+            .arg(&channel)
+            .arg(millis(self.place_lease()));
+        let deleted: i64 = self.run(key, "force-releasing", &call).await?;
+        Ok(deleted == 1)
+    }
 }
 
 impl fmt::Debug for RedisBackend {
@@ -922,18 +1037,39 @@ impl fmt::Debug for RedisBackendBuilder {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "cluster", feature = "sentinel"))]
 mod tests {
-    use super::redact;
+    use super::{RedisBackend, Target};
 
     #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact("redis://user:secret@host:6379/0"),
-            "redis://user:***@host:6379/0"
-        );
-        assert_eq!(redact("redis://:secret@host:6379"), "redis://:***@host:6379");
-        assert_eq!(redact("redis://host:6379/0"), "redis://host:6379/0");
-        assert!(!redact("rediss://u:p%40ss@h/1").contains("p%40ss"));
+    fn urls_name_their_deployment() {
+        let sentinel = RedisBackend::builder("redis+sentinel://app:pw@h1:26379,h2:26379/mymaster");
+        match &sentinel.target {
+            Target::Sentinel { sentinels, master } => {
+                assert_eq!(sentinels, &["redis://h1:26379", "redis://h2:26379"]);
+                assert_eq!(master, "mymaster");
+            }
+            _ => panic!("not a Sentinel target"),
+        }
+        assert_eq!(sentinel.username.as_deref(), Some("app"));
+        assert_eq!(sentinel.password.as_deref(), Some("pw"));
+        match &RedisBackend::builder("redis+cluster://:pw@h1:7000,h2:7001").target {
+            Target::Cluster(urls) => assert_eq!(urls, &["redis://:pw@h1:7000", "redis://:pw@h2:7001"]),
+            _ => panic!("not a Cluster target"),
+        }
+        assert!(matches!(
+            RedisBackend::builder("rediss://h:6380/1").target,
+            Target::Single(_)
+        ));
+        for bad in [
+            "redis+sentinel://h1:26379",
+            "redis+cluster://h1",
+            "redis+cluster://u:secret@",
+        ] {
+            match &RedisBackend::builder(bad).target {
+                Target::Invalid(reason) => assert!(!reason.contains("secret"), "{reason}"),
+                _ => panic!("{bad} was accepted"),
+            }
+        }
     }
 }

@@ -12,26 +12,18 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dlock_core::{
-    AcquireRequest, Attempt, Busy, ExtendOutcome, FencingToken, Grant, KeyStatus, Lease, LockBackend,
-    LockError, NotHeldReason, OwnerToken, ReleaseEvents, ReleaseOutcome, async_trait, validate_key,
-    validate_timeout,
+use dlock_core::backend::{
+    AcquireRequest, Attempt, Busy, ExtendOutcome, Grant, HostListUrl, Lease, LockBackend, OwnerToken,
+    ReleaseEvents, ReleaseOutcome, async_trait, redact_url, validate_timeout,
 };
+use dlock_core::{FencingToken, KeyStatus, LockError, NotHeldReason};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, timeout};
 use tracing::debug;
 
-use crate::{
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_KEY_PREFIX, NodeGrant, RedisBackend, RedisBackendBuilder, redact,
-};
-
-/// Default limit for one node's answer: small next to any TTL, so that a
-/// slow or dead node costs little.
-pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_millis(100);
-/// Default clock drift factor: drift = factor · ttl + 2 ms.
-pub const DEFAULT_DRIFT_FACTOR: f64 = 0.01;
+use crate::{NodeGrant, RedisBackend, RedisBackendBuilder};
 
 /// A lock backend over N independent Redis masters (the Redlock algorithm),
 /// with fencing tokens.
@@ -149,6 +141,8 @@ impl Node {
 #[derive(Clone)]
 pub struct RedlockBackendBuilder {
     urls: Vec<String>,
+    /// Why a `redlock://` URL could not be read, reported by `connect`.
+    invalid: Option<String>,
     key_prefix: String,
     node_timeout: Duration,
     connect_timeout: Duration,
@@ -156,8 +150,17 @@ pub struct RedlockBackendBuilder {
 }
 
 impl RedlockBackend {
+    /// Default limit for one node's answer: small next to any TTL, so that a
+    /// slow or dead node costs little.
+    pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_millis(100);
+    /// Default clock drift factor: drift = factor · ttl + 2 ms.
+    pub const DEFAULT_DRIFT_FACTOR: f64 = 0.01;
+
     /// Connects to the masters at `urls` with default settings; at least a
-    /// majority must answer (the others are retried on use).
+    /// majority must answer (the others are retried on use). `urls` is
+    /// either one `redis://[user:password@]host:port[/db]` URL per master,
+    /// or a single `redlock://[user:password@]h1:port,h2:port,h3:port` URL
+    /// naming them all (the credentials apply to each).
     pub async fn connect<I, S>(urls: I) -> Result<Self, LockError>
     where
         I: IntoIterator<Item = S>,
@@ -166,18 +169,37 @@ impl RedlockBackend {
         Self::builder(urls).connect().await
     }
 
-    /// Settings for the masters at `urls` (`redis://[user:password@]host:port/db` each).
+    /// Settings for the masters at `urls` (see [`connect`](Self::connect)
+    /// for the forms).
     pub fn builder<I, S>(urls: I) -> RedlockBackendBuilder
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
+        let mut urls: Vec<String> = urls.into_iter().map(|url| url.as_ref().to_owned()).collect();
+        let mut invalid = None;
+        if let [single] = urls.as_slice() {
+            if single.starts_with("redlock://") {
+                match HostListUrl::parse(single) {
+                    Ok(parsed) => {
+                        let userinfo = parsed.userinfo();
+                        urls = parsed
+                            .hosts
+                            .iter()
+                            .map(|host| format!("redis://{userinfo}{host}"))
+                            .collect();
+                    }
+                    Err(reason) => invalid = Some(reason),
+                }
+            }
+        }
         RedlockBackendBuilder {
-            urls: urls.into_iter().map(|url| url.as_ref().to_owned()).collect(),
-            key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
-            node_timeout: DEFAULT_NODE_TIMEOUT,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            drift_factor: DEFAULT_DRIFT_FACTOR,
+            urls,
+            invalid,
+            key_prefix: RedisBackend::DEFAULT_KEY_PREFIX.to_owned(),
+            node_timeout: Self::DEFAULT_NODE_TIMEOUT,
+            connect_timeout: RedisBackend::DEFAULT_CONNECT_TIMEOUT,
+            drift_factor: Self::DEFAULT_DRIFT_FACTOR,
         }
     }
 
@@ -408,10 +430,10 @@ impl RedlockBackendBuilder {
     /// included) and [`LockError::Unavailable`] (naming each failed node)
     /// when fewer than a majority answer.
     pub async fn connect(self) -> Result<RedlockBackend, LockError> {
-        let invalid = |reason: String| LockError::InvalidOptions {
-            key: String::new(),
-            reason,
-        };
+        let invalid = |reason: String| LockError::invalid_options(None, reason);
+        if let Some(reason) = &self.invalid {
+            return Err(invalid(reason.clone()));
+        }
         if self.urls.is_empty() {
             return Err(invalid(
                 "no Redlock nodes given; pass the URLs of N independent masters (5 is usual)".into(),
@@ -440,7 +462,7 @@ impl RedlockBackendBuilder {
                     .key_prefix(self.key_prefix.clone())
                     .command_timeout(self.node_timeout)
                     .connect_timeout(self.connect_timeout);
-                Node::new(redact(url), builder)
+                Node::new(redact_url(url), builder)
             })
             .collect();
         let quorum = nodes.len() / 2 + 1;
@@ -500,13 +522,13 @@ async fn same_server_twice(nodes: &[Node]) -> Result<(), LockError> {
             continue;
         };
         if let Some((_, first)) = seen.iter().find(|(id, _)| *id == run_id) {
-            return Err(LockError::InvalidOptions {
-                key: String::new(),
-                reason: format!(
+            return Err(LockError::invalid_options(
+                None,
+                format!(
                     "{first} and {} are the same Redis server (run_id {run_id}); each Redlock node must be a different master",
                     node.address
                 ),
-            });
+            ));
         }
         seen.push((run_id, &node.address));
     }
@@ -730,6 +752,63 @@ impl LockBackend for RedlockBackend {
         }
         Ok(ReleaseEvents::from_channel(receiver))
     }
+    /// For operators: held when a majority of nodes hold the key; the
+    /// remaining time is how long a majority still holds it; the last token
+    /// is the highest counter on any node.
+    async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
+        let answers = self
+            .fan_out_all(key, |_, node, key| async move { node.inspect(&key).await })
+            .await;
+        let statuses: Vec<&KeyStatus> = answers
+            .iter()
+            .flatten()
+            .filter_map(|answer| answer.as_ref().ok())
+            .collect();
+        if statuses.len() < self.inner.quorum {
+            return Err(LockError::unavailable(
+                Some(key),
+                format!(
+                    "only {} Redlock nodes answered: {}",
+                    statuses.len(),
+                    self.node_failures(&answers)
+                ),
+            ));
+        }
+        let mut remaining: Vec<Duration> = statuses
+            .iter()
+            .filter(|status| status.held)
+            .map(|status| status.remaining.unwrap_or(Duration::MAX))
+            .collect();
+        remaining.sort_unstable_by(|a, b| b.cmp(a));
+        let mut status = if remaining.len() >= self.inner.quorum {
+            match remaining[self.inner.quorum - 1] {
+                Duration::MAX => KeyStatus::held(),
+                left => KeyStatus::held().remaining(left),
+            }
+        } else {
+            KeyStatus::free()
+        };
+        if let Some(token) = statuses.iter().filter_map(|status| status.last_token).max() {
+            status = status.last_token(token);
+        }
+        Ok(status)
+    }
+
+    /// For operators, and unsafe: deletes the lock on every node, whoever
+    /// holds it (see `RedisBackend`'s `force_release`). Returns whether any
+    /// node had it.
+    async fn force_release(&self, key: &str) -> Result<bool, LockError> {
+        let answers = self
+            .fan_out_all(key, |_, node, key| async move { node.force_release(&key).await })
+            .await;
+        if failed(&answers) > 0 {
+            return Err(LockError::unavailable(
+                Some(key),
+                format!("force release failed on: {}", self.node_failures(&answers)),
+            ));
+        }
+        Ok(count(&answers, |deleted| *deleted) > 0)
+    }
 }
 
 impl RedlockBackend {
@@ -783,64 +862,6 @@ impl RedlockBackend {
     }
 }
 
-impl RedlockBackend {
-    /// For operators: held when a majority of nodes hold the key; the
-    /// remaining time is how long a majority still holds it; the last token
-    /// is the highest counter on any node.
-    pub async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
-        validate_key(key)?;
-        let answers = self
-            .fan_out_all(key, |_, node, key| async move { node.inspect(&key).await })
-            .await;
-        let statuses: Vec<&KeyStatus> = answers
-            .iter()
-            .flatten()
-            .filter_map(|answer| answer.as_ref().ok())
-            .collect();
-        if statuses.len() < self.inner.quorum {
-            return Err(LockError::unavailable(
-                Some(key),
-                format!(
-                    "only {} Redlock nodes answered: {}",
-                    statuses.len(),
-                    self.node_failures(&answers)
-                ),
-            ));
-        }
-        let mut remaining: Vec<Duration> = statuses
-            .iter()
-            .filter(|status| status.held)
-            .map(|status| status.remaining.unwrap_or(Duration::MAX))
-            .collect();
-        remaining.sort_unstable_by(|a, b| b.cmp(a));
-        let held = remaining.len() >= self.inner.quorum;
-        Ok(KeyStatus::new(
-            held,
-            held.then(|| remaining[self.inner.quorum - 1])
-                .filter(|left| *left != Duration::MAX),
-            statuses.iter().filter_map(|status| status.last_token).max(),
-            None,
-        ))
-    }
-
-    /// For operators, and unsafe: deletes the lock on every node, whoever
-    /// holds it (see [`RedisBackend::force_release`]). Returns whether any
-    /// node had it.
-    pub async fn force_release(&self, key: &str) -> Result<bool, LockError> {
-        validate_key(key)?;
-        let answers = self
-            .fan_out_all(key, |_, node, key| async move { node.force_release(&key).await })
-            .await;
-        if failed(&answers) > 0 {
-            return Err(LockError::unavailable(
-                Some(key),
-                format!("force release failed on: {}", self.node_failures(&answers)),
-            ));
-        }
-        Ok(count(&answers, |deleted| *deleted) > 0)
-    }
-}
-
 impl fmt::Debug for RedlockBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let nodes: Vec<&str> = self
@@ -859,7 +880,7 @@ impl fmt::Debug for RedlockBackend {
 
 impl fmt::Debug for RedlockBackendBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let nodes: Vec<String> = self.urls.iter().map(|url| redact(url)).collect();
+        let nodes: Vec<String> = self.urls.iter().map(|url| redact_url(url)).collect();
         f.debug_struct("RedlockBackendBuilder")
             .field("nodes", &nodes)
             .field("key_prefix", &self.key_prefix)
@@ -867,5 +888,27 @@ impl fmt::Debug for RedlockBackendBuilder {
             .field("connect_timeout", &self.connect_timeout)
             .field("drift_factor", &self.drift_factor)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RedlockBackend;
+
+    #[test]
+    fn one_redlock_url_names_every_node() {
+        let builder = RedlockBackend::builder(["redlock://:pw@h1:6379,h2:6379,h3:6379"]);
+        assert_eq!(
+            builder.urls,
+            [
+                "redis://:pw@h1:6379",
+                "redis://:pw@h2:6379",
+                "redis://:pw@h3:6379"
+            ]
+        );
+        assert!(builder.invalid.is_none());
+        assert!(RedlockBackend::builder(["redlock://h1"]).invalid.is_some());
+        let listed = RedlockBackend::builder(["redis://h1:1", "redis://h2:2"]);
+        assert_eq!(listed.urls, ["redis://h1:1", "redis://h2:2"]);
     }
 }

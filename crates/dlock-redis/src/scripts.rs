@@ -266,6 +266,7 @@ return -1
 /// and publish an empty message on its release channel, which wakes every
 /// waiter. `ARGV[1]` owner, `ARGV[2]` channel. Returns 1 released, 0 no
 /// lock, -1 another owner.
+#[cfg(feature = "redlock")]
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -284,6 +285,7 @@ return -1
 /// Redlock: raise the fencing counter to at least `ARGV[1]`, so that a
 /// quorum of nodes agrees on the highest token handed out. Returns 1, or 0
 /// when the counter is not an integer (left alone).
+#[cfg(feature = "redlock")]
 pub(crate) static RAISE_FENCE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"

@@ -122,6 +122,7 @@ impl Subscriber {
     }
 
     /// Wakes local waiters on `channel` at once (our own release).
+    #[cfg(feature = "redlock")]
     pub(crate) fn notify_local(&self, channel: &str) {
         self.hub.notify(channel);
     }

@@ -6,10 +6,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use dlock_core::{
-    AcquireRequest, Attempt, Busy, ExtendOutcome, FencingToken, Grant, Lease, LockBackend, LockError,
-    NotHeldReason, OwnerToken, ReleaseEvents, ReleaseHub, ReleaseOutcome, drift_allowance,
+use dlock_core::backend::{
+    AcquireRequest, Attempt, Busy, ExtendOutcome, Grant, Lease, LockBackend, OwnerToken, ReleaseEvents,
+    ReleaseHub, ReleaseOutcome,
 };
+use dlock_core::{FencingToken, KeyStatus, LockError, NotHeldReason, drift_allowance};
 use tokio::time::{Instant, sleep};
 
 /// An in-memory lock backend for tests, with virtual time and scripted faults.
@@ -320,6 +321,26 @@ impl LockBackend for MemoryBackend {
     async fn subscribe(&self, key: &str) -> Result<ReleaseEvents, LockError> {
         self.enter(key).await?;
         Ok(self.inner.hub.subscribe(key).events)
+    }
+
+    async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
+        self.enter(key).await?;
+        let now = Instant::now();
+        let mut state = self.state();
+        let last_token = state.fences.get(key).copied();
+        let status = match state.live_holder(key, now) {
+            Some(holder) => KeyStatus::held().remaining(holder.expires_at - now),
+            None => KeyStatus::free(),
+        };
+        Ok(match last_token {
+            Some(token) => status.last_token(token),
+            None => status,
+        })
+    }
+
+    async fn force_release(&self, key: &str) -> Result<bool, LockError> {
+        self.enter(key).await?;
+        Ok(self.force_expire(key))
     }
 }
 
