@@ -67,7 +67,7 @@ pub enum LockError {
     ///
     /// Stop touching the protected resource; acquire again if the work must go on.
     #[error(
-        "lock `{key}` (fencing token {token}) was lost while in use: its lease ended or another owner took it; stop using the resource and acquire the lock again"
+        "lock `{key}` (fencing token {token}) was lost while in use; stop using the resource, and acquire the lock again if the work must go on"
     )]
     Lost {
         /// The key of the lost lock.

@@ -8,22 +8,19 @@
 //! or renewal reaches every live node, not just the fastest majority.
 
 use std::fmt;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use dlock_core::backend::{
-    AcquireRequest, Attempt, Busy, ExtendOutcome, Grant, HostListUrl, Lease, LockBackend, OwnerToken,
-    ReleaseEvents, ReleaseOutcome, async_trait, redact_url, validate_timeout,
+    AcquireRequest, Attempt, Busy, ExtendOutcome, Grant, Lease, LockBackend, OwnerToken, ReleaseEvents,
+    ReleaseOutcome, async_trait,
 };
 use dlock_core::{FencingToken, KeyStatus, LockError, NotHeldReason};
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 use tracing::debug;
 
-use crate::{NodeGrant, RedisBackend, RedisBackendBuilder};
+use crate::NodeGrant;
 
 /// A lock backend over N independent Redis masters (the Redlock algorithm),
 /// with fencing tokens.
@@ -62,92 +59,13 @@ struct Redlock {
     drift_factor: f64,
 }
 
-/// One master; connected at start, or later, in the background, if it was
-/// down then.
-struct Node {
-    address: String,
-    builder: RedisBackendBuilder,
-    state: Arc<watch::Sender<NodeState>>,
-}
+mod builder;
+mod fan_out;
+mod node;
 
-/// Where a node's connection stands.
-#[derive(Clone)]
-enum NodeState {
-    /// Not connected; no attempt under way. The last failure, if any.
-    Down(Option<Arc<str>>),
-    /// An attempt is under way in a task of its own.
-    Connecting,
-    Live(RedisBackend),
-}
-
-impl Node {
-    fn new(address: String, builder: RedisBackendBuilder) -> Self {
-        Node {
-            address,
-            builder,
-            state: Arc::new(watch::Sender::new(NodeState::Down(None))),
-        }
-    }
-
-    /// Connects at start, reporting why not.
-    async fn connect(&self) -> Result<(), LockError> {
-        let backend = self.builder.clone().connect().await?;
-        self.state.send_replace(NodeState::Live(backend));
-        Ok(())
-    }
-
-    /// The node's backend; if it is not connected, starts a connect in a
-    /// task of its own and waits for it. The caller bounds the wait (the
-    /// node timeout), never the connect: a connect that takes longer than
-    /// the node timeout (a TLS handshake, a lost SYN) still completes and
-    /// serves the next operation, instead of being cut off every time.
-    async fn backend(&self) -> Result<RedisBackend, LockError> {
-        let mut states = self.state.subscribe();
-        self.state.send_if_modified(|state| {
-            if !matches!(state, NodeState::Down(_)) {
-                return false;
-            }
-            *state = NodeState::Connecting;
-            let (builder, node) = (self.builder.clone(), Arc::clone(&self.state));
-            let address = self.address.clone();
-            tokio::spawn(async move {
-                let next = match builder.connect().await {
-                    Ok(backend) => NodeState::Live(backend),
-                    Err(error) => {
-                        debug!(%address, %error, "a Redlock node could not be reached; tried again on next use");
-                        NodeState::Down(Some(Arc::from(error.to_string())))
-                    }
-                };
-                node.send_replace(next);
-            });
-            true
-        });
-        let settled = states
-            .wait_for(|state| !matches!(state, NodeState::Connecting))
-            .await
-            .map(|state| state.clone());
-        match settled {
-            Ok(NodeState::Live(backend)) => Ok(backend),
-            Ok(NodeState::Down(Some(why))) => Err(LockError::unavailable(None, why.to_string())),
-            _ => Err(LockError::unavailable(
-                None,
-                format!("{} is not connected", self.address),
-            )),
-        }
-    }
-}
-
-/// Settings for [`RedlockBackend`]; start with [`RedlockBackend::builder`].
-#[derive(Clone)]
-pub struct RedlockBackendBuilder {
-    urls: Vec<String>,
-    /// Why a `redlock://` URL could not be read, reported by `connect`.
-    invalid: Option<String>,
-    key_prefix: String,
-    node_timeout: Duration,
-    connect_timeout: Duration,
-    drift_factor: f64,
-}
+pub use self::builder::RedlockBackendBuilder;
+use self::fan_out::{Answers, count, failed, granted_tokens};
+use self::node::Node;
 
 impl RedlockBackend {
     /// Default limit for one node's answer: small next to any TTL, so that a
@@ -155,53 +73,6 @@ impl RedlockBackend {
     pub const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_millis(100);
     /// Default clock drift factor: drift = factor · ttl + 2 ms.
     pub const DEFAULT_DRIFT_FACTOR: f64 = 0.01;
-
-    /// Connects to the masters at `urls` with default settings; at least a
-    /// majority must answer (the others are retried on use). `urls` is
-    /// either one `redis://[user:password@]host:port[/db]` URL per master,
-    /// or a single `redlock://[user:password@]h1:port,h2:port,h3:port` URL
-    /// naming them all (the credentials apply to each).
-    pub async fn connect<I, S>(urls: I) -> Result<Self, LockError>
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        Self::builder(urls).connect().await
-    }
-
-    /// Settings for the masters at `urls` (see [`connect`](Self::connect)
-    /// for the forms).
-    pub fn builder<I, S>(urls: I) -> RedlockBackendBuilder
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<str>,
-    {
-        let mut urls: Vec<String> = urls.into_iter().map(|url| url.as_ref().to_owned()).collect();
-        let mut invalid = None;
-        if let [single] = urls.as_slice() {
-            if single.starts_with("redlock://") {
-                match HostListUrl::parse(single) {
-                    Ok(parsed) => {
-                        let userinfo = parsed.userinfo();
-                        urls = parsed
-                            .hosts
-                            .iter()
-                            .map(|host| format!("redis://{userinfo}{host}"))
-                            .collect();
-                    }
-                    Err(reason) => invalid = Some(reason),
-                }
-            }
-        }
-        RedlockBackendBuilder {
-            urls,
-            invalid,
-            key_prefix: RedisBackend::DEFAULT_KEY_PREFIX.to_owned(),
-            node_timeout: Self::DEFAULT_NODE_TIMEOUT,
-            connect_timeout: RedisBackend::DEFAULT_CONNECT_TIMEOUT,
-            drift_factor: Self::DEFAULT_DRIFT_FACTOR,
-        }
-    }
 
     /// How many nodes must agree: N/2 + 1.
     pub fn quorum(&self) -> usize {
@@ -216,78 +87,6 @@ impl RedlockBackend {
     /// Clock drift allowance for a TTL: factor · ttl + 2 ms.
     fn drift(&self, ttl: Duration) -> Duration {
         ttl.mul_f64(self.inner.drift_factor) + Duration::from_millis(2)
-    }
-
-    /// Runs `operation` on every node at once, each under the node timeout,
-    /// and returns as soon as `decided` says the outcome is known (or all
-    /// answered). Unanswered nodes are `None` in [`FanOut::answers`]; once the
-    /// outcome is decided their operations are not cancelled but finish in
-    /// a background task, so
-    /// that a grant or renewal reaches every live node, not just the first
-    /// majority, and one node failing later does not cost the lock.
-    /// [`FanOut::settle`] waits for them.
-    async fn fan_out<T, F, Fut>(
-        &self,
-        key: &str,
-        operation: F,
-        mut decided: impl FnMut(&Answers<T>) -> bool,
-    ) -> FanOut<T>
-    where
-        T: Send + 'static,
-        F: Fn(usize, RedisBackend, Arc<str>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<T, LockError>> + Send + 'static,
-    {
-        let key: Arc<str> = Arc::from(key);
-        let operation = Arc::new(operation);
-        let mut pending: FuturesUnordered<_> = (0..self.inner.nodes.len())
-            .map(|index| {
-                let (inner, operation, key) =
-                    (Arc::clone(&self.inner), Arc::clone(&operation), Arc::clone(&key));
-                async move {
-                    let node_timeout = inner.node_timeout;
-                    let answer = timeout(node_timeout, async {
-                        let backend = inner.nodes[index].backend().await?;
-                        operation(index, backend, Arc::clone(&key)).await
-                    })
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(LockError::unavailable(
-                            Some(&key),
-                            format!("no answer within the node timeout of {node_timeout:?}"),
-                        ))
-                    });
-                    (index, answer)
-                }
-            })
-            .collect();
-        let mut answers: Answers<T> = self.inner.nodes.iter().map(|_| None).collect();
-        while let Some((index, answer)) = pending.next().await {
-            answers[index] = Some(answer);
-            if decided(&answers) {
-                break;
-            }
-        }
-        let (sender, rest) = mpsc::unbounded_channel();
-        if !pending.is_empty() {
-            // One task for the stragglers, spawned only when there are some.
-            tokio::spawn(async move {
-                while let Some(answer) = pending.next().await {
-                    // The caller may have stopped listening: then nobody needs it.
-                    let _ = sender.send(answer);
-                }
-            });
-        }
-        FanOut { answers, rest }
-    }
-
-    /// [`fan_out`](Self::fan_out) that waits for every node's answer.
-    async fn fan_out_all<T, F, Fut>(&self, key: &str, operation: F) -> Answers<T>
-    where
-        T: Send + 'static,
-        F: Fn(usize, RedisBackend, Arc<str>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<T, LockError>> + Send + 'static,
-    {
-        self.fan_out(key, operation, |_| false).await.answers
     }
 
     /// Owner-checked release on every node at once; waits for every node's
@@ -348,191 +147,6 @@ impl RedlockBackend {
             .collect::<Vec<_>>()
             .join("; ")
     }
-}
-
-fn count<T>(answers: &[Option<Result<T, LockError>>], test: impl Fn(&T) -> bool) -> usize {
-    answers
-        .iter()
-        .filter(|answer| matches!(answer, Some(Ok(value)) if test(value)))
-        .count()
-}
-
-/// `(node index, fencing counter)` of every node that granted.
-fn granted_tokens(answers: &Answers<NodeGrant>) -> Vec<(usize, u64)> {
-    answers
-        .iter()
-        .enumerate()
-        .filter_map(|(index, answer)| match answer {
-            Some(Ok(NodeGrant::Granted(token))) => Some((index, *token)),
-            _ => None,
-        })
-        .collect()
-}
-
-/// One answer per node, `None` while a node has not answered.
-type Answers<T> = Vec<Option<Result<T, LockError>>>;
-
-/// What a [`fan_out`](RedlockBackend::fan_out) heard by the time the
-/// outcome was decided.
-struct FanOut<T> {
-    answers: Answers<T>,
-    rest: mpsc::UnboundedReceiver<(usize, Result<T, LockError>)>,
-}
-
-impl<T> FanOut<T> {
-    /// Waits for the nodes that had not answered yet (each bounded by the
-    /// node timeout) and returns every answer.
-    async fn settle(mut self) -> Answers<T> {
-        while let Some((index, answer)) = self.rest.recv().await {
-            self.answers[index] = Some(answer);
-        }
-        self.answers
-    }
-}
-
-fn failed<T>(answers: &[Option<Result<T, LockError>>]) -> usize {
-    answers
-        .iter()
-        .filter(|answer| matches!(answer, Some(Err(_))))
-        .count()
-}
-
-impl RedlockBackendBuilder {
-    /// Prefix of every key and channel on every node (default `dlock:`).
-    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.key_prefix = prefix.into();
-        self
-    }
-
-    /// Limit for one node's answer to one command (default 100 ms). Keep
-    /// it small next to the TTL: an acquisition never waits longer than
-    /// this for a slow node.
-    pub fn node_timeout(mut self, limit: Duration) -> Self {
-        self.node_timeout = limit;
-        self
-    }
-
-    /// Limit for connecting to the nodes at start (default 5 s).
-    pub fn connect_timeout(mut self, limit: Duration) -> Self {
-        self.connect_timeout = limit;
-        self
-    }
-
-    /// Clock drift factor (default 0.01): the validity of a grant is
-    /// `ttl − elapsed − (factor · ttl + 2 ms)`. From 0 to 0.5.
-    pub fn drift_factor(mut self, factor: f64) -> Self {
-        self.drift_factor = factor;
-        self
-    }
-
-    /// Connects to every node at once; fails with
-    /// [`LockError::InvalidOptions`] for bad settings or URLs (duplicates
-    /// included) and [`LockError::Unavailable`] (naming each failed node)
-    /// when fewer than a majority answer.
-    pub async fn connect(self) -> Result<RedlockBackend, LockError> {
-        let invalid = |reason: String| LockError::invalid_options(None, reason);
-        if let Some(reason) = &self.invalid {
-            return Err(invalid(reason.clone()));
-        }
-        if self.urls.is_empty() {
-            return Err(invalid(
-                "no Redlock nodes given; pass the URLs of N independent masters (5 is usual)".into(),
-            ));
-        }
-        let mut seen = self.urls.clone();
-        seen.sort();
-        seen.dedup();
-        if seen.len() != self.urls.len() {
-            return Err(invalid(
-                "a Redlock node is listed twice; each URL must name a different master".into(),
-            ));
-        }
-        if !(0.0..0.5).contains(&self.drift_factor) {
-            return Err(invalid(format!(
-                "drift factor {} is out of range; use 0 to 0.5 (default 0.01)",
-                self.drift_factor
-            )));
-        }
-        validate_timeout("node timeout", self.node_timeout, Duration::from_secs(60))?;
-        let nodes: Vec<Node> = self
-            .urls
-            .iter()
-            .map(|url| {
-                let builder = RedisBackend::builder(url)
-                    .key_prefix(self.key_prefix.clone())
-                    .command_timeout(self.node_timeout)
-                    .connect_timeout(self.connect_timeout);
-                Node::new(redact_url(url), builder)
-            })
-            .collect();
-        let quorum = nodes.len() / 2 + 1;
-        let connected: Vec<Result<(), LockError>> =
-            futures_util::future::join_all(nodes.iter().map(|node| async move { node.connect().await }))
-                .await;
-        let mut failures = Vec::new();
-        for (node, outcome) in nodes.iter().zip(connected) {
-            match outcome {
-                // A bad URL or setting: report it as such, not as a node failure.
-                Err(error @ LockError::InvalidOptions { .. }) => return Err(error),
-                Err(error) => failures.push(format!("{}: {error}", node.address)),
-                Ok(()) => {}
-            }
-        }
-        if nodes.len() - failures.len() < quorum {
-            return Err(LockError::unavailable(
-                None,
-                format!(
-                    "only {} of {} Redlock nodes answered, a majority ({quorum}) is needed; {}",
-                    nodes.len() - failures.len(),
-                    nodes.len(),
-                    failures.join("; ")
-                ),
-            ));
-        }
-        for failure in &failures {
-            debug!(%failure, "a Redlock node is down at start; it is retried on use");
-        }
-        same_server_twice(&nodes).await?;
-        Ok(RedlockBackend {
-            inner: Arc::new(Redlock {
-                nodes,
-                quorum,
-                node_timeout: self.node_timeout,
-                drift_factor: self.drift_factor,
-            }),
-        })
-    }
-}
-
-/// Fails when two of the connected nodes are one Redis process (the same
-/// `run_id`), however differently their URLs spell it (`localhost` and
-/// `127.0.0.1`, another database number): such a "majority" is one server.
-async fn same_server_twice(nodes: &[Node]) -> Result<(), LockError> {
-    let live: Vec<Option<RedisBackend>> = nodes
-        .iter()
-        .map(|node| match &*node.state.borrow() {
-            NodeState::Live(backend) => Some(backend.clone()),
-            _ => None,
-        })
-        .collect();
-    let mut seen: Vec<(String, &str)> = Vec::new();
-    for (node, backend) in nodes.iter().zip(live) {
-        let Some(backend) = backend else { continue };
-        let Some(run_id) = backend.server_run_id().await? else {
-            continue;
-        };
-        if let Some((_, first)) = seen.iter().find(|(id, _)| *id == run_id) {
-            return Err(LockError::invalid_options(
-                None,
-                format!(
-                    "{first} and {} are the same Redis server (run_id {run_id}); each Redlock node must be a different master",
-                    node.address
-                ),
-            ));
-        }
-        seen.push((run_id, &node.address));
-    }
-    Ok(())
 }
 
 #[async_trait]
@@ -875,40 +489,5 @@ impl fmt::Debug for RedlockBackend {
             .field("quorum", &self.inner.quorum)
             .field("node_timeout", &self.inner.node_timeout)
             .finish_non_exhaustive()
-    }
-}
-
-impl fmt::Debug for RedlockBackendBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let nodes: Vec<String> = self.urls.iter().map(|url| redact_url(url)).collect();
-        f.debug_struct("RedlockBackendBuilder")
-            .field("nodes", &nodes)
-            .field("key_prefix", &self.key_prefix)
-            .field("node_timeout", &self.node_timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("drift_factor", &self.drift_factor)
-            .finish()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::RedlockBackend;
-
-    #[test]
-    fn one_redlock_url_names_every_node() {
-        let builder = RedlockBackend::builder(["redlock://:pw@h1:6379,h2:6379,h3:6379"]);
-        assert_eq!(
-            builder.urls,
-            [
-                "redis://:pw@h1:6379",
-                "redis://:pw@h2:6379",
-                "redis://:pw@h3:6379"
-            ]
-        );
-        assert!(builder.invalid.is_none());
-        assert!(RedlockBackend::builder(["redlock://h1"]).invalid.is_some());
-        let listed = RedlockBackend::builder(["redis://h1:1", "redis://h2:2"]);
-        assert_eq!(listed.urls, ["redis://h1:1", "redis://h2:2"]);
     }
 }
