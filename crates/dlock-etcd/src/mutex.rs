@@ -178,11 +178,11 @@ impl EtcdBackend {
             owner: owner.clone(),
         };
         let signal = self.watch_deletion(waiter, header_revision.max(my_revision));
-        return Ok(Attempt::Acquired(
+        Ok(Attempt::Acquired(
             Grant::new(token, validity)
                 .with_handle(held)
                 .with_loss_signal(signal),
-        ));
+        ))
     }
 
     /// A single attempt that found the lock busy leaves nothing behind.
@@ -202,7 +202,7 @@ impl EtcdBackend {
         if let Some(left) = self.take_waiting(owner) {
             left.mark_gone();
         }
-        return Ok(Attempt::Busy(Busy::new()));
+        Ok(Attempt::Busy(Busy::new()))
     }
 
     /// Waits on the immediate predecessor's deletion only, so that a
