@@ -69,21 +69,7 @@ fn a_lock_deleted_from_outside_stops_the_command(backend: &str) {
     let marker = dir.path().join("finished");
     let key = unique_key("cli-deleted");
     let script = format!("sleep 20; touch {}", marker.display());
-    let mut run = spawn(dlock(
-        backend,
-        &[
-            "run",
-            "--ttl",
-            "3s",
-            "--kill-grace",
-            "1s",
-            &key,
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ],
-    ));
+    let mut run = spawn_short_lease_run(backend, &key, &script);
     wait_until_held(backend, &key);
     let released = output(dlock(backend, &["release", "--force", "--yes", &key]));
     assert!(released.status.success(), "{released:?}");

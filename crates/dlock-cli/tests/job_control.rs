@@ -55,21 +55,7 @@ fn after_the_grace_the_whole_group_is_killed() {
     // `\$\$`: expanded by the inner shell (its own id), not the outer one.
     let child = format!("trap '' TERM; echo \\$\\$ > {}; exec sleep 60", pids.display());
     let script = format!("sh -c \"{child}\" & wait");
-    let mut run = spawn(dlock(
-        &backend,
-        &[
-            "run",
-            "--ttl",
-            "3s",
-            "--kill-grace",
-            "1s",
-            &key,
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ],
-    ));
+    let mut run = spawn_short_lease_run(&backend, &key, &script);
     let grandchild = pids_from(&pids)[0];
     wait_until_held(&backend, &key);
     let released = output(dlock(&backend, &["release", "--force", "--yes", &key]));

@@ -407,17 +407,11 @@ impl LockBackend for EtcdBackend {
     /// For operators: whether `key` is held, for how long its holder's
     /// lease still runs, the holder's fencing token, and how many wait.
     async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
-        let queue = self.queue_prefix(key);
         let listing = GetOptions::new()
             .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Ascend)
             .with_keys_only();
-        let found = self
-            .call(key, "inspecting", |mut client| {
-                let (queue, listing) = (queue.clone(), listing.clone());
-                async move { client.get(queue, Some(listing)).await }
-            })
-            .await?;
+        let found = self.read_queue(key, "inspecting", listing).await?;
         let Some(holder) = found.kvs().first() else {
             return Ok(KeyStatus::free().waiting(0));
         };
@@ -443,12 +437,8 @@ impl LockBackend for EtcdBackend {
     /// watch sees the deletion) but may still be writing; only fencing
     /// tokens protect the resource from it. Returns whether it was held.
     async fn force_release(&self, key: &str) -> Result<bool, LockError> {
-        let queue = self.queue_prefix(key);
         let found = self
-            .call(key, "finding the holder", |mut client| {
-                let queue = queue.clone();
-                async move { client.get(queue, Some(oldest_waiter())).await }
-            })
+            .read_queue(key, "finding the holder", oldest_waiter())
             .await?;
         let Some(holder) = found.kvs().first() else {
             return Ok(false);

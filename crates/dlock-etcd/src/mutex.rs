@@ -213,7 +213,6 @@ impl EtcdBackend {
         my_revision: i64,
         ttl: Duration,
     ) -> Result<Attempt, LockError> {
-        let queue = self.queue_prefix(key);
         // Watch only the immediate predecessor.
         let predecessor = GetOptions::new()
             .with_prefix()
@@ -222,10 +221,7 @@ impl EtcdBackend {
             .with_limit(1)
             .with_keys_only();
         let found = self
-            .call(key, "finding the predecessor", |mut client| {
-                let (queue, predecessor) = (queue.clone(), predecessor.clone());
-                async move { client.get(queue, Some(predecessor)).await }
-            })
+            .read_queue(key, "finding the predecessor", predecessor)
             .await?;
         let Some(before) = found.kvs().first() else {
             // It left between our two reads: look again at once.

@@ -6,13 +6,29 @@ use std::time::Duration;
 use dlock_core::backend::OwnerToken;
 use dlock_core::{LockError, NotHeldReason};
 use etcd_client::{
-    Client, Compare, CompareOp, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
-    TxnOpResponse,
+    Client, Compare, CompareOp, GetOptions, GetResponse, KeyValue, PutOptions, SortOrder, SortTarget, Txn,
+    TxnOp, TxnOpResponse,
 };
 
 use crate::{EtcdBackend, whole_seconds};
 
 impl EtcdBackend {
+    /// Reads `key`'s queue (a prefix read with `options`), failing over
+    /// between members like every request.
+    pub(crate) async fn read_queue(
+        &self,
+        key: &str,
+        doing: &str,
+        options: GetOptions,
+    ) -> Result<GetResponse, LockError> {
+        let queue = self.queue_prefix(key);
+        self.call(key, doing, |mut client| {
+            let (queue, options) = (queue.clone(), options.clone());
+            async move { client.get(queue, Some(options)).await }
+        })
+        .await
+    }
+
     /// A lease of its own for a lock without renewal: its id and TTL.
     pub(crate) async fn own_lease(&self, key: &str, ttl: Duration) -> Result<(i64, Duration), LockError> {
         let granted = self
@@ -77,12 +93,7 @@ impl EtcdBackend {
 
     /// Why a lock we no longer have is not ours: someone holds it now, or nobody.
     pub(crate) async fn why_not_held(&self, key: &str) -> Result<NotHeldReason, LockError> {
-        let found = self
-            .call(key, "reading the queue", |mut client| {
-                let queue = self.queue_prefix(key);
-                async move { client.get(queue, Some(oldest_waiter())).await }
-            })
-            .await?;
+        let found = self.read_queue(key, "reading the queue", oldest_waiter()).await?;
         Ok(if found.kvs().is_empty() {
             NotHeldReason::Expired
         } else {

@@ -129,3 +129,23 @@ pub(crate) fn pids_from(file: &std::path::Path) -> Vec<u32> {
         .map(|pid| pid.parse().expect("a process id"))
         .collect()
 }
+
+/// `dlock run --ttl 3s --kill-grace 1s KEY -- sh -c SCRIPT`, started: a
+/// run whose loss the tests can cause and watch quickly.
+pub(crate) fn spawn_short_lease_run(backend: &str, key: &str, script: &str) -> Child {
+    spawn(dlock(
+        backend,
+        &[
+            "run",
+            "--ttl",
+            "3s",
+            "--kill-grace",
+            "1s",
+            key,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    ))
+}
