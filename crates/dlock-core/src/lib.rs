@@ -44,16 +44,10 @@ pub use backend::{
     AcquireRequest, Attempt, Busy, Capabilities, ExtendOutcome, Grant, Lease, LeaseHandle, LockBackend,
     LockKind, LossSignal, ReleaseOutcome,
 };
-pub use error::{BoxError, LockError, NotHeldReason};
-pub use guard::LockGuard;
-pub use locker::{LockRequest, Locker};
 pub use notify::{HubSubscription, ReleaseEvents, ReleaseHub};
-pub use options::{
-    DEFAULT_TTL, MAX_KEY_LEN, MAX_TTL, MAX_WAIT, MIN_TTL, TTL_LONG, TTL_MEDIUM, TTL_SHORT, drift_allowance,
-    validate_key, validate_timeout, validate_ttl, validate_wait,
-};
-pub use status::KeyStatus;
-pub use token::{FencingToken, OwnerToken};
+pub use options::{validate_timeout, validate_ttl, validate_wait};
+pub use token::OwnerToken;
+pub use user_api::*;
 
 /// Re-exported so that backends implement [`LockBackend`] with the same macro version.
 pub use async_trait::async_trait;

@@ -178,7 +178,8 @@ return -1 - redis.call('PTTL', KEYS[1])
 /// round trip instead, which sets their own TTL.
 pub(crate) const HAND_OVER_V2: &str = "v2";
 
-/// Lua shared by the scripts that free a lock: `hand_over()` gives the lock
+/// Lua shared by the scripts that free a lock (written once, with the
+/// message's version word from [`HAND_OVER_V2`]): `hand_over()` gives the lock
 /// to the first waiter in line whose place is still renewed, as a
 /// reservation of `min(its TTL, ARGV[2] ms)` with a new fencing token, and
 /// tells it on its client's channel: the message is `v2 owner token
@@ -188,7 +189,9 @@ pub(crate) const HAND_OVER_V2: &str = "v2";
 /// places ran out are dropped on the way. Returns the message, or false
 /// when nobody waits or the line is not ours (a key of another type): the
 /// lock key is then left for the caller to delete.
-const HAND_OVER: &str = r"
+fn hand_over_lua() -> String {
+    format!(
+        r"
 local function hand_over()
   local now
   while true do
@@ -208,24 +211,27 @@ local function hand_over()
         if type(token) == 'table' then return false end
         local px = math.min(tonumber(ttl), tonumber(ARGV[2]))
         redis.call('SET', KEYS[1], waiter, 'PX', px)
-        local message = 'v2 ' .. waiter .. ' ' .. token .. ' ' .. attempt .. ' ' .. px
+        local message = '{HAND_OVER_V2} ' .. waiter .. ' ' .. token .. ' ' .. attempt .. ' ' .. px
         redis.call('PUBLISH', channel, message)
         return message
       end
     end
   end
 end
-";
+"
+    )
+}
 
 /// Release with a line of waiters (single server, Sentinel, Cluster): if
-/// `ARGV[1]` owns the lock, hand it to the next waiter (see `HAND_OVER`) or
+/// `ARGV[1]` owns the lock, hand it to the next waiter (see `hand_over_lua`) or
 /// delete it; if not, remove `ARGV[1]`'s place in line (a waiter giving
 /// up). Keys as in [`ACQUIRE`]; `ARGV[2]` the longest reservation.
 /// Returns the hand-over message when a waiter got the lock, 1 released
 /// with nobody waiting, 0 no lock, -1 another owner.
 pub(crate) static RELEASE_TO_NEXT: LazyLock<Script> = LazyLock::new(|| {
+    let hand_over = hand_over_lua();
     Script::new(&format!(
-        r"{HAND_OVER}
+        r"{hand_over}
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
   local handed = hand_over()
@@ -311,13 +317,14 @@ return {redis.call('PTTL', KEYS[1]), tonumber(counter or '-1') or -1}
 });
 
 /// For operators: delete the lock whoever holds it, hand it to the next
-/// waiter in line if there is one (see `HAND_OVER`), else announce the
+/// waiter in line if there is one (see `hand_over_lua`), else announce the
 /// release with an empty message on the key's channel `ARGV[1]` (for
 /// Redlock waiters). Keys as in [`ACQUIRE`]; `ARGV[2]` the longest
 /// reservation. Returns 1 if there was a lock.
 pub(crate) static FORCE_RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    let hand_over = hand_over_lua();
     Script::new(&format!(
-        r"{HAND_OVER}
+        r"{hand_over}
 local held = redis.call('DEL', KEYS[1])
 if not hand_over() then
   redis.call('PUBLISH', ARGV[1], '')

@@ -191,10 +191,16 @@ async fn same_server_twice(nodes: &[Node]) -> Result<(), LockError> {
             _ => None,
         })
         .collect();
+    let run_ids = futures_util::future::join_all(live.iter().map(|backend| async move {
+        match backend {
+            Some(backend) => backend.server_run_id().await,
+            None => Ok(None),
+        }
+    }))
+    .await;
     let mut seen: Vec<(String, &str)> = Vec::new();
-    for (node, backend) in nodes.iter().zip(live) {
-        let Some(backend) = backend else { continue };
-        let Some(run_id) = backend.server_run_id().await? else {
+    for (node, run_id) in nodes.iter().zip(run_ids) {
+        let Some(run_id) = run_id? else {
             continue;
         };
         if let Some((_, first)) = seen.iter().find(|(id, _)| *id == run_id) {
