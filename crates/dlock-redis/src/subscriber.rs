@@ -55,6 +55,18 @@ impl Subscriber {
         connection.sink = None;
         self.connected.store(false, Ordering::Release);
     }
+
+    /// The stream of connection `generation` ended. Forgets that connection
+    /// if it is still the open one and returns true; returns false, changing
+    /// nothing, once a newer connection replaced it.
+    async fn connection_ended(&self, generation: u64) -> bool {
+        let mut connection = self.connection.lock().await;
+        if connection.generation != generation {
+            return false;
+        }
+        self.disconnected(&mut connection);
+        true
+    }
 }
 
 /// What this backend knows of one of its waiters in a line.
@@ -363,12 +375,8 @@ async fn read_messages(subscriber: Weak<Subscriber>, mut stream: PubSubStream, m
             }
         }
         let Some(live) = subscriber.upgrade() else { return };
-        {
-            let mut connection = live.connection.lock().await;
-            if connection.generation != generation {
-                return; // a newer connection is read by its own task
-            }
-            live.disconnected(&mut connection);
+        if !live.connection_ended(generation).await {
+            return; // a newer connection is read by its own task
         }
         live.wake_everyone();
         warn!("the pub/sub connection closed; reconnecting");
@@ -424,6 +432,34 @@ async fn unsubscribe_idle(subscriber: Weak<Subscriber>, mut idle: mpsc::Unbounde
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 15, item 6: the reader of a connection that was replaced
+    /// learns that its stream ended only after the new connection is open
+    /// (the interleaving a pub/sub cut during a reconnect produces). It must
+    /// leave the new connection listed as open, or every waiter falls back
+    /// to re-sending its script once per round trip.
+    #[tokio::test]
+    async fn the_reader_of_a_replaced_connection_changes_nothing() {
+        let client = redis::Client::open("redis://127.0.0.1:1").expect("a valid URL");
+        let subscriber = Subscriber::new(
+            PubSubSource::nodes(vec![client]),
+            Duration::from_secs(1),
+            "own".to_owned(),
+        );
+        {
+            // Connection 1's reader still runs; connection 2 replaced it.
+            let mut connection = subscriber.connection.lock().await;
+            connection.generation = 2;
+            subscriber.connected.store(true, Ordering::Release);
+        }
+        assert!(!subscriber.connection_ended(1).await, "a stale reader is told so");
+        assert!(
+            subscriber.connected.load(Ordering::Acquire),
+            "a stale reader must not mark the open connection closed"
+        );
+        assert!(subscriber.connection_ended(2).await);
+        assert!(!subscriber.connected.load(Ordering::Acquire));
+    }
 
     #[test]
     fn hand_over_messages_are_read_by_version() {
