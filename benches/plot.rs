@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use crate::Samples;
+use crate::stats::Samples;
 
 const WIDTH: f64 = 760.0;
 const PANEL_HEIGHT: f64 = 240.0;

@@ -14,7 +14,7 @@ use dlock_testkit::FaultProxy;
 use tokio::runtime::Runtime;
 
 /// A deployment under test.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum Kind {
     Single,
     Sentinel,
@@ -39,16 +39,6 @@ impl Kind {
             Kind::Cluster => "Redis Cluster",
             Kind::Redlock => "Redlock x5",
             Kind::Etcd => "etcd x3",
-        }
-    }
-
-    pub(crate) fn flag(self) -> &'static str {
-        match self {
-            Kind::Single => "single",
-            Kind::Sentinel => "sentinel",
-            Kind::Cluster => "cluster",
-            Kind::Redlock => "redlock",
-            Kind::Etcd => "etcd",
         }
     }
 
@@ -220,7 +210,7 @@ impl Servers {
                 group.wait_failover()
             }
             (Servers::Cluster(cluster), Fault::Failover) => {
-                let key = super::KEYS[rng.usize(..super::KEYS.len())];
+                let key = crate::case::KEYS[rng.usize(..crate::case::KEYS.len())];
                 let victim = cluster.master_for(key)?;
                 cluster.kill(victim);
                 // Polled until a replica serves the key's slot.

@@ -1,14 +1,5 @@
-//! Project automation, run as `cargo xtask <command>`.
-//!
-//! Commands:
-//! * `ci`: format check, clippy, unit and doc tests, the integration suites, the short chaos
-//!   run and the short benchmark run.
-//! * `integration`: start the servers the suites need, run the suites, stop the servers.
-//! * `servers`: start the servers and print their addresses, until Enter is pressed.
-//! * `bench [--quick]`: start the servers, run the benchmarks (package `dlock-bench`), stop them.
-//! * `chaos [--quick] [--seed N] [--only D]`: fault-injection runs (package `dlock-chaos`), which
-//!   start and break their own servers.
-//! * `deps`: install (as root) or name the system packages the suites need.
+//! Project automation, run as `cargo xtask <task>`; `cargo xtask --help`
+//! lists the tasks.
 
 // xtask talks to the person at the terminal.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -20,19 +11,53 @@ mod servers;
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+use clap::{Parser, Subcommand};
+
 type Result<T = ()> = std::result::Result<T, String>;
 
-const USAGE: &str = "usage: cargo xtask <ci | integration | servers | bench [--quick] | chaos [--quick] [--seed N] [--only D] | deps>
+/// Project automation: the CI run, the test servers, benchmarks and chaos runs.
+#[derive(Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
 
-  ci           fmt --check, clippy -D warnings, minimal feature builds, unit + doc tests, `integration`, `chaos --quick --seed 1`,
-               `bench --quick`
-  integration  start the test servers, run the suites that need them (dlock-tests, dlock-cli), stop them
-  servers      start the test servers, print their environment, stop them when Enter is pressed
-  bench        start Redis, 5 Redlock nodes and etcd, run the benchmarks, print ratios to the raw-client floor;
-               without --quick it also rewrites docs/benchmarks.md
-  chaos        every deployment under every fault class, history checked; without --quick it
-               also rewrites docs/reliability.md; --only single|sentinel|cluster|redlock|etcd
-  deps         install the system packages the suites need (as root), or print the command";
+#[derive(Subcommand)]
+enum Task {
+    /// fmt --check, clippy -D warnings, minimal feature builds, unit and doc
+    /// tests, `integration`, `chaos --quick --seed 1`, `bench --quick`.
+    Ci,
+    /// Start the test servers, run the suites that need them (dlock-tests,
+    /// dlock-cli) and the backend examples, stop the servers.
+    Integration,
+    /// Start the test servers, print their environment, stop them when
+    /// Enter is pressed.
+    Servers,
+    /// Start Redis, 5 Redlock nodes and etcd and run the benchmarks
+    /// (`dlock-bench`); ratios to the raw-client floor. With no scenario, all
+    /// of them, and without --quick docs/benchmarks.md is rewritten. `cargo
+    /// xtask bench --help` lists the scenarios and profiles.
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Passed to dlock-bench: `--quick`, a scenario, a profile.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Every deployment under every fault class, history checked
+    /// (`dlock-chaos`, which starts and breaks its own servers); without
+    /// --quick or --only, docs/reliability.md is rewritten. `cargo xtask
+    /// chaos --help` lists its options.
+    #[command(disable_help_flag = true)]
+    Chaos {
+        /// Passed to dlock-chaos: `--quick`, `--seed N`, `--only DEPLOYMENT`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Install the system packages the suites need (as root), or print the
+    /// command.
+    Deps,
+}
 
 fn main() -> ExitCode {
     // Ctrl-C, or a SIGTERM from a CI runner: stop the servers before exiting
@@ -41,19 +66,13 @@ fn main() -> ExitCode {
         dlock_servers::kill_all_servers();
         std::process::exit(130);
     });
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let outcome = match args.first().map(String::as_str) {
-        Some("ci") => ci(),
-        Some("integration") => integration(),
-        Some("servers") => servers::interactive(),
-        Some("bench") => bench(args.iter().any(|arg| arg == "--quick")),
-        Some("chaos") => chaos(&args[1..]),
-        Some("deps") => deps::ensure(deps::ALL),
-        Some("-h" | "--help" | "help") => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        _ => Err(USAGE.to_owned()),
+    let outcome = match Cli::parse().task {
+        Task::Ci => ci(),
+        Task::Integration => integration(),
+        Task::Servers => servers::interactive(),
+        Task::Bench { args } => bench(&args),
+        Task::Chaos { args } => chaos(&args),
+        Task::Deps => deps::ensure(deps::ALL),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -62,6 +81,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `args` ask for help (then nothing is started).
+fn asks_for_help(args: &[String]) -> bool {
+    args.iter()
+        .any(|arg| arg == "--help" || arg == "-h" || arg == "help")
 }
 
 fn ci() -> Result {
@@ -100,7 +125,7 @@ fn ci() -> Result {
     chaos(&["--quick".to_owned(), "--seed".to_owned(), "1".to_owned()])?;
     // Every benchmark scenario for a few seconds: shows that the harness and
     // the peers still run; it asserts nothing about speed.
-    bench(true)?;
+    bench(&["--quick".to_owned()])?;
     println!("xtask ci: all steps passed in {:.0?}", started.elapsed());
     Ok(())
 }
@@ -149,53 +174,92 @@ fn integration() -> Result {
 }
 
 fn chaos(args: &[String]) -> Result {
+    if asks_for_help(args) {
+        return run(package_command("dlock-chaos", false, &["--help"]));
+    }
     deps::ensure(servers::NEEDED)?;
-    let mut command = cargo_command(&["run", "--quiet", "--package", "dlock-chaos", "--"]);
+    let mut command = package_command::<&str>("dlock-chaos", false, &[]);
     command.args(args);
     if !args.iter().any(|arg| arg == "--quick" || arg == "--only") {
-        let document = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/reliability.md");
-        command.arg("--write").arg(document);
+        command.arg("--write").arg(docs().join("reliability.md"));
     }
     run(command)
 }
 
-fn bench(quick: bool) -> Result {
+/// Scenarios and profiles of dlock-bench; with none of them, `all`.
+const BENCH_COMMANDS: [&str; 7] = [
+    "all",
+    "uncontended",
+    "throughput",
+    "handoff",
+    "etcd",
+    "watchdog",
+    "profile",
+];
+
+fn bench(args: &[String]) -> Result {
+    if asks_for_help(args) {
+        return run(package_command("dlock-bench", false, args));
+    }
     deps::ensure(&[deps::REDIS_SERVER, deps::ETCD])?;
     let server = dlock_servers::redis::start_server("redis-bench", &[])?;
     let redlock = dlock_servers::redis::start_independent(5)?;
     let etcd = dlock_servers::etcd::EtcdCluster::start(3)?;
-    let version = dlock_servers::redis::command(server.port(), &["INFO", "server"])?
-        .text()
-        .lines()
-        .find_map(|line| line.strip_prefix("redis_version:").map(str::to_owned))
-        .unwrap_or_default();
-    let date = Command::new("date")
-        .args(["-u", "+%Y-%m-%d"])
-        .output()
-        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned())
-        .unwrap_or_default();
-    let mut command = cargo_command(&["run", "--release", "--quiet", "--package", "dlock-bench", "--"]);
-    if quick {
-        command.arg("--quick");
-    }
+    let redlock_urls: Vec<String> = redlock
+        .iter()
+        .map(|node| dlock_servers::redis::url(node.port()))
+        .collect();
+    let mut command = package_command::<&str>("dlock-bench", true, &[]);
     command
-        .env("DLOCK_BENCH_REDIS_URL", dlock_servers::redis::url(server.port()))
-        .env(
-            "DLOCK_BENCH_REDLOCK_URLS",
-            redlock
-                .iter()
-                .map(|node| dlock_servers::redis::url(node.port()))
-                .collect::<Vec<_>>()
-                .join(","),
-        )
-        .env("DLOCK_BENCH_ETCD_ENDPOINTS", etcd.endpoints().join(","))
-        .env("DLOCK_BENCH_REDIS_VERSION", version)
-        .env("DLOCK_BENCH_DATE", date);
+        .arg("--redis-url")
+        .arg(dlock_servers::redis::url(server.port()))
+        .arg("--redlock-urls")
+        .arg(redlock_urls.join(","))
+        .arg("--etcd-endpoints")
+        .arg(etcd.endpoints().join(","))
+        .args(args);
+    if !args.iter().any(|arg| BENCH_COMMANDS.contains(&arg.as_str())) {
+        command.arg("all");
+        if !args.iter().any(|arg| arg == "--quick") {
+            let version = dlock_servers::redis::command(server.port(), &["INFO", "server"])?
+                .text()
+                .lines()
+                .find_map(|line| line.strip_prefix("redis_version:").map(str::to_owned))
+                .unwrap_or_default();
+            let date = Command::new("date")
+                .args(["-u", "+%Y-%m-%d"])
+                .output()
+                .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+                .unwrap_or_default();
+            command
+                .arg("--write")
+                .arg(docs())
+                .arg("--redis-version")
+                .arg(version)
+                .arg("--date")
+                .arg(date);
+        }
+    }
     let outcome = run(command);
     if outcome.is_err() {
         eprintln!("{}", server.log_tail());
     }
     outcome
+}
+
+/// The repository's docs/ directory.
+fn docs() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs")
+}
+
+/// `cargo run` of one of the workspace's binaries, with `args` after `--`.
+fn package_command<A: AsRef<std::ffi::OsStr>>(package: &str, release: bool, args: &[A]) -> Command {
+    let mut command = cargo_command(&["run", "--quiet", "--package", package]);
+    if release {
+        command.arg("--release");
+    }
+    command.arg("--").args(args);
+    command
 }
 
 fn cargo_command(args: &[&str]) -> Command {

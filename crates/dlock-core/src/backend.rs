@@ -4,9 +4,11 @@
 
 pub use async_trait::async_trait;
 
+pub use crate::backoff::Backoff;
+
 pub use crate::notify::{HubSubscription, ReleaseEvents, ReleaseHub};
 pub use crate::options::{validate_timeout, validate_ttl, validate_wait};
-pub use crate::token::OwnerToken;
+pub use crate::owner::OwnerToken;
 pub use crate::url::{HostListUrl, redact_url};
 
 use std::any::Any;

@@ -2,26 +2,59 @@
 
 use std::time::Duration;
 
-/// Doubles from `first` up to `cap`; each delay is drawn from the upper half
-/// of the current step so that clients started together spread out.
+/// Jittered exponential delays for a retry loop that has no better hint
+/// (no TTL to wait out, no notification): a reconnect, a clean-up that the
+/// server refused, a watch stream that broke.
+///
+/// The step doubles from `first` up to `cap`; each delay is drawn from the
+/// upper half of the current step, so that clients that failed together do
+/// not all retry at the same instant. [`reset`](Self::reset) after a success
+/// starts again from `first`.
+///
+/// Every retry loop in dlock's libraries uses this one helper, so that
+/// their behaviour under an outage is the same and tested once.
+///
+/// ```
+/// use std::time::Duration;
+/// use dlock_core::backend::Backoff;
+///
+/// let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+/// let first = backoff.next_delay();
+/// assert!(first >= Duration::from_millis(25) && first <= Duration::from_millis(50));
+/// for _ in 0..10 {
+///     assert!(backoff.next_delay() <= Duration::from_secs(2));
+/// }
+/// backoff.reset();
+/// assert!(backoff.next_delay() <= Duration::from_millis(50));
+/// ```
 #[derive(Debug, Clone)]
-pub(crate) struct Backoff {
+pub struct Backoff {
+    first: Duration,
     step: Duration,
     cap: Duration,
 }
 
 impl Backoff {
-    pub(crate) fn new(first: Duration, cap: Duration) -> Self {
+    /// Delays that start at `first` and double up to `cap`.
+    pub fn new(first: Duration, cap: Duration) -> Self {
         Backoff {
+            first: first.min(cap),
             step: first.min(cap),
             cap,
         }
     }
 
-    pub(crate) fn next_delay(&mut self) -> Duration {
+    /// The next delay to wait before retrying, in `[step/2, step]`; the step
+    /// then doubles, up to the cap.
+    pub fn next_delay(&mut self) -> Duration {
         let step = self.step;
         self.step = (self.step * 2).min(self.cap);
         jitter_upper_half(step)
+    }
+
+    /// Starts again from the first delay (after a success).
+    pub fn reset(&mut self) {
+        self.step = self.first;
     }
 }
 

@@ -1,8 +1,9 @@
 //! The guard of a held lock, and how it is kept alive (with `renewals`).
 
 use std::fmt;
-use std::future::pending;
-use std::sync::Arc;
+use std::future::{Future, pending};
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -15,8 +16,9 @@ use crate::background::Background;
 use crate::backoff::Backoff;
 use crate::error::LockError;
 use crate::options::validate_ttl;
-use crate::renewals::Renewals;
-use crate::token::{FencingToken, OwnerToken};
+use crate::owner::OwnerToken;
+use crate::renewals::{Due, Renewals};
+use crate::token::FencingToken;
 
 /// Proof of holding a lock, with the means to keep it and to learn when it is lost.
 ///
@@ -376,6 +378,12 @@ fn valid_until(started: Instant, validity: Duration, ttl: Duration) -> Instant {
     started.checked_add(validity.min(ttl)).unwrap_or(started)
 }
 
+impl Due for GuardShared {
+    fn on_deadline(self: Arc<Self>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(self.look())
+    }
+}
+
 impl GuardShared {
     /// Puts this guard on the renewal schedule for its next look: a third
     /// of the TTL after the last renewal began (but no later than halfway
@@ -391,13 +399,14 @@ impl GuardShared {
         } else {
             state.valid_until
         };
-        self.renewals.schedule_at(self.entry, at, Arc::downgrade(self));
+        let due: Weak<dyn Due> = Arc::downgrade(self) as Weak<GuardShared>;
+        self.renewals.schedule_at(self.entry, at, due);
     }
 
     /// What the renewal schedule runs when this guard's time comes: renew
     /// (or, without auto-renewal, see whether the lease ran out), then
     /// schedule the next look.
-    pub(crate) async fn on_deadline(self: Arc<Self>) {
+    async fn look(self: Arc<Self>) {
         let state = *self.state.borrow();
         if state.lost {
             return;

@@ -35,6 +35,7 @@ mod guard;
 mod locker;
 mod notify;
 mod options;
+mod owner;
 mod renewals;
 mod status;
 mod token;
@@ -46,7 +47,7 @@ pub use backend::{
 };
 pub use notify::{HubSubscription, ReleaseEvents, ReleaseHub};
 pub use options::{validate_timeout, validate_ttl, validate_wait};
-pub use token::OwnerToken;
+pub use owner::OwnerToken;
 pub use user_api::*;
 
 /// Re-exported so that backends implement [`LockBackend`] with the same macro version.

@@ -16,9 +16,9 @@ use crate::error::LockError;
 use crate::guard::{Acquired, LockGuard};
 use crate::notify::ReleaseEvents;
 use crate::options::{DEFAULT_TTL, validate_key, validate_ttl, validate_wait};
+use crate::owner::OwnerToken;
 use crate::renewals::RenewalsByRuntime;
 use crate::status::KeyStatus;
-use crate::token::OwnerToken;
 
 /// Hands out locks from one backend.
 ///

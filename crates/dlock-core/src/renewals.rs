@@ -16,6 +16,8 @@
 //! guard, and started again by the next one if it has ended.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
@@ -24,7 +26,13 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 use tracing::Instrument;
 
-use crate::guard::GuardShared;
+/// What the schedule holds: something to look at when its time comes (a
+/// guard's renewal or loss check). The schedule knows nothing else of
+/// guards, and holds them weakly: a guard dropped meanwhile is skipped.
+pub(crate) trait Due: Send + Sync + 'static {
+    /// The work due now; it runs as a task of its own.
+    fn on_deadline(self: Arc<Self>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
 
 /// A locker's renewal schedules, one per Tokio runtime it is used on.
 #[derive(Default)]
@@ -63,7 +71,7 @@ pub(crate) struct Renewals {
 
 #[derive(Default)]
 struct Schedule {
-    due: BTreeMap<(Instant, u64), Weak<GuardShared>>,
+    due: BTreeMap<(Instant, u64), Weak<dyn Due>>,
     deadline_of: HashMap<u64, Instant>,
     /// When the driver looks at `due` next; `None` while it waits for a wake-up only.
     driver_wakes_at: Option<Instant>,
@@ -107,7 +115,7 @@ impl Renewals {
 
     /// Asks for `guard` (entry `id`) to be looked at `at`: renewed, or
     /// (without auto-renewal) checked for running out. Needs a Tokio runtime.
-    pub(crate) fn schedule_at(self: &Arc<Self>, id: u64, at: Instant, guard: Weak<GuardShared>) {
+    pub(crate) fn schedule_at(self: &Arc<Self>, id: u64, at: Instant, guard: Weak<dyn Due>) {
         let mut schedule = self.schedule();
         if let Some(previous) = schedule.deadline_of.insert(id, at) {
             schedule.due.remove(&(previous, id));
@@ -139,7 +147,7 @@ impl Renewals {
 
     /// Removes and returns the entries due by `now`; records when the driver
     /// looks next.
-    fn take_due(&self, now: Instant) -> (Vec<Weak<GuardShared>>, Option<Instant>) {
+    fn take_due(&self, now: Instant) -> (Vec<Weak<dyn Due>>, Option<Instant>) {
         let mut schedule = self.schedule();
         let mut due = Vec::new();
         while let Some(entry) = schedule.due.first_entry() {

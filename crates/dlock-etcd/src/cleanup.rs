@@ -7,7 +7,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use dlock_core::LockError;
-use dlock_core::backend::OwnerToken;
+use dlock_core::backend::{Backoff, OwnerToken};
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tracing::debug;
 
@@ -188,7 +188,7 @@ pub(crate) async fn retry_until<T, Fut>(
 where
     Fut: Future<Output = Option<T>>,
 {
-    let mut pause = first_pause;
+    let mut backoff = Backoff::new(first_pause, Duration::from_secs(5));
     loop {
         let current = EtcdBackend {
             inner: backend.upgrade()?,
@@ -198,8 +198,7 @@ where
         if let Some(done) = step(current).await {
             return Some(done);
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use dlock_core::backend::Backoff;
 use etcd_client::{
     EventType, WatchFilterType, WatchOptions, WatchRequestSender, WatchResponse, WatchResponseStream,
 };
@@ -122,7 +123,8 @@ struct Hub {
     stream: Option<Stream>,
     /// After a failure, no new stream before then.
     reopen_at: Instant,
-    pause: Duration,
+    /// Pauses between failed streams; reset by every response.
+    backoff: Backoff,
 }
 
 impl Hub {
@@ -135,7 +137,7 @@ impl Hub {
             to_cancel: Vec::new(),
             stream: None,
             reopen_at: Instant::now(),
-            pause: Duration::from_millis(50),
+            backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(2)),
         }
     }
 
@@ -252,7 +254,7 @@ impl Hub {
     }
 
     fn response(&mut self, response: &WatchResponse) {
-        self.pause = Duration::from_millis(50);
+        self.backoff.reset();
         if response.created() {
             let Some(id) = self.unconfirmed.pop_front() else {
                 return;
@@ -303,8 +305,7 @@ impl Hub {
         self.unconfirmed.clear();
         self.to_cancel.clear();
         self.unsent = self.watched.keys().copied().collect();
-        self.reopen_at = Instant::now() + self.pause;
-        self.pause = (self.pause * 2).min(Duration::from_secs(2));
+        self.reopen_at = Instant::now() + self.backoff.next_delay();
     }
 }
 

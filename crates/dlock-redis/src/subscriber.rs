@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, Weak};
 use std::time::Duration;
 
+use dlock_core::backend::Backoff;
 use dlock_core::{LockError, ReleaseEvents, ReleaseHub};
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
@@ -380,7 +381,7 @@ async fn read_messages(subscriber: Weak<Subscriber>, mut stream: PubSubStream, m
         }
         live.wake_everyone();
         warn!("the pub/sub connection closed; reconnecting");
-        let mut pause = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
             if live.nobody_waits() {
                 debug!("nobody waits; the pub/sub connection stays closed until needed");
@@ -398,8 +399,7 @@ async fn read_messages(subscriber: Weak<Subscriber>, mut stream: PubSubStream, m
                     continue 'connection;
                 }
             }
-            sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(2));
+            sleep(backoff.next_delay()).await;
         }
     }
 }

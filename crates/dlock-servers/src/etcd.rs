@@ -3,9 +3,9 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
-use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use crate::process::Pauses;
 use crate::{Result, ServerProcess, free_port, require_program};
 
 /// How long the cluster may take to become healthy.
@@ -113,7 +113,7 @@ impl EtcdCluster {
     /// Waits until every running member reports healthy (which needs a leader).
     pub fn wait_healthy(&self) -> Result {
         let deadline = Instant::now() + READY_WITHIN;
-        let mut pause = Duration::from_millis(10);
+        let mut pauses = Pauses::new();
         loop {
             let healthy = self
                 .members
@@ -132,8 +132,7 @@ impl EtcdCluster {
                     self.log_tails()
                 ));
             }
-            sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(100));
+            pauses.sleep();
         }
     }
 

@@ -88,7 +88,7 @@ impl ServerProcess {
     /// Polls `probe` until it answers true, the process exits, or `timeout` passes.
     pub fn wait_ready(&mut self, timeout: Duration, probe: impl Fn(u16) -> bool) -> Result {
         let deadline = Instant::now() + timeout;
-        let mut pause = Duration::from_millis(5);
+        let mut pauses = Pauses::new();
         loop {
             if probe(self.port) {
                 return Ok(());
@@ -107,8 +107,7 @@ impl ServerProcess {
                     self.log_tail()
                 ));
             }
-            sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(100));
+            pauses.sleep();
         }
     }
 
@@ -242,6 +241,23 @@ fn ephemeral_range() -> Option<(u16, u16)> {
     let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
     let mut numbers = text.split_whitespace().map(|number| number.parse::<u16>().ok());
     Some((numbers.next()??, numbers.next()??))
+}
+
+/// Growing pauses between readiness polls: 5 ms doubling up to 100 ms, so
+/// that a quick server is seen at once and a slow one is not polled hard.
+/// (The libraries use `dlock_core::backend::Backoff`; this crate stays
+/// std-only.)
+pub(crate) struct Pauses(Duration);
+
+impl Pauses {
+    pub(crate) fn new() -> Self {
+        Pauses(Duration::from_millis(5))
+    }
+
+    pub(crate) fn sleep(&mut self) {
+        sleep(self.0);
+        self.0 = (self.0 * 2).min(Duration::from_millis(100));
+    }
 }
 
 #[cfg(test)]

@@ -5,9 +5,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::path::Path;
 use std::process::Command;
-use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use crate::process::Pauses;
 use crate::{Result, ServerProcess, require_program};
 
 /// The name under which the Sentinel group monitors its master.
@@ -362,13 +362,12 @@ pub fn wait_replicated(port: u16) -> Result {
 /// Polls `ready` (with growing pauses up to 100 ms) for up to 30 s.
 fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> Result {
     let deadline = Instant::now() + READY_WITHIN;
-    let mut pause = Duration::from_millis(10);
+    let mut pauses = Pauses::new();
     while !ready() {
         if Instant::now() >= deadline {
             return Err(format!("timed out after {READY_WITHIN:?} waiting for {what}"));
         }
-        sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(100));
+        pauses.sleep();
     }
     Ok(())
 }

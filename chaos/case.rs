@@ -1,0 +1,306 @@
+//! One case: clients contending for the keys on one deployment while the
+//! nemesis injects one fault class.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::check::check;
+use crate::deployment::{Fault, Servers, Target};
+use dlock_core::{FencingToken, LockError, Locker};
+use dlock_testkit::{FaultProxy, FencedResource};
+use tokio::time::timeout;
+
+/// The keys clients contend for.
+pub(crate) const KEYS: [&str; 2] = ["chaos/orders", "chaos/invoices"];
+pub(crate) const CLIENTS: usize = 5;
+/// Client 0 reaches the servers through the fault proxies.
+pub(crate) const PROXIED_CLIENT: usize = 0;
+pub(crate) const TTL: Duration = Duration::from_secs(2);
+pub(crate) const WAIT: Duration = Duration::from_secs(4);
+pub(crate) const HOLD: Duration = Duration::from_millis(5);
+/// An operation is hung when it overruns its own limit by this much.
+pub(crate) const HANG_SLACK: Duration = Duration::from_secs(5);
+/// After a fault ends, how long the system may take to settle.
+pub(crate) const RECOVERY: Duration = Duration::from_secs(4);
+/// A waiter that sees its key free this long (outside faults) and still
+/// times out is stranded: the longest a dead holder's lease can last, plus
+/// a margin for a busy machine.
+pub(crate) const STRANDED_AFTER: Duration = Duration::from_millis(3000);
+
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Tally {
+    pub(crate) acquisitions: usize,
+    pub(crate) lost: usize,
+    pub(crate) stale_rejected: usize,
+    pub(crate) overlapping: usize,
+    pub(crate) stranded: usize,
+    pub(crate) hung: usize,
+    pub(crate) unavailable: usize,
+    pub(crate) pauses: usize,
+    pub(crate) pauses_reported_lost: usize,
+    pub(crate) late_writes_rejected: usize,
+    pub(crate) notes: Vec<String>,
+}
+
+/// State the clients share with the checker.
+pub(crate) struct Shared {
+    pub(crate) resources: Vec<FencedResource>,
+    pub(crate) tally: Mutex<Tally>,
+    /// (key, from acquire to release) of every grant.
+    pub(crate) grants: Mutex<Vec<(usize, Instant, Instant)>>,
+    /// (key, began, gave up) of every wait that timed out.
+    pub(crate) timeouts: Mutex<Vec<(usize, Instant, Instant)>>,
+    pub(crate) pause_next: Vec<AtomicBool>,
+    pub(crate) stop: AtomicBool,
+}
+
+impl Shared {
+    fn tally(&self) -> std::sync::MutexGuard<'_, Tally> {
+        self.tally.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn note(&self, note: String) {
+        let mut tally = self.tally();
+        if tally.notes.len() < 5 {
+            tally.notes.push(note);
+        }
+    }
+}
+
+pub(crate) fn run_case(
+    servers: &mut Servers,
+    network: &tokio::runtime::Runtime,
+    fault: Fault,
+    length: Duration,
+    seed: u64,
+) -> Tally {
+    let shared = Arc::new(Shared {
+        resources: KEYS.iter().map(|_| FencedResource::new()).collect(),
+        tally: Mutex::new(Tally::default()),
+        grants: Mutex::new(Vec::new()),
+        timeouts: Mutex::new(Vec::new()),
+        pause_next: (0..CLIENTS).map(|_| AtomicBool::new(false)).collect(),
+        stop: AtomicBool::new(false),
+    });
+    let proxies = if fault.is_network() {
+        match servers.proxies(network) {
+            Ok(proxies) => proxies,
+            Err(message) => {
+                shared.note(message);
+                return shared.tally().clone();
+            }
+        }
+    } else {
+        Vec::new()
+    };
+    let case_start = Instant::now();
+    let deadline = case_start + length;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            let target = servers.client_addresses(
+                (client == PROXIED_CLIENT && !proxies.is_empty()).then_some(proxies.as_slice()),
+            );
+            let shared = Arc::clone(&shared);
+            let seed = seed ^ (client as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            std::thread::spawn(move || client_process(client, target, shared, deadline, seed))
+        })
+        .collect();
+    let windows = nemesis(servers, &proxies, fault, &shared, deadline, seed);
+    for client in clients {
+        if client.join().is_err() {
+            shared.note("a client thread panicked".to_owned());
+            shared.tally().hung += 1;
+        }
+    }
+    drop(proxies);
+    let mut tally = shared.tally().clone();
+    check(&shared, &windows, &mut tally);
+    tally
+}
+
+/// Injects `fault` in rounds until the case ends; returns the windows
+/// (fault start, end of recovery) during which waits may legitimately fail.
+fn nemesis(
+    servers: &mut Servers,
+    proxies: &[FaultProxy],
+    fault: Fault,
+    shared: &Shared,
+    deadline: Instant,
+    seed: u64,
+) -> Vec<(Instant, Instant)> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut windows = Vec::new();
+    // Let the clients get going first.
+    std::thread::sleep(Duration::from_secs(1));
+    let once = matches!(fault, Fault::Failover);
+    while fault != Fault::None && Instant::now() + RECOVERY < deadline {
+        let began = Instant::now();
+        match fault {
+            Fault::Blackhole => {
+                proxies.iter().for_each(|proxy| proxy.set_blackhole(true));
+                std::thread::sleep(TTL + TTL / 2);
+                proxies.iter().for_each(|proxy| {
+                    proxy.set_blackhole(false);
+                    proxy.cut();
+                });
+            }
+            Fault::Latency => {
+                proxies
+                    .iter()
+                    .for_each(|proxy| proxy.set_latency(Duration::from_millis(300)));
+                std::thread::sleep(Duration::from_secs(2));
+                proxies.iter().for_each(|proxy| proxy.set_latency(Duration::ZERO));
+            }
+            Fault::ClientPause => {
+                shared.pause_next[rng.usize(..CLIENTS)].store(true, Ordering::SeqCst);
+                std::thread::sleep(TTL * 3);
+            }
+            server_side => {
+                if let Err(message) = servers.inject(server_side, &mut rng, TTL) {
+                    shared.note(format!("nemesis: {message}"));
+                }
+            }
+        }
+        let recovered = Instant::now() + RECOVERY;
+        windows.push((began, recovered));
+        std::thread::sleep(RECOVERY.min(deadline.saturating_duration_since(Instant::now())));
+        if once {
+            break;
+        }
+    }
+    windows
+}
+
+fn client_process(client: usize, target: Target, shared: Arc<Shared>, deadline: Instant, seed: u64) {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            shared.note(format!("client {client}: no runtime: {error}"));
+            return;
+        }
+    };
+    runtime.block_on(async {
+        let locker = match connect(&target, deadline).await {
+            Some(locker) => locker,
+            None => {
+                shared.note(format!("client {client}: could not connect before the end"));
+                return;
+            }
+        };
+        let mut rng = fastrand::Rng::with_seed(seed);
+        while Instant::now() < deadline && !shared.stop.load(Ordering::Relaxed) {
+            let key = rng.usize(..KEYS.len());
+            one_round(client, &locker, key, &shared).await;
+        }
+        // Every key must still be obtainable once the faults are over: a
+        // waiter that cannot get a free key is stranded.
+        for key in KEYS {
+            match timeout(WAIT * 3 + HANG_SLACK, locker.lock(key).ttl(TTL).wait(WAIT * 3)).await {
+                Ok(Ok(guard)) => {
+                    let _ = guard.release().await;
+                }
+                Ok(Err(error)) => {
+                    shared.note(format!("client {client}: final acquisition of {}: {error}", key));
+                    shared.tally().stranded += 1;
+                }
+                Err(_) => {
+                    shared.note(format!("client {client}: final acquisition of {} hung", key));
+                    shared.tally().hung += 1;
+                }
+            }
+        }
+    });
+}
+
+/// Connects, retrying while a fault makes the servers unreachable.
+async fn connect(target: &Target, deadline: Instant) -> Option<Locker> {
+    loop {
+        match timeout(HANG_SLACK, target.connect()).await {
+            Ok(Ok(locker)) => return Some(locker),
+            _ if Instant::now() >= deadline => return None,
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+async fn one_round(client: usize, locker: &Locker, key: usize, shared: &Shared) {
+    let began = Instant::now();
+    let request = locker.lock(KEYS[key]).ttl(TTL).wait(WAIT);
+    let guard = match timeout(WAIT + HANG_SLACK, request).await {
+        Err(_) => {
+            shared.note(format!("client {client}: lock({}) overran its wait", KEYS[key]));
+            shared.tally().hung += 1;
+            return;
+        }
+        Ok(Err(LockError::Timeout { .. })) => {
+            shared
+                .timeouts
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((key, began, Instant::now()));
+            return;
+        }
+        Ok(Err(LockError::Unavailable { .. })) => {
+            shared.tally().unavailable += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return;
+        }
+        Ok(Err(error)) => {
+            shared.note(format!("client {client}: {error}"));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return;
+        }
+        Ok(Ok(guard)) => guard,
+    };
+    let acquired = Instant::now();
+    shared.tally().acquisitions += 1;
+    let token = guard.fencing_token();
+    let resource = &shared.resources[key];
+    let _ = resource.write(client, token);
+    if shared.pause_next[client].swap(false, Ordering::SeqCst) {
+        paused_section(client, &guard, token, resource, shared).await;
+    } else {
+        tokio::time::sleep(HOLD).await;
+        let _ = resource.write(client, token);
+    }
+    if !guard.is_held() {
+        shared.tally().lost += 1;
+    }
+    let released = Instant::now();
+    match timeout(HANG_SLACK, guard.release()).await {
+        Err(_) => {
+            shared.note(format!("client {client}: release({}) hung", KEYS[key]));
+            shared.tally().hung += 1;
+        }
+        Ok(_) => {
+            shared
+                .grants
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((key, acquired, released));
+        }
+    }
+}
+
+/// The whole client stalls while holding (a GC pause, SIGSTOP), then tries
+/// to finish its work.
+async fn paused_section(
+    client: usize,
+    guard: &dlock_core::LockGuard,
+    token: FencingToken,
+    resource: &FencedResource,
+    shared: &Shared,
+) {
+    std::thread::sleep(TTL * 2 + TTL / 2);
+    let reported = !guard.is_held() && timeout(TTL, guard.lost()).await.is_ok();
+    let late = resource.write(client, token);
+    let mut tally = shared.tally();
+    tally.pauses += 1;
+    if reported {
+        tally.pauses_reported_lost += 1;
+    }
+    if late.is_err() {
+        tally.late_writes_rejected += 1;
+    }
+}

@@ -1,0 +1,140 @@
+//! The checker: reads the history of a case and counts what must be 0.
+
+use std::collections::HashSet;
+use std::sync::PoisonError;
+use std::time::{Duration, Instant};
+
+use dlock_core::FencingToken;
+use dlock_testkit::EventKind;
+
+use crate::case::{KEYS, STRANDED_AFTER, Shared, Tally};
+
+/// Reads the histories: overlapping accepted writes, stale rejections,
+/// stranded waiters.
+pub(crate) fn check(shared: &Shared, windows: &[(Instant, Instant)], tally: &mut Tally) {
+    for resource in &shared.resources {
+        let mut closed: HashSet<(usize, FencingToken)> = HashSet::new();
+        let mut current: Option<(usize, FencingToken)> = None;
+        for event in resource.history() {
+            match event.kind {
+                EventKind::RejectedStale => tally.stale_rejected += 1,
+                EventKind::Entered => {
+                    let holding = (event.client, event.token);
+                    if current != Some(holding) {
+                        if let Some(previous) = current {
+                            closed.insert(previous);
+                        }
+                        // A holding that wrote again after another holding's
+                        // accepted write: the two interleaved.
+                        if closed.contains(&holding) {
+                            tally.overlapping += 1;
+                            if tally.notes.len() < 5 {
+                                tally.notes.push(format!(
+                                    "overlap: client {} wrote with token {} after another holder",
+                                    event.client, event.token
+                                ));
+                            }
+                        }
+                        current = Some(holding);
+                    }
+                }
+                EventKind::Exited => {}
+            }
+        }
+    }
+    let grants = shared.grants.lock().unwrap_or_else(PoisonError::into_inner);
+    let timeouts = shared.timeouts.lock().unwrap_or_else(PoisonError::into_inner);
+    for &(key, began, gave_up) in timeouts.iter() {
+        let mut busy: Vec<(Instant, Instant)> = grants
+            .iter()
+            .filter(|(granted_key, from, to)| *granted_key == key && *to > began && *from < gave_up)
+            .map(|&(_, from, to)| (from, to))
+            .collect();
+        // Fault windows count as busy: waits may fail there by design.
+        busy.extend(windows.iter().filter(|(from, to)| *to > began && *from < gave_up));
+        busy.sort();
+        let mut free_since = began;
+        let mut longest_free = Duration::ZERO;
+        for (from, to) in busy {
+            longest_free = longest_free.max(from.saturating_duration_since(free_since));
+            free_since = free_since.max(to);
+        }
+        longest_free = longest_free.max(gave_up.saturating_duration_since(free_since));
+        if longest_free > STRANDED_AFTER {
+            tally.stranded += 1;
+            if tally.notes.len() < 5 {
+                tally.notes.push(format!(
+                    "stranded: a waiter on {} timed out although the key was free for {longest_free:.1?}",
+                    KEYS[key]
+                ));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicBool;
+
+    use dlock_testkit::FencedResource;
+
+    use super::*;
+
+    fn shared() -> Shared {
+        Shared {
+            resources: vec![FencedResource::new()],
+            tally: Mutex::new(Tally::default()),
+            grants: Mutex::new(Vec::new()),
+            timeouts: Mutex::new(Vec::new()),
+            pause_next: Vec::new(),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    #[test]
+    fn interleaved_holders_count_as_overlap() {
+        let shared = shared();
+        let resource = &shared.resources[0];
+        // Two holders given the same token (what a lost counter could do):
+        // the fence cannot tell them apart, the checker must.
+        resource.write(1, FencingToken::new(7)).expect("first holder");
+        resource.write(2, FencingToken::new(7)).expect("second holder");
+        resource
+            .write(1, FencingToken::new(7))
+            .expect("first holder again");
+        let mut tally = Tally::default();
+        check(&shared, &[], &mut tally);
+        assert_eq!(tally.overlapping, 1);
+    }
+
+    #[test]
+    fn fenced_late_writes_are_not_overlaps() {
+        let shared = shared();
+        let resource = &shared.resources[0];
+        resource.write(1, FencingToken::new(7)).expect("first holder");
+        resource.write(2, FencingToken::new(8)).expect("second holder");
+        assert!(resource.write(1, FencingToken::new(7)).is_err());
+        let mut tally = Tally::default();
+        check(&shared, &[], &mut tally);
+        assert_eq!((tally.overlapping, tally.stale_rejected), (0, 1));
+    }
+
+    #[test]
+    fn a_timeout_on_a_free_key_is_stranded_unless_a_fault_covers_it() {
+        let shared = shared();
+        let began = Instant::now();
+        let gave_up = began + Duration::from_secs(4);
+        shared
+            .timeouts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((0, began, gave_up));
+        let mut tally = Tally::default();
+        check(&shared, &[], &mut tally);
+        assert_eq!(tally.stranded, 1);
+        let mut tally = Tally::default();
+        check(&shared, &[(began, gave_up)], &mut tally);
+        assert_eq!(tally.stranded, 0);
+    }
+}

@@ -1,0 +1,89 @@
+//! The results table and docs/reliability.md.
+
+use std::time::Duration;
+
+use crate::deployment::{Fault, Kind};
+
+use crate::case::{CLIENTS, HANG_SLACK, HOLD, KEYS, RECOVERY, STRANDED_AFTER, TTL, Tally, WAIT};
+
+pub(crate) fn render(rows: &[(Kind, Fault, Tally)]) -> String {
+    let mut table = String::from(
+        "| deployment | fault | acquisitions | lost-lock signals | stale writes rejected | overlapping accepted writes | stranded waiters | hung operations | unavailable errors | pauses: reported lost / late write rejected |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for (kind, fault, tally) in rows {
+        let pauses = if tally.pauses == 0 {
+            "-".to_owned()
+        } else {
+            format!(
+                "{}: {} / {}",
+                tally.pauses, tally.pauses_reported_lost, tally.late_writes_rejected
+            )
+        };
+        table.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            kind.name(),
+            fault.name(),
+            tally.acquisitions,
+            tally.lost,
+            tally.stale_rejected,
+            tally.overlapping,
+            tally.stranded,
+            tally.hung,
+            tally.unavailable,
+            pauses
+        ));
+    }
+    table
+}
+
+pub(crate) fn reliability_document(
+    table: &str,
+    rows: &[(Kind, Fault, Tally)],
+    seed: u64,
+    per_case: Duration,
+) -> String {
+    let total: usize = rows.iter().map(|(_, _, tally)| tally.acquisitions).sum();
+    format!(
+        "# Reliability\n\n\
+         Written by `cargo xtask chaos` (seed {seed}, {per_case:?} per case, {total} acquisitions in all).\n\
+         Rerun with `cargo xtask chaos --seed {seed}`; the seed fixes the clients' choices and the\n\
+         nemesis's targets, while server timing still varies from run to run.\n\n\
+         ## Method\n\n\
+         For each deployment (servers started on loopback, as in the test suites) and each fault\n\
+         class, {CLIENTS} clients contend for {keys} keys for the length of the case. Each client is a\n\
+         thread with its own Tokio runtime and its own connections, so a pause stalls all of it, like a\n\
+         process. A critical section writes twice to a `FencedResource` (one per key), which turns away\n\
+         a token older than one it has accepted. TTL {ttl:?}, wait {wait:?}, hold {hold:?}.\n\
+         The nemesis waits 1 s, then injects its fault in rounds, each followed by {recovery:?} of recovery.\n\n\
+         - **overlapping accepted writes**: a holder's write accepted after another holder's write\n\
+           (the two critical sections interleaved at the resource). Must be 0.\n\
+         - **stranded waiters**: a `lock()` that timed out although, outside fault windows, its key was\n\
+           free for more than {stranded:?}; and, after the case, any client that cannot get every key\n\
+           within {final_wait:?}. Must be 0.\n\
+         - **hung operations**: `lock()` overrunning its wait, or `release()` taking, more than\n\
+           {slack:?} beyond its limit. Must be 0.\n\
+         - **lost-lock signals**: guards found lost at the end of their critical section.\n\
+         - **stale writes rejected**: writes the fence turned away (late writes of holders that lost\n\
+           their lock).\n\
+         - **unavailable errors**: requests answered `Unavailable` (a majority down, a server away).\n\
+         - **pauses**: holders stalled for {pause:?} (longer than the TTL); each must find its guard\n\
+           lost when it resumes, and its late write is rejected whenever another client took the key\n\
+           meanwhile.\n\n\
+         Sentinel and Cluster clients learn server addresses from the servers, so the fault proxy\n\
+         cannot sit in their path; the network faults run on single Redis, Redlock and etcd.\n\
+         The single server runs with `appendonly yes` and `appendfsync always`, so a restart keeps\n\
+         locks and fencing counters (docs/SAFETY.md). Killed Redlock nodes restart empty after the\n\
+         TTL (the delayed-restart rule).\n\n\
+         ## Results\n\n{table}",
+        keys = KEYS.len(),
+        ttl = TTL,
+        wait = WAIT,
+        hold = HOLD,
+        recovery = RECOVERY,
+        stranded = STRANDED_AFTER,
+        final_wait = WAIT * 3,
+        slack = HANG_SLACK,
+        pause = TTL * 2 + TTL / 2,
+    )
+}
