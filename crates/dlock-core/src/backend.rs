@@ -5,9 +5,10 @@
 pub use async_trait::async_trait;
 
 pub use crate::backoff::Backoff;
+pub use crate::kind::{LockKind, ensure_same_kind};
 
 pub use crate::notify::{HubSubscription, ReleaseEvents, ReleaseHub};
-pub use crate::options::{validate_timeout, validate_ttl, validate_wait};
+pub use crate::options::{validate_permits, validate_timeout, validate_ttl, validate_wait};
 pub use crate::owner::OwnerToken;
 pub use crate::url::{HostListUrl, redact_url};
 
@@ -113,14 +114,6 @@ pub trait LockBackend: Send + Sync + 'static {
     }
 }
 
-/// The kind of lock asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum LockKind {
-    /// One holder at a time (a mutex).
-    Exclusive,
-}
-
 /// One attempt's parameters, built by [`Locker`](crate::Locker).
 #[derive(Debug)]
 #[non_exhaustive]
@@ -148,11 +141,7 @@ impl<'a> AcquireRequest<'a> {
     pub fn require_exclusive(&self) -> Result<(), LockError> {
         match self.kind {
             LockKind::Exclusive => Ok(()),
-            #[allow(unreachable_patterns)] // kinds to come
-            other => Err(LockError::unsupported(
-                Some(self.key),
-                format!("lock kind {other:?}"),
-            )),
+            other => Err(LockError::unsupported(Some(self.key), format!("{other}"))),
         }
     }
 
@@ -162,6 +151,7 @@ impl<'a> AcquireRequest<'a> {
         ttl: Duration,
         auto_renew: bool,
         queue: bool,
+        kind: LockKind,
     ) -> Self {
         AcquireRequest {
             key,
@@ -169,7 +159,7 @@ impl<'a> AcquireRequest<'a> {
             ttl,
             auto_renew,
             queue,
-            kind: LockKind::Exclusive,
+            kind,
         }
     }
 }
@@ -287,6 +277,7 @@ pub struct Lease {
     key: String,
     owner: OwnerToken,
     token: FencingToken,
+    kind: LockKind,
     handle: Option<LeaseHandle>,
 }
 
@@ -295,14 +286,21 @@ impl Lease {
         key: String,
         owner: OwnerToken,
         token: FencingToken,
+        kind: LockKind,
         handle: Option<LeaseHandle>,
     ) -> Self {
         Lease {
             key,
             owner,
             token,
+            kind,
             handle,
         }
+    }
+
+    /// The kind of lock this lease is (a mutex, a semaphore permit).
+    pub fn kind(&self) -> LockKind {
+        self.kind
     }
 
     /// The key, as the user named it.

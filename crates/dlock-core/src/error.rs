@@ -120,6 +120,20 @@ pub enum LockError {
         found: String,
     },
 
+    /// The key is in use as another kind of lock (a mutex asked for as a
+    /// semaphore, or the other way round). dlock never mixes kinds on a key.
+    #[error(
+        "lock `{key}` is in use as {held_as} and was asked for as {asked_as}; use one kind per key (another key or key prefix for the other kind)"
+    )]
+    WrongKind {
+        /// The key, as the user named it.
+        key: String,
+        /// The kind the key is in use as, e.g. "a mutex".
+        held_as: String,
+        /// The kind that was asked for.
+        asked_as: String,
+    },
+
     /// The backend cannot be reached or cannot decide (I/O, connection, no quorum, timeout).
     #[error("{}", unavailable_message(.key.as_deref(), .message))]
     Unavailable {
@@ -208,7 +222,8 @@ impl LockError {
             | LockError::Lost { key, .. }
             | LockError::NotHeld { key, .. }
             | LockError::InvalidKey { key, .. }
-            | LockError::ForeignValue { key, .. } => Some(key),
+            | LockError::ForeignValue { key, .. }
+            | LockError::WrongKind { key, .. } => Some(key),
             LockError::InvalidOptions { key, .. }
             | LockError::Unsupported { key, .. }
             | LockError::Unavailable { key, .. } => key.as_deref(),

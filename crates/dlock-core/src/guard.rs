@@ -11,7 +11,7 @@ use tokio::task::AbortHandle;
 use tokio::time::{Instant, sleep, sleep_until, timeout_at};
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::backend::{ExtendOutcome, Grant, Lease, LockBackend, ReleaseOutcome};
+use crate::backend::{ExtendOutcome, Grant, Lease, LockBackend, LockKind, ReleaseOutcome};
 use crate::background::Background;
 use crate::backoff::Backoff;
 use crate::error::LockError;
@@ -88,6 +88,7 @@ pub(crate) struct Acquired {
     pub(crate) owner: OwnerToken,
     pub(crate) ttl: Duration,
     pub(crate) auto_renew: bool,
+    pub(crate) kind: LockKind,
     pub(crate) started: Instant,
     pub(crate) grant: Grant,
     pub(crate) renewals: Arc<Renewals>,
@@ -102,6 +103,7 @@ impl LockGuard {
             owner,
             ttl,
             auto_renew,
+            kind,
             started,
             grant,
             renewals,
@@ -123,7 +125,7 @@ impl LockGuard {
         let entry = renewals.next_id();
         let shared = Arc::new(GuardShared {
             backend,
-            lease: Lease::new(key, owner, token, handle),
+            lease: Lease::new(key, owner, token, kind, handle),
             auto_renew,
             state: watch::Sender::new(state),
             renewals,

@@ -32,6 +32,7 @@ mod background;
 mod backoff;
 mod error;
 mod guard;
+mod kind;
 mod locker;
 mod notify;
 mod options;
@@ -46,7 +47,7 @@ pub use backend::{
     LockKind, LossSignal, ReleaseOutcome,
 };
 pub use notify::{HubSubscription, ReleaseEvents, ReleaseHub};
-pub use options::{validate_timeout, validate_ttl, validate_wait};
+pub use options::{validate_permits, validate_timeout, validate_ttl, validate_wait};
 pub use owner::OwnerToken;
 pub use user_api::*;
 
@@ -59,9 +60,10 @@ pub use async_trait::async_trait;
 pub mod user_api {
     pub use crate::error::{BoxError, LockError, NotHeldReason};
     pub use crate::guard::LockGuard;
+    pub use crate::kind::LockKind;
     pub use crate::locker::{LockRequest, Locker};
     pub use crate::options::{
-        DEFAULT_TTL, MAX_KEY_LEN, MAX_TTL, MAX_WAIT, MIN_TTL, TTL_LONG, TTL_MEDIUM, TTL_SHORT,
+        DEFAULT_TTL, MAX_KEY_LEN, MAX_PERMITS, MAX_TTL, MAX_WAIT, MIN_TTL, TTL_LONG, TTL_MEDIUM, TTL_SHORT,
         drift_allowance, validate_key,
     };
     pub use crate::status::KeyStatus;

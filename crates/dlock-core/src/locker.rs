@@ -9,13 +9,13 @@ use std::time::Duration;
 use tokio::time::{Instant, sleep, sleep_until};
 use tracing::{Instrument, Span, debug, field, info_span, warn};
 
-use crate::backend::{AcquireRequest, Attempt, LockBackend};
+use crate::backend::{AcquireRequest, Attempt, LockBackend, LockKind};
 use crate::background::Background;
 use crate::backoff::{Backoff, small_jitter};
 use crate::error::LockError;
 use crate::guard::{Acquired, LockGuard};
 use crate::notify::ReleaseEvents;
-use crate::options::{DEFAULT_TTL, validate_key, validate_ttl, validate_wait};
+use crate::options::{DEFAULT_TTL, validate_key, validate_permits, validate_ttl, validate_wait};
 use crate::owner::OwnerToken;
 use crate::renewals::RenewalsByRuntime;
 use crate::status::KeyStatus;
@@ -146,6 +146,47 @@ impl Locker {
             ttl: DEFAULT_TTL,
             wait: None,
             auto_renew: true,
+            kind: LockKind::Exclusive,
+        }
+    }
+
+    /// A request for one permit of the counting semaphore `key`: at most
+    /// `permits` holders at once, each with a lease of its own (its owner
+    /// token, TTL, renewal, loss signal and a fencing token greater than
+    /// every token before it on the key). A crashed holder frees its permit
+    /// when its TTL ends, never anyone else's.
+    ///
+    /// The limit is stored with the key: asking with another limit while
+    /// permits are held is [`LockError::InvalidOptions`] naming both; a key
+    /// in use as a mutex is [`LockError::WrongKind`], and so is a mutex on
+    /// a semaphore's key. `permits` must be 1 to
+    /// [`MAX_PERMITS`](crate::MAX_PERMITS). The request builds like
+    /// [`lock`](Self::lock): `.ttl()`, `.wait()`, `.auto_renew()`,
+    /// `.try_lock()` ([`LockError::Contended`] when every permit is taken),
+    /// `.with_lock()`; on backends that keep a line, waiters get released
+    /// permits in arrival order.
+    ///
+    /// ```
+    /// # use dlock_core::{LockError, Locker};
+    /// # use dlock_testkit::MemoryBackend;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), LockError> {
+    /// let locker = Locker::new(MemoryBackend::new());
+    /// let first = locker.semaphore("crawlers", 2).await?;
+    /// let second = locker.semaphore("crawlers", 2).await?;
+    /// assert!(second.fencing_token() > first.fencing_token());
+    /// // Both permits are taken.
+    /// assert!(matches!(
+    ///     locker.semaphore("crawlers", 2).try_lock().await,
+    ///     Err(LockError::Contended { .. })
+    /// ));
+    /// first.release().await?;
+    /// let third = locker.semaphore("crawlers", 2).try_lock().await?;
+    /// # drop((second, third)); Ok(()) }
+    /// ```
+    pub fn semaphore(&self, key: impl Into<String>, permits: u32) -> LockRequest {
+        LockRequest {
+            kind: LockKind::Semaphore { permits },
+            ..self.lock(key)
         }
     }
 
@@ -185,6 +226,7 @@ pub struct LockRequest {
     ttl: Duration,
     wait: Option<Duration>,
     auto_renew: bool,
+    kind: LockKind,
 }
 
 impl LockRequest {
@@ -269,6 +311,9 @@ impl LockRequest {
     async fn acquire(self, waiting: bool) -> Result<LockGuard, LockError> {
         validate_key(&self.key)?;
         validate_ttl(&self.key, self.ttl)?;
+        if let LockKind::Semaphore { permits } = self.kind {
+            validate_permits(&self.key, permits)?;
+        }
         if let Some(wait) = self.wait {
             if waiting {
                 validate_wait(&self.key, wait)?;
@@ -300,6 +345,7 @@ impl LockRequest {
             ttl,
             wait,
             auto_renew,
+            kind,
         } = self;
         let began = Instant::now();
         let deadline = wait.filter(|_| waiting).map(|wait| began + wait);
@@ -316,7 +362,7 @@ impl LockRequest {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
             let started = Instant::now();
-            let request = AcquireRequest::new(&pending.key, &pending.owner, ttl, auto_renew, waiting);
+            let request = AcquireRequest::new(&pending.key, &pending.owner, ttl, auto_renew, waiting, kind);
             // On error the outcome on the server is unknown; `pending` stays
             // armed and cleans up in the background.
             let attempt = match backend.try_acquire(&request).await {
@@ -353,6 +399,7 @@ impl LockRequest {
                         owner,
                         ttl,
                         auto_renew,
+                        kind,
                         started,
                         grant,
                         renewals: renewals.for_current_runtime(),

@@ -40,6 +40,12 @@ pub const MAX_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// Longest `.wait()` accepted; leave `.wait()` unset to wait without limit.
 pub const MAX_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// The largest semaphore accepted by [`Locker::semaphore`](crate::Locker::semaphore).
+/// A backend checks every live permit of a key in one atomic step, so the
+/// limit bounds that step's work; a resource shared by more holders than
+/// this wants a rate limiter, not a semaphore.
+pub const MAX_PERMITS: u32 = 10_000;
+
 /// How much of a lease is held back for clock drift between client and server:
 /// 1 % of the TTL plus 2 ms, as in the Redlock analysis.
 ///
@@ -132,6 +138,23 @@ pub fn validate_wait(key: &str, wait: Duration) -> Result<(), LockError> {
             format!(
                 "a wait of {wait:?} is over the limit of {MAX_WAIT:?}; leave `.wait()` unset to wait without limit"
             ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a semaphore's limit: 1 to [`MAX_PERMITS`].
+pub fn validate_permits(key: &str, permits: u32) -> Result<(), LockError> {
+    if permits == 0 {
+        return Err(LockError::invalid_options(
+            Some(&preview(key)),
+            "a semaphore of 0 permits could never be acquired; ask for at least 1",
+        ));
+    }
+    if permits > MAX_PERMITS {
+        return Err(LockError::invalid_options(
+            Some(&preview(key)),
+            format!("a semaphore of {permits} permits is over the limit of {MAX_PERMITS}"),
         ));
     }
     Ok(())

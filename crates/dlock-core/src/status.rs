@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::kind::LockKind;
+
 /// A lock as seen from outside, for tools (`dlock status`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -16,6 +18,11 @@ pub struct KeyStatus {
     pub last_token: Option<u64>,
     /// How many acquisitions wait in line (backends with a queue).
     pub waiting: Option<usize>,
+    /// The kind the key is in use as, when the backend knows.
+    pub kind: Option<LockKind>,
+    /// How many leases are held on the key (a semaphore's permits taken),
+    /// when the backend knows.
+    pub holders: Option<usize>,
 }
 
 impl KeyStatus {
@@ -64,6 +71,18 @@ impl KeyStatus {
     /// How many acquisitions wait in line.
     pub fn waiting(mut self, waiting: usize) -> Self {
         self.waiting = Some(waiting);
+        self
+    }
+
+    /// The kind the key is in use as.
+    pub fn kind(mut self, kind: LockKind) -> Self {
+        self.kind = Some(kind);
+        self
+    }
+
+    /// How many leases are held on the key.
+    pub fn holders(mut self, holders: usize) -> Self {
+        self.holders = Some(holders);
         self
     }
 }

@@ -68,7 +68,7 @@ use std::time::Duration;
 
 use dlock_core::backend::{
     AcquireRequest, Attempt, Busy, ExtendOutcome, Grant, Lease, LockBackend, OwnerToken, ReleaseEvents,
-    ReleaseOutcome, async_trait,
+    ReleaseOutcome, async_trait, ensure_same_kind,
 };
 pub use dlock_core::user_api::*;
 pub use redis;
@@ -169,16 +169,18 @@ impl RedisBackend {
         )
     }
 
-    /// Releases (or, for a waiter, leaves the line) and hands the lock to
-    /// the next waiter, shared by `release` and `abandon`.
+    /// Releases with `script` (or, for a waiter, leaves the line) and hands
+    /// the lock or permit to the next waiter: a mutex's or a permit's
+    /// release, or the clean-up that handles both.
     async fn release_to_next(
         &self,
+        script: &'static redis::Script,
         key: &str,
         owner: &OwnerToken,
         doing: &str,
     ) -> Result<ReleaseOutcome, LockError> {
         let call = self
-            .line_call(&scripts::RELEASE_TO_NEXT, key)
+            .line_call(script, key)
             .arg(owner.as_str())
             .arg(millis(self.place_lease()));
         let reply: redis::Value = self.run(key, doing, &call).await?;
@@ -222,7 +224,7 @@ impl RedisBackend {
 
     /// One acquire script on this server, never queueing: the fencing
     /// token when granted, else the holder's remaining TTL (None: the key
-    /// has no TTL).
+    /// has no TTL). A mutex (Redlock's nodes too).
     pub(crate) async fn acquire_once(
         &self,
         key: &str,
@@ -234,28 +236,57 @@ impl RedisBackend {
             .arg(owner.as_str())
             .arg(millis(ttl))
             .arg("");
-        self.acquire_call(key, &call).await
+        self.acquire_call(key, LockKind::Exclusive, &call).await
     }
 
-    /// One acquire script that joins `key`'s line when busy (`joining`) or
-    /// renews the owner's place in it.
+    /// One attempt at a permit of the semaphore `key`, never queueing.
+    async fn acquire_permit_once(
+        &self,
+        key: &str,
+        owner: &OwnerToken,
+        ttl: Duration,
+        permits: u32,
+    ) -> Result<NodeGrant, LockError> {
+        let call = self
+            .call(&scripts::ACQUIRE_PERMIT, key, &[scripts::LOCK, scripts::FENCE])
+            .arg(owner.as_str())
+            .arg(millis(ttl))
+            .arg("")
+            .arg(0)
+            .arg("")
+            .arg(0)
+            .arg(permits);
+        let kind = LockKind::Semaphore { permits };
+        self.acquire_call(key, kind, &call).await
+    }
+
+    /// One acquire script of `kind` that joins `key`'s line when busy
+    /// (`joining`) or renews the owner's place in it.
     async fn acquire_in_line(
         &self,
+        kind: LockKind,
         key: &str,
         owner: &OwnerToken,
         ttl: Duration,
         joining: bool,
         attempt: u64,
     ) -> Result<NodeGrant, LockError> {
-        let call = self
-            .line_call(&scripts::ACQUIRE, key)
+        let script = match kind {
+            LockKind::Semaphore { .. } => &scripts::ACQUIRE_PERMIT,
+            _ => &scripts::ACQUIRE,
+        };
+        let mut call = self
+            .line_call(script, key)
             .arg(owner.as_str())
             .arg(millis(ttl))
             .arg(if joining { "join" } else { "queued" })
             .arg(millis(self.place_lease()))
             .arg(self.inner.subscriber.own_channel())
             .arg(attempt);
-        self.acquire_call(key, &call).await
+        if let LockKind::Semaphore { permits } = kind {
+            call = call.arg(permits);
+        }
+        self.acquire_call(key, kind, &call).await
     }
 
     /// How long a place in line lasts unrenewed (three renewals): a waiter
@@ -272,8 +303,31 @@ impl RedisBackend {
         Grant::new(FencingToken::new(token), ttl.saturating_sub(drift_allowance(ttl)))
     }
 
-    async fn acquire_call(&self, key: &str, call: &ScriptCall) -> Result<NodeGrant, LockError> {
+    async fn acquire_call(
+        &self,
+        key: &str,
+        kind: LockKind,
+        call: &ScriptCall,
+    ) -> Result<NodeGrant, LockError> {
         let reply: redis::Value = self.run(key, "acquiring", call).await?;
+        if let redis::Value::BulkString(text) = &reply {
+            // The key is in use as another kind (or a semaphore with
+            // another limit): the same typed error on every backend.
+            let held_as = match text.as_slice() {
+                b"mutex" => Some(LockKind::Exclusive),
+                other => std::str::from_utf8(other)
+                    .ok()
+                    .and_then(|text| {
+                        text.strip_prefix("semaphore:")
+                            .or_else(|| text.strip_prefix("limit:"))
+                    })
+                    .and_then(|limit| limit.parse().ok())
+                    .map(|permits| LockKind::Semaphore { permits }),
+            };
+            if let Some(held_as) = held_as {
+                ensure_same_kind(key, held_as, kind)?;
+            }
+        }
         match reply {
             redis::Value::Int(token) if token >= 1 => Ok(NodeGrant::Granted(token.unsigned_abs())),
             // 0: the holder's key has no TTL (set by hand); rely on notifications.
@@ -282,6 +336,10 @@ impl RedisBackend {
                 (-1 - busy).unsigned_abs(),
             )))),
             redis::Value::BulkString(text) if text == b"counter" => Err(self.broken_counter(key)),
+            redis::Value::BulkString(text) if text == b"wrongtype" => Err(LockError::ForeignValue {
+                key: key.to_owned(),
+                found: format!("a value of another type at {}", self.lock_key(key)),
+            }),
             _ => Err(LockError::ForeignValue {
                 key: key.to_owned(),
                 found: format!(
@@ -319,6 +377,25 @@ impl RedisBackend {
             1 => None,
             0 => Some(NotHeldReason::Expired),
             _ => Some(NotHeldReason::OtherOwner),
+        })
+    }
+
+    /// One owner-checked extension of a semaphore permit.
+    async fn extend_permit(
+        &self,
+        key: &str,
+        owner: &OwnerToken,
+        ttl: Duration,
+    ) -> Result<Option<NotHeldReason>, LockError> {
+        let call = self
+            .call(&scripts::EXTEND_PERMIT, key, &[scripts::LOCK])
+            .arg(owner.as_str())
+            .arg(millis(ttl));
+        let status: i64 = self.run(key, "extending", &call).await?;
+        Ok(match status {
+            1 => None,
+            // A permit's end takes nothing from the other permits.
+            _ => Some(NotHeldReason::Expired),
         })
     }
 
@@ -392,10 +469,14 @@ fn millis(duration: Duration) -> u64 {
 #[async_trait]
 impl LockBackend for RedisBackend {
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
-        request.require_exclusive()?;
-        let (key, owner, ttl) = (request.key, request.owner, request.ttl);
+        let (key, owner, ttl, kind) = (request.key, request.owner, request.ttl, request.kind);
         if !request.queue {
-            return Ok(match self.acquire_once(key, owner, ttl).await? {
+            let once = match kind {
+                LockKind::Exclusive => self.acquire_once(key, owner, ttl).await?,
+                LockKind::Semaphore { permits } => self.acquire_permit_once(key, owner, ttl, permits).await?,
+                other => return Err(LockError::unsupported(Some(key), other.to_string())),
+            };
+            return Ok(match once {
                 NodeGrant::Granted(token) => Attempt::Acquired(self.grant(token, ttl)),
                 NodeGrant::Busy(Some(remaining)) => Attempt::Busy(Busy::new().retry_after(remaining)),
                 NodeGrant::Busy(None) => Attempt::Busy(Busy::new()),
@@ -431,7 +512,10 @@ impl LockBackend for RedisBackend {
         }
         let attempt = subscriber.begin_attempt(owner.as_str());
         let number = attempt.as_ref().map_or(0, |(number, _)| *number);
-        let remaining = match self.acquire_in_line(key, owner, ttl, !in_line, number).await? {
+        let remaining = match self
+            .acquire_in_line(kind, key, owner, ttl, !in_line, number)
+            .await?
+        {
             NodeGrant::Granted(token) => {
                 if attempt.is_some() {
                     subscriber.leave_line(owner.as_str());
@@ -461,7 +545,11 @@ impl LockBackend for RedisBackend {
     }
 
     async fn extend(&self, lease: &Lease, ttl: Duration) -> Result<ExtendOutcome, LockError> {
-        Ok(match self.extend_once(lease.key(), lease.owner(), ttl).await? {
+        let not_held = match lease.kind() {
+            LockKind::Semaphore { .. } => self.extend_permit(lease.key(), lease.owner(), ttl).await?,
+            _ => self.extend_once(lease.key(), lease.owner(), ttl).await?,
+        };
+        Ok(match not_held {
             None => ExtendOutcome::Extended {
                 validity: ttl.saturating_sub(drift_allowance(ttl)),
             },
@@ -470,13 +558,20 @@ impl LockBackend for RedisBackend {
     }
 
     async fn release(&self, lease: &Lease) -> Result<ReleaseOutcome, LockError> {
-        self.release_to_next(lease.key(), lease.owner(), "releasing")
+        let script = match lease.kind() {
+            LockKind::Semaphore { .. } => &scripts::RELEASE_PERMIT,
+            _ => &scripts::RELEASE_TO_NEXT,
+        };
+        self.release_to_next(script, lease.key(), lease.owner(), "releasing")
             .await
     }
 
     async fn abandon(&self, key: &str, owner: &OwnerToken) -> Result<(), LockError> {
         self.inner.subscriber.leave_line(owner.as_str());
-        self.release_to_next(key, owner, "cleaning up").await.map(drop)
+        // A cancelled request's kind is not known here; the script looks.
+        self.release_to_next(&scripts::ABANDON, key, owner, "cleaning up")
+            .await
+            .map(drop)
     }
 
     async fn subscribe(&self, key: &str) -> Result<ReleaseEvents, LockError> {
@@ -490,11 +585,15 @@ impl LockBackend for RedisBackend {
     /// handed out (never the owner's secret). One round trip.
     async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
         let call = self.call(&scripts::STATUS, key, &[scripts::LOCK, scripts::FENCE]);
-        let (pttl, counter): (i64, i64) = self.run(key, "inspecting", &call).await?;
-        let status = if pttl == -2 {
-            KeyStatus::free()
-        } else {
-            KeyStatus::held()
+        let (pttl, counter, holders, limit): (i64, i64, i64, i64) =
+            self.run(key, "inspecting", &call).await?;
+        let status = match (u32::try_from(limit), usize::try_from(holders)) {
+            (Ok(permits), Ok(holders)) if holders > 0 => KeyStatus::held()
+                .kind(LockKind::Semaphore { permits })
+                .holders(holders),
+            (Ok(_), Ok(_)) => KeyStatus::free(),
+            _ if pttl == -2 => KeyStatus::free(),
+            _ => KeyStatus::held().kind(LockKind::Exclusive).holders(1),
         };
         let status = match u64::try_from(pttl) {
             Ok(left) => status.remaining(Duration::from_millis(left)),

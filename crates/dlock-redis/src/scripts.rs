@@ -129,8 +129,10 @@ impl ToRedisArgs for KeyName<'_> {
 /// server and the client more: `n >= 1` acquired with token `n`; `0` busy,
 /// the holder's key has no TTL; `n <= -1` busy for another `-n - 1` ms.
 /// Returns the string `foreign` when the lock key holds a string that is
-/// not an owner token, and `counter` when the fencing counter is not an
-/// integer (nothing taken). A lock key of another type fails with WRONGTYPE.
+/// not an owner token, `counter` when the fencing counter is not an
+/// integer (nothing taken), `semaphore:N` when the key holds a semaphore's
+/// permits (limit N), `wrongtype` for a key of another type. These cost
+/// nothing on the way to a grant: they are read only once `SET NX` failed.
 pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -148,7 +150,13 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   end
   return token
 end
-local holder = redis.call('GET', KEYS[1])
+local holder = redis.pcall('GET', KEYS[1])
+if type(holder) == 'table' then
+  -- Not a string: a semaphore's permits (a hash with its limit), or not ours.
+  local limit = redis.pcall('HGET', KEYS[1], 'limit')
+  if type(limit) == 'string' then return 'semaphore:' .. limit end
+  return 'wrongtype'
+end
 if holder == ARGV[1] then
   -- A retried request, or a release handed the lock to this waiter.
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -190,9 +198,27 @@ pub(crate) const HAND_OVER_V2: &str = "v2";
 /// when nobody waits or the line is not ours (a key of another type): the
 /// lock key is then left for the caller to delete.
 fn hand_over_lua() -> String {
+    hand_over_lua_granting("hand_over", "redis.call('SET', KEYS[1], waiter, 'PX', px)")
+}
+
+/// [`hand_over_lua`] for a semaphore: the reservation is one more permit
+/// in the hash at `KEYS[1]` (`owner -> end:token`, server ms), and the
+/// hash lasts at least as long as it. Defines `hand_over_permit()`.
+fn hand_over_permit_lua() -> String {
+    hand_over_lua_granting(
+        "hand_over_permit",
+        "redis.call('HSET', KEYS[1], waiter, (now + px) .. ':' .. token)
+        if redis.call('PTTL', KEYS[1]) < px then redis.call('PEXPIRE', KEYS[1], px) end",
+    )
+}
+
+/// The hand-over function `name`, which gives the waiter its reservation
+/// with the Lua statement `grant` (it may use `waiter`, `token`, `px` and
+/// `now`).
+fn hand_over_lua_granting(name: &str, grant: &str) -> String {
     format!(
         r"
-local function hand_over()
+local function {name}()
   local now
   while true do
     local waiter = redis.pcall('LPOP', KEYS[3])
@@ -210,7 +236,7 @@ local function hand_over()
         -- A broken counter: free the lock; each waiter's next attempt reports it.
         if type(token) == 'table' then return false end
         local px = math.min(tonumber(ttl), tonumber(ARGV[2]))
-        redis.call('SET', KEYS[1], waiter, 'PX', px)
+        {grant}
         local message = '{HAND_OVER_V2} ' .. waiter .. ' ' .. token .. ' ' .. attempt .. ' ' .. px
         redis.call('PUBLISH', channel, message)
         return message
@@ -222,32 +248,213 @@ end
     )
 }
 
-/// Release with a line of waiters (single server, Sentinel, Cluster): if
-/// `ARGV[1]` owns the lock, hand it to the next waiter (see `hand_over_lua`) or
-/// delete it; if not, remove `ARGV[1]`'s place in line (a waiter giving
-/// up). Keys as in [`ACQUIRE`]; `ARGV[2]` the longest reservation.
-/// Returns the hand-over message when a waiter got the lock, 1 released
-/// with nobody waiting, 0 no lock, -1 another owner.
+/// Lua for a mutex's release with a line of waiters (single server,
+/// Sentinel, Cluster): `release_lock()`: if `ARGV[1]` owns the lock, hand
+/// it to the next waiter (see `hand_over_lua`) or delete it; if not,
+/// remove `ARGV[1]`'s place in line (a waiter giving up). Returns the
+/// hand-over message when a waiter got the lock, 1 released with nobody
+/// waiting, 0 no lock, -1 another owner.
+const RELEASE_LOCK_LUA: &str = r"
+local function release_lock()
+  local holder = redis.call('GET', KEYS[1])
+  if holder == ARGV[1] then
+    local handed = hand_over()
+    if handed then return handed end
+    redis.call('DEL', KEYS[1])
+    return 1
+  end
+  if redis.pcall('HDEL', KEYS[4], ARGV[1]) == 1 then
+    redis.pcall('LREM', KEYS[3], 1, ARGV[1])
+  end
+  if holder == false then
+    -- The lock may have run out while waiters slept; hand it on now.
+    hand_over()
+    return 0
+  end
+  return -1
+end
+";
+
+/// Lua for a semaphore's permits, kept in a hash at `KEYS[1]`: `limit`
+/// the limit, and one field per holder, `owner -> end:token` (`end` in the
+/// server's ms, from `TIME`: expiry is decided by the server's clock). The
+/// hash's own TTL is at least its longest permit's, so it vanishes with
+/// its holders even if nobody comes back. `live_permits(now)` removes the
+/// permits that ran out and returns the number left, the limit, the end of
+/// the first and of the last to end, and the token of `ARGV[1]`'s permit;
+/// `'foreign'` in place of the count when a field is not dlock's.
+const PERMITS_LUA: &str = r"
+local function server_now()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+local function live_permits(now)
+  local fields = redis.call('HGETALL', KEYS[1])
+  local held, limit, first_end, last_end, mine = 0, nil, nil, 0, nil
+  for i = 1, #fields, 2 do
+    local field, value = fields[i], fields[i + 1]
+    if field == 'limit' then
+      limit = tonumber(value)
+    else
+      local ends, token = string.match(value, '^(%d+):(%d+)$')
+      if not ends then return 'foreign' end
+      ends = tonumber(ends)
+      if ends <= now then
+        redis.call('HDEL', KEYS[1], field)
+      else
+        held = held + 1
+        if field == ARGV[1] then mine = token end
+        if not first_end or ends < first_end then first_end = ends end
+        if ends > last_end then last_end = ends end
+      end
+    end
+  end
+  if not limit and #fields > 0 then return 'foreign' end
+  return held, limit, first_end, last_end, mine
+end
+";
+
+/// Lua for a semaphore's release: `release_permit()`: if `ARGV[1]` holds
+/// a permit, remove it; if not, remove its place in line. Then hand every
+/// free permit to the waiters in line, first come first served (a release
+/// frees one; permits that ran out while the waiters slept free more).
+/// Returns the first hand-over message when `ARGV[1]`'s permit was live
+/// and a waiter got it, 1 released, 0 no live permit, -1 the key is not a
+/// semaphore.
+const RELEASE_PERMIT_LUA: &str = r"
+local function release_permit()
+  local kind = redis.call('TYPE', KEYS[1])['ok']
+  if kind ~= 'hash' then
+    if redis.pcall('HDEL', KEYS[4], ARGV[1]) == 1 then
+      redis.pcall('LREM', KEYS[3], 1, ARGV[1])
+    end
+    if kind == 'none' then return 0 end
+    return -1
+  end
+  local now = server_now()
+  local released = 0
+  local value = redis.call('HGET', KEYS[1], ARGV[1])
+  if value then
+    redis.call('HDEL', KEYS[1], ARGV[1])
+    local ends = tonumber(string.match(value, '^(%d+):') or '0')
+    if ends > now then released = 1 end
+  elseif redis.pcall('HDEL', KEYS[4], ARGV[1]) == 1 then
+    redis.pcall('LREM', KEYS[3], 1, ARGV[1])
+  end
+  local held, limit = live_permits(now)
+  if held == 'foreign' then return -1 end
+  local handed = false
+  while limit and held < limit do
+    local message = hand_over_permit()
+    if not message then break end
+    handed = handed or message
+    held = held + 1
+  end
+  if held == 0 then redis.call('DEL', KEYS[1]) end
+  if released == 1 and handed then return handed end
+  return released
+end
+";
+
+/// Release with a line of waiters (single server, Sentinel, Cluster); see
+/// `release_lock` above. Keys as in [`ACQUIRE`]; `ARGV[2]` the longest
+/// reservation.
 pub(crate) static RELEASE_TO_NEXT: LazyLock<Script> = LazyLock::new(|| {
     let hand_over = hand_over_lua();
+    Script::new(&format!("{hand_over}{RELEASE_LOCK_LUA}\nreturn release_lock()\n"))
+});
+
+/// A semaphore permit's release; see `release_permit` above. Keys and
+/// arguments as for [`RELEASE_TO_NEXT`].
+pub(crate) static RELEASE_PERMIT: LazyLock<Script> = LazyLock::new(|| {
+    let hand_over = hand_over_permit_lua();
     Script::new(&format!(
-        r"{hand_over}
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  local handed = hand_over()
-  if handed then return handed end
-  redis.call('DEL', KEYS[1])
-  return 1
+        "{PERMITS_LUA}{hand_over}{RELEASE_PERMIT_LUA}\nreturn release_permit()\n"
+    ))
+});
+
+/// The clean-up after a request that ended without a guard, which does not
+/// know what the key is: a semaphore's permit or place (a hash at the key),
+/// or a mutex's lock or place. Keys and arguments as for [`RELEASE_TO_NEXT`].
+pub(crate) static ABANDON: LazyLock<Script> = LazyLock::new(|| {
+    let (lock, permit) = (hand_over_lua(), hand_over_permit_lua());
+    Script::new(&format!(
+        r"{PERMITS_LUA}{lock}{permit}{RELEASE_LOCK_LUA}{RELEASE_PERMIT_LUA}
+if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then return release_permit() end
+return release_lock()
+"
+    ))
+});
+
+/// Take one of a semaphore's permits if fewer than `ARGV[7]` are held
+/// (bumping the fencing counter), re-grant a permit to the same owner, or
+/// report when the first permit ends. Keys and `ARGV[1..6]` as in
+/// [`ACQUIRE`], with the same replies, plus `mutex` when the key holds a
+/// mutex's lock and `limit:N` when its permits were taken with limit N.
+pub(crate) static ACQUIRE_PERMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{PERMITS_LUA}
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'string' then
+  local holder = redis.call('GET', KEYS[1])
+  if string.len(holder) == 32 and not string.find(holder, '[^0-9a-f]') then return 'mutex' end
+  return 'foreign'
 end
-if redis.pcall('HDEL', KEYS[4], ARGV[1]) == 1 then
-  redis.pcall('LREM', KEYS[3], 1, ARGV[1])
+if kind ~= 'none' and kind ~= 'hash' then return 'wrongtype' end
+local permits = tonumber(ARGV[7])
+local now = server_now()
+local held, limit, first_end, last_end, mine = live_permits(now)
+if held == 'foreign' then return 'foreign' end
+if held > 0 and limit ~= permits then return 'limit:' .. limit end
+if mine or held < permits then
+  local token = mine
+  if not token then
+    token = redis.pcall('INCR', KEYS[2])
+    if type(token) == 'table' then return 'counter' end
+  end
+  local ends = now + tonumber(ARGV[2])
+  redis.call('HSET', KEYS[1], ARGV[1], ends .. ':' .. token, 'limit', permits)
+  redis.call('PEXPIRE', KEYS[1], math.max(ends, last_end) - now)
+  if ARGV[3] == 'queued' then
+    redis.pcall('HDEL', KEYS[4], ARGV[1])
+    redis.pcall('LREM', KEYS[3], 1, ARGV[1])
+  end
+  return tonumber(token)
 end
-if holder == false then
-  -- The lock may have run out while waiters slept; hand it on now.
-  hand_over()
+if ARGV[3] ~= '' then
+  local deadline = now + tonumber(ARGV[4])
+  if redis.call('HSET', KEYS[4], ARGV[1], string.format('%d:%s:%s:%s', deadline, ARGV[2], ARGV[6], ARGV[5])) == 1 then
+    redis.call('RPUSH', KEYS[3], ARGV[1])
+  end
+  redis.call('PEXPIRE', KEYS[3], 2 * tonumber(ARGV[4]))
+  redis.call('PEXPIRE', KEYS[4], 2 * tonumber(ARGV[4]))
+end
+return -1 - (first_end - now)
+"
+    ))
+});
+
+/// Reset a permit's end to now + `ARGV[2]` ms if `ARGV[1]` still holds it.
+/// Returns 1 extended, 0 no live permit, -1 the key is not a semaphore.
+pub(crate) static EXTEND_PERMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{PERMITS_LUA}
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'none' then return 0 end
+if kind ~= 'hash' then return -1 end
+local value = redis.call('HGET', KEYS[1], ARGV[1])
+if not value then return 0 end
+local ends, token = string.match(value, '^(%d+):(%d+)$')
+local now = server_now()
+if not ends or tonumber(ends) <= now then
+  redis.call('HDEL', KEYS[1], ARGV[1])
   return 0
 end
-return -1
+redis.call('HSET', KEYS[1], ARGV[1], (now + tonumber(ARGV[2])) .. ':' .. token)
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
 "
     ))
 });
@@ -307,13 +514,20 @@ return 1
 
 /// For operators: the lock's remaining TTL in ms (-2 free, -1 no TTL) and
 /// the fencing counter (-1 when absent). Reads only.
+/// A semaphore also answers its live permits and its limit (-1 for a
+/// mutex); its permits that ran out are removed on the way.
 pub(crate) static STATUS: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+    Script::new(&format!(
+        r"{PERMITS_LUA}
 local counter = redis.call('GET', KEYS[2])
-return {redis.call('PTTL', KEYS[1]), tonumber(counter or '-1') or -1}
-",
-    )
+local holders, limit = -1, -1
+if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then
+  local held, permits = live_permits(server_now())
+  if held ~= 'foreign' then holders, limit = held, permits or -1 end
+end
+return {{redis.call('PTTL', KEYS[1]), tonumber(counter or '-1') or -1, holders, limit}}
+"
+    ))
 });
 
 /// For operators: delete the lock whoever holds it, hand it to the next
@@ -321,10 +535,21 @@ return {redis.call('PTTL', KEYS[1]), tonumber(counter or '-1') or -1}
 /// release with an empty message on the key's channel `ARGV[1]` (for
 /// Redlock waiters). Keys as in [`ACQUIRE`]; `ARGV[2]` the longest
 /// reservation. Returns 1 if there was a lock.
+/// A semaphore's permits all end; as many waiters as its limit get one.
 pub(crate) static FORCE_RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    let hand_over = hand_over_lua();
+    let (lock, permit) = (hand_over_lua(), hand_over_permit_lua());
     Script::new(&format!(
-        r"{hand_over}
+        r"{PERMITS_LUA}{lock}{permit}
+if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then
+  local held, limit = live_permits(server_now())
+  redis.call('DEL', KEYS[1])
+  if held == 'foreign' or not limit then return 0 end
+  local handed = 0
+  while handed < limit and hand_over_permit() do handed = handed + 1 end
+  if handed > 0 then redis.call('HSET', KEYS[1], 'limit', limit) end
+  if held > 0 then return 1 end
+  return 0
+end
 local held = redis.call('DEL', KEYS[1])
 if not hand_over() then
   redis.call('PUBLISH', ARGV[1], '')
@@ -361,7 +586,7 @@ mod tests {
 
     #[test]
     fn hand_over_messages_start_with_the_version_word() {
-        let scripts = [&*RELEASE_TO_NEXT, &*FORCE_RELEASE];
+        let scripts = [&*RELEASE_TO_NEXT, &*RELEASE_PERMIT, &*ABANDON, &*FORCE_RELEASE];
         for script in scripts {
             let code = format!("{script:?}");
             assert!(code.contains(&format!("'{HAND_OVER_V2} '")), "{code}");

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dlock_core::backend::{
-    AcquireRequest, Attempt, Busy, ExtendOutcome, Grant, Lease, LockBackend, OwnerToken, ReleaseEvents,
-    ReleaseHub, ReleaseOutcome,
+    AcquireRequest, Attempt, Busy, ExtendOutcome, Grant, Lease, LockBackend, LockKind, OwnerToken,
+    ReleaseEvents, ReleaseHub, ReleaseOutcome, ensure_same_kind,
 };
 use dlock_core::{FencingToken, KeyStatus, LockError, NotHeldReason, drift_allowance};
 use tokio::time::{Instant, sleep};
@@ -78,10 +78,31 @@ struct Inner {
 
 #[derive(Default)]
 struct State {
-    holders: HashMap<String, Holder>,
+    keys: HashMap<String, Entry>,
     fences: HashMap<String, u64>,
     faults: Faults,
     operations: u64,
+}
+
+/// The live leases on one key and the kind they were taken as: one for a
+/// mutex, up to the limit for a semaphore. Entries without leases are removed.
+struct Entry {
+    kind: LockKind,
+    leases: Vec<Holder>,
+}
+
+impl Entry {
+    /// How many leases the key may hold at once.
+    fn capacity(&self) -> usize {
+        match self.kind {
+            LockKind::Semaphore { permits } => permits as usize,
+            _ => 1,
+        }
+    }
+
+    fn lease_of(&mut self, owner: &str) -> Option<&mut Holder> {
+        self.leases.iter_mut().find(|holder| holder.owner == owner)
+    }
 }
 
 struct Holder {
@@ -111,8 +132,8 @@ impl MemoryBackend {
         let ended = {
             let mut state = self.state();
             let now = Instant::now();
-            match state.holders.remove(key) {
-                Some(holder) => holder.expires_at > now,
+            match state.keys.remove(key) {
+                Some(entry) => entry.leases.iter().any(|holder| holder.expires_at > now),
                 None => false,
             }
         };
@@ -139,29 +160,34 @@ impl MemoryBackend {
 
     /// Whether a live lease is held on `key`.
     pub fn is_locked(&self, key: &str) -> bool {
-        let now = Instant::now();
-        self.state()
-            .holders
-            .get(key)
-            .is_some_and(|holder| holder.expires_at > now)
+        self.leases_on(key) > 0
     }
 
-    /// The fencing token of the live lease on `key`, if any.
+    /// Number of live leases on `key` (a semaphore's permits taken).
+    pub fn leases_on(&self, key: &str) -> usize {
+        let now = Instant::now();
+        self.state()
+            .live_entry(key, now)
+            .map_or(0, |entry| entry.leases.len())
+    }
+
+    /// The fencing token of the live lease on `key` (for a semaphore, the
+    /// oldest permit's), if any.
     pub fn holder_token(&self, key: &str) -> Option<FencingToken> {
         let now = Instant::now();
         self.state()
-            .holders
-            .get(key)
-            .filter(|holder| holder.expires_at > now)
-            .map(|holder| FencingToken::new(holder.token))
+            .live_entry(key, now)
+            .and_then(|entry| entry.leases.iter().map(|holder| holder.token).min())
+            .map(FencingToken::new)
     }
 
     /// Number of live leases on all keys.
     pub fn held_count(&self) -> usize {
         let now = Instant::now();
         self.state()
-            .holders
+            .keys
             .values()
+            .flat_map(|entry| &entry.leases)
             .filter(|holder| holder.expires_at > now)
             .count()
     }
@@ -209,61 +235,97 @@ impl MemoryBackend {
 }
 
 impl State {
-    /// The live holder of `key`; an expired one is removed first.
-    fn live_holder(&mut self, key: &str, now: Instant) -> Option<&mut Holder> {
-        if self
-            .holders
-            .get(key)
-            .is_some_and(|holder| holder.expires_at <= now)
-        {
-            self.holders.remove(key);
+    /// The live leases on `key`; expired ones are removed first, and the
+    /// entry with them when none is left.
+    fn live_entry(&mut self, key: &str, now: Instant) -> Option<&mut Entry> {
+        let empty = match self.keys.get_mut(key) {
+            Some(entry) => {
+                entry.leases.retain(|holder| holder.expires_at > now);
+                entry.leases.is_empty()
+            }
+            None => return None,
+        };
+        if empty {
+            self.keys.remove(key);
+            return None;
         }
-        self.holders.get_mut(key)
+        self.keys.get_mut(key)
     }
 
+    /// The live lease of `owner` on `key`, or why there is none.
     fn check_owner(
         &mut self,
         key: &str,
         owner: &OwnerToken,
         now: Instant,
     ) -> Result<&mut Holder, NotHeldReason> {
-        match self.live_holder(key, now) {
-            Some(holder) if holder.owner == owner.as_str() => Ok(holder),
-            Some(_) => Err(NotHeldReason::OtherOwner),
+        let Some(entry) = self.live_entry(key, now) else {
+            return Err(NotHeldReason::Expired);
+        };
+        let exclusive = entry.kind == LockKind::Exclusive;
+        match entry.lease_of(owner.as_str()) {
+            Some(holder) => Ok(holder),
+            // A mutex's key has one lease, someone else's now; a permit's
+            // end takes nothing from the other permits.
+            None if exclusive => Err(NotHeldReason::OtherOwner),
             None => Err(NotHeldReason::Expired),
         }
+    }
+
+    /// Removes `owner`'s lease on `key`; whether there was a live one.
+    fn remove_lease(&mut self, key: &str, owner: &str, now: Instant) -> bool {
+        let Some(entry) = self.live_entry(key, now) else {
+            return false;
+        };
+        let before = entry.leases.len();
+        entry.leases.retain(|holder| holder.owner != owner);
+        let removed = entry.leases.len() < before;
+        if entry.leases.is_empty() {
+            self.keys.remove(key);
+        }
+        removed
     }
 }
 
 #[async_trait]
 impl LockBackend for MemoryBackend {
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
-        request.require_exclusive()?;
+        if !matches!(request.kind, LockKind::Exclusive | LockKind::Semaphore { .. }) {
+            return Err(LockError::unsupported(
+                Some(request.key),
+                request.kind.to_string(),
+            ));
+        }
         self.enter(request.key).await?;
         let now = Instant::now();
         let mut state = self.state();
         let validity = request.ttl.saturating_sub(drift_allowance(request.ttl));
-        if let Some(holder) = state.live_holder(request.key, now) {
-            if holder.owner != request.owner.as_str() {
-                let remaining = holder.expires_at - now;
+        if let Some(entry) = state.live_entry(request.key, now) {
+            ensure_same_kind(request.key, entry.kind, request.kind)?;
+            if let Some(holder) = entry.lease_of(request.owner.as_str()) {
+                // A retried request of the same owner: same lease, same token.
+                holder.expires_at = now + request.ttl;
+                let token = FencingToken::new(holder.token);
+                return Ok(Attempt::Acquired(Grant::new(token, validity)));
+            }
+            if entry.leases.len() >= entry.capacity() {
+                let first_to_end = entry.leases.iter().map(|holder| holder.expires_at).min();
+                let remaining = first_to_end.map_or(Duration::ZERO, |at| at - now);
                 return Ok(Attempt::Busy(Busy::new().retry_after(remaining)));
             }
-            // A retried request of the same owner: same lease, same token.
-            holder.expires_at = now + request.ttl;
-            let token = FencingToken::new(holder.token);
-            return Ok(Attempt::Acquired(Grant::new(token, validity)));
         }
         let fence = state.fences.entry(request.key.to_owned()).or_insert(0);
         *fence += 1;
         let token = *fence;
-        state.holders.insert(
-            request.key.to_owned(),
-            Holder {
-                owner: request.owner.as_str().to_owned(),
-                expires_at: now + request.ttl,
-                token,
-            },
-        );
+        let entry = state.keys.entry(request.key.to_owned()).or_insert_with(|| Entry {
+            kind: request.kind,
+            leases: Vec::new(),
+        });
+        entry.leases.push(Holder {
+            owner: request.owner.as_str().to_owned(),
+            expires_at: now + request.ttl,
+            token,
+        });
         Ok(Attempt::Acquired(Grant::new(FencingToken::new(token), validity)))
     }
 
@@ -289,7 +351,7 @@ impl LockBackend for MemoryBackend {
             let mut state = self.state();
             match state.check_owner(lease.key(), lease.owner(), now) {
                 Ok(_) => {
-                    state.holders.remove(lease.key());
+                    state.remove_lease(lease.key(), lease.owner().as_str(), now);
                     ReleaseOutcome::Released
                 }
                 Err(reason) => ReleaseOutcome::NotHeld(reason),
@@ -304,14 +366,7 @@ impl LockBackend for MemoryBackend {
     async fn abandon(&self, key: &str, owner: &OwnerToken) -> Result<(), LockError> {
         self.enter(key).await?;
         let now = Instant::now();
-        let removed = {
-            let mut state = self.state();
-            let ours = state.check_owner(key, owner, now).is_ok();
-            if ours {
-                state.holders.remove(key);
-            }
-            ours
-        };
+        let removed = self.state().remove_lease(key, owner.as_str(), now);
         if removed {
             self.inner.hub.notify(key);
         }
@@ -328,8 +383,16 @@ impl LockBackend for MemoryBackend {
         let now = Instant::now();
         let mut state = self.state();
         let last_token = state.fences.get(key).copied();
-        let status = match state.live_holder(key, now) {
-            Some(holder) => KeyStatus::held().remaining(holder.expires_at - now),
+        let status = match state.live_entry(key, now) {
+            Some(entry) => {
+                // The lease that ends last: until then the key stays in use.
+                let last_to_end = entry.leases.iter().map(|holder| holder.expires_at).max();
+                let status = KeyStatus::held().kind(entry.kind).holders(entry.leases.len());
+                match last_to_end {
+                    Some(at) => status.remaining(at - now),
+                    None => status,
+                }
+            }
             None => KeyStatus::free(),
         };
         Ok(match last_token {

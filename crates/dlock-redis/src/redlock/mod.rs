@@ -15,7 +15,7 @@ use dlock_core::backend::{
     AcquireRequest, Attempt, Busy, ExtendOutcome, Grant, Lease, LockBackend, OwnerToken, ReleaseEvents,
     ReleaseOutcome, async_trait,
 };
-use dlock_core::{FencingToken, KeyStatus, LockError, NotHeldReason};
+use dlock_core::{FencingToken, KeyStatus, LockError, LockKind, NotHeldReason};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 use tracing::debug;
@@ -152,7 +152,16 @@ impl RedlockBackend {
 #[async_trait]
 impl LockBackend for RedlockBackend {
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
-        request.require_exclusive()?;
+        if request.kind != LockKind::Exclusive {
+            return Err(LockError::unsupported(
+                Some(request.key),
+                format!(
+                    "{} on Redlock (a shared count and a waiting line cannot be kept consistent across \
+                     independent masters without consensus; use RedisBackend or EtcdBackend)",
+                    request.kind
+                ),
+            ));
+        }
         let (key, owner, ttl) = (request.key, request.owner, request.ttl);
         let started = Instant::now();
         let nodes = self.inner.nodes.len();

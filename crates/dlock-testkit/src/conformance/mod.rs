@@ -35,10 +35,12 @@ use tokio::time::{Instant, sleep};
 
 mod basics;
 mod leases;
+mod semaphore;
 mod waiting;
 
 pub use basics::*;
 pub use leases::*;
+pub use semaphore::*;
 pub use waiting::*;
 
 /// What the suite needs from a backend under test.
@@ -72,6 +74,9 @@ pub struct SuiteConfig {
     pub wake_bound: Duration,
     /// The backend grants in arrival order (checked when set).
     pub fifo: bool,
+    /// The backend offers counting semaphores (default true); when off,
+    /// the semaphore checks assert that it refuses them as `Unsupported`.
+    pub semaphores: bool,
 }
 
 impl Default for SuiteConfig {
@@ -80,6 +85,7 @@ impl Default for SuiteConfig {
             short_ttl: Duration::from_secs(1),
             wake_bound: Duration::from_secs(1),
             fifo: false,
+            semaphores: true,
         }
     }
 }
@@ -100,6 +106,12 @@ impl SuiteConfig {
     /// Sets the FIFO flag.
     pub fn fifo(mut self, fifo: bool) -> Self {
         self.fifo = fifo;
+        self
+    }
+
+    /// Sets whether the backend offers semaphores.
+    pub fn semaphores(mut self, semaphores: bool) -> Self {
+        self.semaphores = semaphores;
         self
     }
 }
@@ -166,6 +178,13 @@ macro_rules! conformance_tests {
             waiters_served_in_turn,
             paused_holder_is_fenced,
             operator_views_show_and_break_a_lock,
+            semaphore_admits_up_to_its_limit,
+            semaphore_limit_is_kept_with_the_key,
+            mutex_and_semaphore_do_not_mix,
+            semaphore_bad_limits_are_rejected,
+            semaphore_permits_expire_one_by_one,
+            semaphore_waiter_woken_on_release,
+            semaphore_cancelled_waiters_leave_nothing,
         }
     };
     (@tests (#[$attribute:meta] $harness:expr); $($check:ident,)*) => {
@@ -196,6 +215,7 @@ mod tests {
         let defined: BTreeSet<&str> = [
             include_str!("basics.rs"),
             include_str!("leases.rs"),
+            include_str!("semaphore.rs"),
             include_str!("waiting.rs"),
         ]
         .iter()
