@@ -153,6 +153,5 @@ impl Harness for EtcdHarness {
         SuiteConfig::default()
             .short_ttl(std::time::Duration::from_secs(2))
             .fifo(true)
-            .semaphores(false)
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use dlock_core::{LockError, LockGuard, Locker};
 use dlock_testkit::conformance::unique_key;
-use dlock_testkit::{CheckerConfig, check_mutual_exclusion};
+use dlock_testkit::{CheckerConfig, check_mutual_exclusion, check_semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 
@@ -25,6 +25,7 @@ macro_rules! redis_suite {
 
         $crate::redis_suite!(@cases $deployment;
             mutual_exclusion_16_clients_200_acquisitions,
+            semaphore_16_clients_on_4_permits,
             a_key_of_another_type_is_reported_and_left_alone,
             a_foreign_string_is_reported_and_left_alone,
             a_broken_fencing_counter_is_reported_and_takes_nothing,
@@ -59,6 +60,28 @@ pub async fn mutual_exclusion_16_clients_200_acquisitions(harness: &RedisHarness
     report.assert_clean();
     assert_eq!(report.acquired, 3200);
     assert_eq!(report.history.accepted, 3200);
+}
+
+/// 16 clients (each its own backend) × 50 permits of a 4-permit semaphore:
+/// never more than 4 inside, tokens unique and increasing.
+pub async fn semaphore_16_clients_on_4_permits(harness: &RedisHarness) {
+    let mut lockers = Vec::new();
+    for _ in 0..16 {
+        lockers.push(Locker::new(
+            harness.deployment().connect().await.expect("connect"),
+        ));
+    }
+    let key = unique_key("semaphore-checker");
+    let config = CheckerConfig::default()
+        .load(16, 50)
+        .hold(Duration::from_millis(2));
+    let report = check_semaphore(&lockers, &key, 4, config).await;
+    report.assert_clean();
+    assert_eq!(report.acquired, 800);
+    assert_eq!(
+        report.most_inside, 4,
+        "16 clients must fill the 4 permits: {report:#?}"
+    );
 }
 
 /// A list at the lock key: `ForeignValue` naming the key; the list stays.

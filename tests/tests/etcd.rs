@@ -5,7 +5,7 @@ use std::time::Duration;
 use dlock_core::{LockError, Locker};
 use dlock_etcd::EtcdBackend;
 use dlock_testkit::conformance::unique_key;
-use dlock_testkit::{CheckerConfig, check_mutual_exclusion};
+use dlock_testkit::{CheckerConfig, check_mutual_exclusion, check_semaphore};
 use dlock_tests::{EtcdHarness, assert_unavailable_within, etcd_endpoints, unused_address};
 
 dlock_testkit::conformance_tests!(
@@ -26,6 +26,28 @@ async fn mutual_exclusion_16_clients_200_acquisitions() {
     let report = check_mutual_exclusion(&lockers, &key, CheckerConfig::default().load(16, 200)).await;
     report.assert_clean();
     assert_eq!(report.acquired, 3200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semaphore_16_clients_on_4_permits() {
+    let endpoints = etcd_endpoints();
+    let mut lockers = Vec::new();
+    for _ in 0..16 {
+        lockers.push(Locker::new(
+            EtcdBackend::connect(&endpoints).await.expect("connect"),
+        ));
+    }
+    let key = unique_key("etcd-semaphore-checker");
+    let config = CheckerConfig::default()
+        .load(16, 10)
+        .hold(std::time::Duration::from_millis(30));
+    let report = check_semaphore(&lockers, &key, 4, config).await;
+    report.assert_clean();
+    assert_eq!(report.acquired, 160);
+    assert_eq!(
+        report.most_inside, 4,
+        "16 clients must fill the 4 permits: {report:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,6 +40,7 @@ mod errors;
 mod members;
 mod mutex;
 mod names;
+mod semaphore;
 mod session;
 mod txn;
 mod watches;
@@ -161,15 +162,15 @@ impl EtcdBackend {
 
     /// `owner`'s waiter key name for `key` and its create revision once
     /// known; a name is reserved on the first call.
-    fn queue_entry(&self, key: &str, owner: &OwnerToken) -> (String, Option<i64>) {
+    fn queue_entry(&self, key: &str, owner: &OwnerToken, kind: LockKind) -> (String, Option<i64>) {
         let mut waiting = self.inner.waiting.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(entry) = waiting.get(owner.as_str()) {
             return (entry.as_str().to_owned(), entry.revision);
         }
-        let name = self
-            .inner
-            .reserved
-            .take(&self.queue_prefix(key), &self.inner.client_id);
+        let name = self.inner.reserved.take(
+            &self.queue_prefix(key),
+            &semaphore::name_client(kind, &self.inner.client_id),
+        );
         let entry = WaiterName::new(key, name.clone(), Arc::downgrade(&self.inner));
         waiting.insert(owner.as_str().to_owned(), entry);
         (name, None)
@@ -258,19 +259,33 @@ impl EtcdBackend {
 #[async_trait]
 impl LockBackend for EtcdBackend {
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
-        request.require_exclusive()?;
+        match request.kind {
+            LockKind::Exclusive => {}
+            LockKind::Semaphore { permits } => return self.try_acquire_permit(request, permits).await,
+            other => return Err(LockError::unsupported(Some(request.key), other.to_string())),
+        }
         let started = Instant::now();
         let (key, owner) = (request.key, request.owner);
         // The entry stays in `waiting` until the request acquires or leaves
         // the queue, so that a retry finds its key and `abandon` deletes it.
-        let (waiter, known) = self.queue_entry(key, owner);
+        let (waiter, known) = self.queue_entry(key, owner, LockKind::Exclusive);
         // Waiters queue on the kept-alive session for their TTL, so that a
         // long wait never outlives the waiter key.
         let session = self.session(key, request.ttl).await?;
-        let place = self.stand_in_queue(key, owner, &waiter, known, &session).await?;
+        let place = self
+            .stand_in_queue(key, owner, &waiter, known, &session, oldest_waiter())
+            .await?;
         if place.is_first {
             return self.grant(request, waiter, place, session, started).await;
         }
+        // Busy: a semaphore's permits at the head are refused, not waited for.
+        self.refuse_other_kinds(
+            key,
+            LockKind::Exclusive,
+            &place.ahead,
+            (owner, &waiter, place.revision),
+        )
+        .await?;
         if !request.queue {
             return self.leave_at_once(key, owner, &waiter, place.revision).await;
         }

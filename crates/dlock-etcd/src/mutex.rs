@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::session::Session;
-use crate::txn::{first_kv, oldest_waiter, transact};
+use crate::txn::{first_kv, queue_read, transact};
 use crate::{Binding, EtcdBackend, Held};
 
 /// Where a waiter key stands after an attempt.
@@ -24,6 +24,9 @@ pub(crate) struct Place {
     pub(crate) read_at: i64,
     /// The key is the oldest in the queue: the lock is ours.
     pub(crate) is_first: bool,
+    /// The oldest keys of the queue, as read with it (name, create
+    /// revision), oldest first.
+    pub(crate) ahead: Vec<(String, i64)>,
 }
 
 impl EtcdBackend {
@@ -37,9 +40,9 @@ impl EtcdBackend {
         waiter: &str,
         known: Option<i64>,
         session: &Session,
+        oldest: GetOptions,
     ) -> Result<Place, LockError> {
         let lease = session.lease;
-        let oldest = oldest_waiter();
         let queue = self.queue_prefix(key);
         if known.is_none() {
             self.update_entry(owner, |entry| entry.lease = Some(lease));
@@ -76,14 +79,14 @@ impl EtcdBackend {
         // The lease our key is on, when it is not the session's.
         let mut on_lease = lease;
         let (my_revision, first) = match (known, response.succeeded()) {
-            (None, true) => (header_revision, first_kv(&responses, 1)),
+            (None, true) => (header_revision, queue_read(&responses, 1)),
             // The name is taken: by this request's own write, which a
             // retried attempt finds, or by a write of an earlier request
             // that reached the cluster after that request had given up.
             (None, false) => match first_kv(&responses, 0) {
                 Some(mine) if mine.value() == owner.as_str().as_bytes() => {
                     on_lease = mine.lease();
-                    (mine.create_revision(), first_kv(&responses, 1))
+                    (mine.create_revision(), queue_read(&responses, 1))
                 }
                 Some(stale_key) => {
                     if let Some(mut stale) = self.take_waiting(owner) {
@@ -103,13 +106,13 @@ impl EtcdBackend {
                     ));
                 }
             },
-            (Some(revision), true) => (revision, first_kv(&responses, 0)),
+            (Some(revision), true) => (revision, queue_read(&responses, 0)),
             (Some(revision), false) => match first_kv(&responses, 0) {
                 // Ours, on an older session's lease (that session was given
                 // up): moved onto the current one below.
                 Some(mine) if mine.create_revision() == revision => {
                     on_lease = mine.lease();
-                    (revision, first_kv(&responses, 1))
+                    (revision, queue_read(&responses, 1))
                 }
                 // Our key expired (its lease ended) or was deleted while we
                 // waited: never report success on a key that is gone.
@@ -122,11 +125,13 @@ impl EtcdBackend {
         }
 
         let is_first = first
-            .is_some_and(|head| head.key() == waiter.as_bytes() && head.create_revision() == my_revision);
+            .first()
+            .is_some_and(|(head, revision)| head == waiter && *revision == my_revision);
         Ok(Place {
             revision: my_revision,
             read_at: header_revision,
             is_first,
+            ahead: first,
         })
     }
 

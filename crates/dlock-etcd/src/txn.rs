@@ -104,11 +104,7 @@ impl EtcdBackend {
 
 /// A Get of the oldest waiter key under a queue prefix (the holder).
 pub(crate) fn oldest_waiter() -> GetOptions {
-    GetOptions::new()
-        .with_prefix()
-        .with_sort(SortTarget::Create, SortOrder::Ascend)
-        .with_limit(1)
-        .with_keys_only()
+    oldest_waiters(1)
 }
 
 /// From a failed owner check's Get of the queue head: someone else holds
@@ -135,4 +131,31 @@ pub(crate) fn first_kv(responses: &[TxnOpResponse], index: usize) -> Option<&Key
         Some(TxnOpResponse::Get(get)) => get.kvs().first(),
         _ => None,
     }
+}
+
+/// The keys a Get inside a transaction's responses read: name and create
+/// revision, in the order read.
+pub(crate) fn queue_read(responses: &[TxnOpResponse], index: usize) -> Vec<(String, i64)> {
+    match responses.get(index) {
+        Some(TxnOpResponse::Get(get)) => get
+            .kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.create_revision(),
+                )
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A Get of the `count` oldest waiter keys under a queue prefix.
+pub(crate) fn oldest_waiters(count: i64) -> GetOptions {
+    GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
+        .with_limit(count)
+        .with_keys_only()
 }

@@ -38,6 +38,8 @@ enum Command {
         id: i64,
         key: String,
         from_revision: i64,
+        /// Any change fires, a put too, not only a deletion.
+        puts: bool,
         deleted: oneshot::Sender<()>,
     },
     Forget(i64),
@@ -57,12 +59,23 @@ impl Watches {
     /// Resolves when `key` is deleted at a revision after `after_revision`.
     /// Dropping it cancels the watch.
     pub(crate) fn deletion(&self, key: String, after_revision: i64) -> Deletion {
+        self.watch(key, after_revision, false)
+    }
+
+    /// Resolves when `key` is written or deleted at a revision after
+    /// `after_revision`. Dropping it cancels the watch.
+    pub(crate) fn change(&self, key: String, after_revision: i64) -> Deletion {
+        self.watch(key, after_revision, true)
+    }
+
+    fn watch(&self, key: String, after_revision: i64, puts: bool) -> Deletion {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (deleted, receiver) = oneshot::channel();
         let _ = self.commands.send(Command::Watch {
             id,
             key,
             from_revision: after_revision + 1,
+            puts,
             deleted,
         });
         Deletion {
@@ -102,6 +115,8 @@ struct Watched {
     key: String,
     /// Events from this revision on are still to be seen.
     from_revision: i64,
+    /// A put fires too.
+    puts: bool,
     deleted: oneshot::Sender<()>,
 }
 
@@ -169,6 +184,7 @@ impl Hub {
                 id,
                 key,
                 from_revision,
+                puts,
                 deleted,
             } => {
                 self.watched.insert(
@@ -176,6 +192,7 @@ impl Hub {
                     Watched {
                         key,
                         from_revision,
+                        puts,
                         deleted,
                     },
                 );
@@ -211,10 +228,12 @@ impl Hub {
                 self.unsent.pop_front();
                 continue;
             };
-            let options = WatchOptions::new()
+            let mut options = WatchOptions::new()
                 .with_start_revision(watched.from_revision)
-                .with_filters([WatchFilterType::NoPut])
                 .with_watch_id(id);
+            if !watched.puts {
+                options = options.with_filters([WatchFilterType::NoPut]);
+            }
             let key = watched.key.clone();
             match &mut self.stream {
                 Some(stream) => stream
@@ -280,10 +299,12 @@ impl Hub {
             }
             return;
         }
-        let deleted = response
-            .events()
-            .iter()
-            .any(|event| event.event_type() == EventType::Delete);
+        // A watch with puts filtered out sees deletions only; one without
+        // fires on any event.
+        let deleted = response.events().iter().any(|event| {
+            event.event_type() == EventType::Delete
+                || self.watched.get(&id).is_some_and(|watched| watched.puts)
+        });
         if deleted {
             if let Some(watched) = self.watched.remove(&id) {
                 let _ = watched.deleted.send(());

@@ -210,3 +210,181 @@ async fn run_client(
     }
     outcome
 }
+
+/// What [`check_semaphore`] saw.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct SemaphoreReport {
+    /// The semaphore's limit.
+    pub permits: u32,
+    /// Acquisitions that returned a permit.
+    pub acquired: usize,
+    /// Acquisitions or releases that returned an error.
+    pub failed: usize,
+    /// The most holders seen inside at once.
+    pub most_inside: usize,
+    /// Times a holder entered while `permits` others were inside already.
+    pub over_admissions: usize,
+    /// Tokens handed out twice.
+    pub repeated_tokens: usize,
+    /// Permits whose token was not above the token of a permit released
+    /// before they were asked for.
+    pub tokens_out_of_order: usize,
+    /// The first few errors, as text.
+    pub errors: Vec<String>,
+}
+
+impl SemaphoreReport {
+    /// Panics with the report unless every acquisition worked, no more than
+    /// `permits` holders were ever inside at once, and the tokens were
+    /// unique and increasing.
+    #[track_caller]
+    pub fn assert_clean(&self) {
+        assert!(
+            self.failed == 0
+                && self.over_admissions == 0
+                && self.repeated_tokens == 0
+                && self.tokens_out_of_order == 0
+                && self.most_inside <= self.permits as usize,
+            "semaphore check failed: {self:#?}"
+        );
+    }
+}
+
+/// One permit's life as a client saw it.
+struct PermitSpan {
+    asked: tokio::time::Instant,
+    released: tokio::time::Instant,
+    token: u64,
+}
+
+/// Runs `config.tasks` tasks that each take a permit of the semaphore
+/// `key` (limit `permits`) `config.acquisitions_per_task` times, stay inside
+/// for `config.hold`, and release. A task counts itself inside from the
+/// moment its permit is granted until it calls release, a span within the
+/// permit's lease, so more than `permits` inside at once is a real
+/// over-admission. Tokens must be unique, and a permit asked for after
+/// another was released must carry a higher token.
+///
+/// ```
+/// use dlock_core::Locker;
+/// use dlock_testkit::{CheckerConfig, MemoryBackend, check_semaphore};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// let backend = MemoryBackend::new();
+/// let lockers: Vec<Locker> = (0..4).map(|_| Locker::new(backend.clone())).collect();
+/// let config = CheckerConfig::default().load(8, 25).hold(std::time::Duration::from_millis(1));
+/// let report = check_semaphore(&lockers, "checker/semaphore-doc", 3, config).await;
+/// report.assert_clean();
+/// assert_eq!(report.acquired, 200);
+/// assert!(report.most_inside <= 3);
+/// # }
+/// ```
+pub async fn check_semaphore(
+    lockers: &[Locker],
+    key: &str,
+    permits: u32,
+    config: CheckerConfig,
+) -> SemaphoreReport {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    assert!(!lockers.is_empty(), "check_semaphore needs at least one locker");
+    let inside = Arc::new(AtomicUsize::new(0));
+    let most_inside = Arc::new(AtomicUsize::new(0));
+    let over_admissions = Arc::new(AtomicUsize::new(0));
+    let spans = Arc::new(Mutex::new(Vec::<PermitSpan>::new()));
+    let mut tasks = JoinSet::new();
+    for client in 0..config.tasks {
+        let locker = lockers[client % lockers.len()].clone();
+        let (key, config) = (key.to_owned(), config.clone());
+        let (inside, most_inside, over_admissions) = (
+            Arc::clone(&inside),
+            Arc::clone(&most_inside),
+            Arc::clone(&over_admissions),
+        );
+        let spans = Arc::clone(&spans);
+        tasks.spawn(async move {
+            let (mut acquired, mut errors) = (0usize, Vec::new());
+            for _ in 0..config.acquisitions_per_task {
+                let asked = tokio::time::Instant::now();
+                let permit = match locker
+                    .semaphore(&key, permits)
+                    .ttl(config.ttl)
+                    .wait(config.wait)
+                    .await
+                {
+                    Ok(permit) => permit,
+                    Err(error) => {
+                        errors.push(format!("client {client}: acquire: {error}"));
+                        continue;
+                    }
+                };
+                acquired += 1;
+                let now_inside = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                most_inside.fetch_max(now_inside, Ordering::SeqCst);
+                if now_inside > permits as usize {
+                    over_admissions.fetch_add(1, Ordering::SeqCst);
+                }
+                if config.hold.is_zero() {
+                    for _ in 0..3 {
+                        tokio::task::yield_now().await;
+                    }
+                } else {
+                    tokio::time::sleep(config.hold).await;
+                }
+                inside.fetch_sub(1, Ordering::SeqCst);
+                let token = permit.fencing_token().get();
+                if let Err(error) = permit.release().await {
+                    errors.push(format!("client {client}: release: {error}"));
+                }
+                let released = tokio::time::Instant::now();
+                spans
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(PermitSpan {
+                        asked,
+                        released,
+                        token,
+                    });
+            }
+            (acquired, errors)
+        });
+    }
+    let mut report = SemaphoreReport {
+        permits,
+        ..SemaphoreReport::default()
+    };
+    while let Some(joined) = tasks.join_next().await {
+        let (acquired, errors) =
+            joined.unwrap_or_else(|error| (0, vec![format!("a checker task died: {error}")]));
+        report.acquired += acquired;
+        report.failed += errors.len();
+        report
+            .errors
+            .extend(errors.into_iter().take(10 - report.errors.len().min(10)));
+    }
+    report.most_inside = most_inside.load(Ordering::SeqCst);
+    report.over_admissions = over_admissions.load(Ordering::SeqCst);
+    let mut spans = std::mem::take(&mut *spans.lock().unwrap_or_else(PoisonError::into_inner));
+    let mut tokens: Vec<u64> = spans.iter().map(|span| span.token).collect();
+    tokens.sort_unstable();
+    report.repeated_tokens = tokens.windows(2).filter(|pair| pair[0] == pair[1]).count();
+    // In the order permits were asked for: the highest token among the
+    // permits released before the ask must be below the new permit's.
+    spans.sort_by_key(|span| span.asked);
+    let mut by_release: Vec<(tokio::time::Instant, u64)> =
+        spans.iter().map(|span| (span.released, span.token)).collect();
+    by_release.sort_unstable();
+    let (mut next_release, mut highest_released) = (0, 0u64);
+    for span in &spans {
+        while next_release < by_release.len() && by_release[next_release].0 < span.asked {
+            highest_released = highest_released.max(by_release[next_release].1);
+            next_release += 1;
+        }
+        if span.token <= highest_released {
+            report.tokens_out_of_order += 1;
+        }
+    }
+    report
+}

@@ -19,7 +19,7 @@ mod fenced;
 mod memory;
 mod proxy;
 
-pub use checker::{CheckReport, CheckerConfig, check_mutual_exclusion};
+pub use checker::{CheckReport, CheckerConfig, SemaphoreReport, check_mutual_exclusion, check_semaphore};
 pub use fenced::{Event, EventKind, FencedResource, HistoryReport, Section, StaleToken, check_history};
 pub use memory::{MemoryBackend, MemoryHarness};
 pub use proxy::{Direction, FaultProxy};

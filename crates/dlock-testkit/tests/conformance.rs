@@ -3,7 +3,9 @@
 //! server.
 
 use dlock_core::Locker;
-use dlock_testkit::{CheckerConfig, MemoryHarness, check_mutual_exclusion};
+use std::time::Duration;
+
+use dlock_testkit::{CheckerConfig, MemoryBackend, MemoryHarness, check_mutual_exclusion, check_semaphore};
 
 dlock_testkit::conformance_tests!(
     #[tokio::test(start_paused = true)]
@@ -19,4 +21,37 @@ async fn mutual_exclusion_16_tasks_200_acquisitions() {
     report.assert_clean();
     assert_eq!(report.acquired, 3200);
     assert_eq!(report.history.accepted, 3200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn semaphore_16_tasks_on_4_permits() {
+    let harness = MemoryHarness::new();
+    let lockers: Vec<Locker> = (0..16).map(|_| Locker::new(harness.backend().clone())).collect();
+    let config = CheckerConfig::default()
+        .load(16, 100)
+        .hold(Duration::from_millis(2));
+    let report = check_semaphore(&lockers, "checker/memory-semaphore", 4, config).await;
+    report.assert_clean();
+    assert_eq!(report.acquired, 1600);
+    assert_eq!(
+        report.most_inside, 4,
+        "16 tasks holding 2 ms each must fill all 4 permits"
+    );
+}
+
+/// The semaphore checker catches what it is for: two backends that do
+/// not share state stand for a split brain, each admitting 4.
+#[tokio::test(start_paused = true)]
+async fn the_semaphore_checker_catches_over_admission() {
+    let (one, other) = (MemoryBackend::new(), MemoryBackend::new());
+    let lockers = vec![Locker::new(one), Locker::new(other)];
+    let config = CheckerConfig::default()
+        .load(16, 20)
+        .hold(Duration::from_millis(2));
+    let report = check_semaphore(&lockers, "checker/split-brain", 4, config).await;
+    assert!(
+        report.over_admissions > 0 && report.most_inside > 4,
+        "{report:#?}"
+    );
+    assert!(report.repeated_tokens > 0, "{report:#?}");
 }

@@ -1,0 +1,190 @@
+//! The counting semaphore: the mutex's queue with `permits` holders.
+//!
+//! Waiter keys stand in the key's queue, ordered by create revision, as
+//! for the mutex; a key holds a permit while fewer than `permits` keys
+//! are older. Keys only leave the queue, so a key's place only moves
+//! forward: once it holds a permit it keeps it until its own key goes. Its
+//! create revision is its fencing token, above every token before it.
+//!
+//! A semaphore's waiter keys are named `s{permits}.{client}-{slot}`
+//! (a mutex's `{client}-{slot}`, whose client id is hex), so that every
+//! read of the queue, keys only, tells the kind and the limit of the keys
+//! it sees: a mutex on a semaphore's key, a semaphore on a mutex's, or a
+//! semaphore with another limit is refused before it can be granted.
+//!
+//! Waking: the first waiter (exactly `permits` keys ahead) watches every
+//! holder's key, so the release or expiry of any permit wakes it and it
+//! alone. Every later waiter watches its predecessor for a deletion or a
+//! write: a waiter admitted after waiting writes its key once, which tells
+//! the one behind it that it is now first.
+
+use std::time::Duration;
+
+use dlock_core::backend::{AcquireRequest, Attempt, Busy, ReleaseEvents, ensure_same_kind};
+use dlock_core::{LockError, LockKind};
+use etcd_client::{GetOptions, SortOrder, SortTarget};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::EtcdBackend;
+use crate::txn::oldest_waiters;
+
+/// What the client part of a semaphore's waiter key names starts with.
+const SEMAPHORE_NAME: char = 's';
+
+/// The client part of waiter key names for `kind` (see the module docs).
+pub(crate) fn name_client(kind: LockKind, client_id: &str) -> String {
+    match kind {
+        LockKind::Semaphore { permits } => format!("{SEMAPHORE_NAME}{permits}.{client_id}"),
+        _ => client_id.to_owned(),
+    }
+}
+
+/// The kind of lock a waiter key under `queue_prefix` stands for.
+pub(crate) fn kind_of_name(queue_prefix: &str, name: &str) -> LockKind {
+    let permits = name
+        .strip_prefix(queue_prefix)
+        .and_then(|rest| rest.strip_prefix(SEMAPHORE_NAME))
+        .and_then(|rest| rest.split_once('.'))
+        .and_then(|(permits, _)| permits.parse().ok());
+    match permits {
+        Some(permits) => LockKind::Semaphore { permits },
+        None => LockKind::Exclusive,
+    }
+}
+
+impl EtcdBackend {
+    /// Refuses `asked_as` when a key read from the queue stands for
+    /// another kind or limit; `waiter` (at `revision`) leaves the queue first.
+    pub(crate) async fn refuse_other_kinds(
+        &self,
+        key: &str,
+        asked_as: LockKind,
+        ahead: &[(String, i64)],
+        leaving: (&dlock_core::backend::OwnerToken, &str, i64),
+    ) -> Result<(), LockError> {
+        let prefix = self.queue_prefix(key);
+        for (name, _) in ahead {
+            if let Err(error) = ensure_same_kind(key, kind_of_name(&prefix, name), asked_as) {
+                let (owner, waiter, revision) = leaving;
+                self.leave_at_once(key, owner, waiter, revision).await?;
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+
+    /// One attempt at a permit of the semaphore `request.key`.
+    pub(crate) async fn try_acquire_permit(
+        &self,
+        request: &AcquireRequest<'_>,
+        permits: u32,
+    ) -> Result<Attempt, LockError> {
+        let started = Instant::now();
+        let (key, owner, ttl, kind) = (request.key, request.owner, request.ttl, request.kind);
+        let (waiter, known) = self.queue_entry(key, owner, kind);
+        let session = self.session(key, ttl).await?;
+        let holders = permits as usize;
+        let read = oldest_waiters(i64::from(permits) + 1);
+        let place = self
+            .stand_in_queue(key, owner, &waiter, known, &session, read)
+            .await?;
+        self.refuse_other_kinds(key, kind, &place.ahead, (owner, &waiter, place.revision))
+            .await?;
+        let position = place
+            .ahead
+            .iter()
+            .position(|(name, revision)| *name == waiter && *revision == place.revision);
+        if position.is_some_and(|index| index < holders) {
+            if known.is_some() && request.auto_renew {
+                // Admitted after waiting: one write of our key tells the
+                // waiter behind us that it is first now. (Without renewal
+                // the grant moves the key to a lease of its own, a write too.)
+                self.rebind_key(key, &waiter, owner, place.revision, session.lease)
+                    .await?;
+            }
+            return self.grant(request, waiter, place, session, started).await;
+        }
+        if !request.queue {
+            return self.leave_at_once(key, owner, &waiter, place.revision).await;
+        }
+        if position == Some(holders) {
+            let holder_keys = place.ahead[..holders].iter().map(|(name, _)| name.clone());
+            return Ok(self.watch_holders(holder_keys, place.read_at, ttl));
+        }
+        self.watch_predecessor_change(key, place.revision, ttl).await
+    }
+
+    /// The first waiter: woken by the deletion of any holder's key.
+    fn watch_holders(&self, holder_keys: impl Iterator<Item = String>, seen: i64, ttl: Duration) -> Attempt {
+        let (sender, receiver) = mpsc::channel(1);
+        for holder in holder_keys {
+            let deleted = self.watch_deletion(holder, seen);
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = sender.closed() => {}
+                    () = deleted => { let _ = sender.try_send(()); }
+                }
+            });
+        }
+        Attempt::Busy(
+            Busy::new()
+                .wake(ReleaseEvents::from_channel(receiver))
+                .retry_after(ttl),
+        )
+    }
+
+    /// A later waiter: woken when its immediate predecessor leaves the
+    /// queue or is admitted (it writes its key then).
+    async fn watch_predecessor_change(
+        &self,
+        key: &str,
+        my_revision: i64,
+        ttl: Duration,
+    ) -> Result<Attempt, LockError> {
+        let predecessor = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Descend)
+            .with_max_create_revision(my_revision - 1)
+            .with_limit(1)
+            .with_keys_only();
+        let found = self
+            .read_queue(key, "finding the predecessor", predecessor)
+            .await?;
+        let Some(before) = found.kvs().first() else {
+            return Ok(Attempt::Busy(Busy::new().retry_after(Duration::ZERO)));
+        };
+        let watched = String::from_utf8_lossy(before.key()).into_owned();
+        let seen = found.header().map_or(my_revision, |header| header.revision());
+        let (sender, receiver) = mpsc::channel(1);
+        let changed = self.inner.watches.change(watched, seen);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = sender.closed() => {}
+                () = changed => { let _ = sender.try_send(()); }
+            }
+        });
+        Ok(Attempt::Busy(
+            Busy::new()
+                .wake(ReleaseEvents::from_channel(receiver))
+                .retry_after(ttl),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_tell_the_kind_and_the_limit() {
+        let prefix = "/dlock/6/orders/";
+        let client = "0123456789abcdef0123456789abcdef";
+        let semaphore = LockKind::Semaphore { permits: 12 };
+        let name = format!("{prefix}{}-3", name_client(semaphore, client));
+        assert_eq!(kind_of_name(prefix, &name), semaphore);
+        let name = format!("{prefix}{}-0", name_client(LockKind::Exclusive, client));
+        assert_eq!(kind_of_name(prefix, &name), LockKind::Exclusive);
+    }
+}
