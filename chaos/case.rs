@@ -14,6 +14,10 @@ use tokio::time::timeout;
 /// The keys clients contend for.
 pub(crate) const KEYS: [&str; 2] = ["chaos/orders", "chaos/invoices"];
 pub(crate) const CLIENTS: usize = 5;
+/// The semaphore clients also contend for, on deployments that offer one.
+pub(crate) const SEMAPHORE: &str = "chaos/crawlers";
+/// Its limit: with 5 clients, permits are scarce.
+pub(crate) const PERMITS: u32 = 2;
 /// Client 0 reaches the servers through the fault proxies.
 pub(crate) const PROXIED_CLIENT: usize = 0;
 pub(crate) const TTL: Duration = Duration::from_secs(2);
@@ -40,6 +44,11 @@ pub(crate) struct Tally {
     pub(crate) pauses: usize,
     pub(crate) pauses_reported_lost: usize,
     pub(crate) late_writes_rejected: usize,
+    /// Permits of the semaphore taken.
+    pub(crate) permits: usize,
+    /// Instants at which more than `PERMITS` accepted permit sections were
+    /// inside at once. Must be 0.
+    pub(crate) over_admissions: usize,
     pub(crate) notes: Vec<String>,
 }
 
@@ -51,6 +60,9 @@ pub(crate) struct Shared {
     pub(crate) grants: Mutex<Vec<(usize, Instant, Instant)>>,
     /// (key, began, gave up) of every wait that timed out.
     pub(crate) timeouts: Mutex<Vec<(usize, Instant, Instant)>>,
+    /// (entered, left) of every accepted permit section: one whose guard
+    /// was still held when it left, so its lease covered all of it.
+    pub(crate) permit_sections: Mutex<Vec<(Instant, Instant)>>,
     pub(crate) pause_next: Vec<AtomicBool>,
     pub(crate) stop: AtomicBool,
 }
@@ -74,12 +86,14 @@ pub(crate) fn run_case(
     fault: Fault,
     length: Duration,
     seed: u64,
+    semaphores: bool,
 ) -> Tally {
     let shared = Arc::new(Shared {
         resources: KEYS.iter().map(|_| FencedResource::new()).collect(),
         tally: Mutex::new(Tally::default()),
         grants: Mutex::new(Vec::new()),
         timeouts: Mutex::new(Vec::new()),
+        permit_sections: Mutex::new(Vec::new()),
         pause_next: (0..CLIENTS).map(|_| AtomicBool::new(false)).collect(),
         stop: AtomicBool::new(false),
     });
@@ -103,7 +117,7 @@ pub(crate) fn run_case(
             );
             let shared = Arc::clone(&shared);
             let seed = seed ^ (client as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            std::thread::spawn(move || client_process(client, target, shared, deadline, seed))
+            std::thread::spawn(move || client_process(client, target, shared, deadline, seed, semaphores))
         })
         .collect();
     let windows = nemesis(servers, &proxies, fault, &shared, deadline, seed);
@@ -172,7 +186,14 @@ fn nemesis(
     windows
 }
 
-fn client_process(client: usize, target: Target, shared: Arc<Shared>, deadline: Instant, seed: u64) {
+fn client_process(
+    client: usize,
+    target: Target,
+    shared: Arc<Shared>,
+    deadline: Instant,
+    seed: u64,
+    semaphores: bool,
+) {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -190,8 +211,15 @@ fn client_process(client: usize, target: Target, shared: Arc<Shared>, deadline: 
         };
         let mut rng = fastrand::Rng::with_seed(seed);
         while Instant::now() < deadline && !shared.stop.load(Ordering::Relaxed) {
-            let key = rng.usize(..KEYS.len());
-            one_round(client, &locker, key, &shared).await;
+            // One round in three on the semaphore, where there is one.
+            let pick = rng.usize(..KEYS.len() + 1);
+            if pick == KEYS.len() {
+                if semaphores {
+                    permit_round(client, &locker, &shared).await;
+                }
+                continue;
+            }
+            one_round(client, &locker, pick, &shared).await;
         }
         // Every key must still be obtainable once the faults are over: a
         // waiter that cannot get a free key is stranded.
@@ -280,6 +308,51 @@ async fn one_round(client: usize, locker: &Locker, key: usize, shared: &Shared) 
                 .unwrap_or_else(PoisonError::into_inner)
                 .push((key, acquired, released));
         }
+    }
+}
+
+/// One permit of the semaphore: take it, stay inside for the hold, leave.
+/// The section counts as accepted when the guard was still held at its
+/// end; the checker counts instants with more than `PERMITS` of those.
+async fn permit_round(client: usize, locker: &Locker, shared: &Shared) {
+    let request = locker.semaphore(SEMAPHORE, PERMITS).ttl(TTL).wait(WAIT);
+    let permit = match timeout(WAIT + HANG_SLACK, request).await {
+        Err(_) => {
+            shared.note(format!(
+                "client {client}: semaphore({SEMAPHORE}) overran its wait"
+            ));
+            shared.tally().hung += 1;
+            return;
+        }
+        Ok(Err(LockError::Timeout { .. })) => return,
+        Ok(Err(LockError::Unavailable { .. })) => {
+            shared.tally().unavailable += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return;
+        }
+        Ok(Err(error)) => {
+            shared.note(format!("client {client}: semaphore: {error}"));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return;
+        }
+        Ok(Ok(permit)) => permit,
+    };
+    let entered = Instant::now();
+    shared.tally().permits += 1;
+    tokio::time::sleep(HOLD).await;
+    let left = Instant::now();
+    if permit.is_held() {
+        shared
+            .permit_sections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((entered, left));
+    } else {
+        shared.tally().lost += 1;
+    }
+    if timeout(HANG_SLACK, permit.release()).await.is_err() {
+        shared.note(format!("client {client}: release of a permit hung"));
+        shared.tally().hung += 1;
     }
 }
 

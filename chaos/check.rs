@@ -7,11 +7,17 @@ use std::time::{Duration, Instant};
 use dlock_core::FencingToken;
 use dlock_testkit::EventKind;
 
-use crate::case::{KEYS, STRANDED_AFTER, Shared, Tally};
+use crate::case::{KEYS, PERMITS, STRANDED_AFTER, Shared, Tally};
 
 /// Reads the histories: overlapping accepted writes, stale rejections,
 /// stranded waiters.
 pub(crate) fn check(shared: &Shared, windows: &[(Instant, Instant)], tally: &mut Tally) {
+    let sections = shared
+        .permit_sections
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    tally.over_admissions = over_admissions(&sections, PERMITS);
+    drop(sections);
     for resource in &shared.resources {
         let mut closed: HashSet<(usize, FencingToken)> = HashSet::new();
         let mut current: Option<(usize, FencingToken)> = None;
@@ -72,6 +78,27 @@ pub(crate) fn check(shared: &Shared, windows: &[(Instant, Instant)], tally: &mut
     }
 }
 
+/// Instants at which more than `permits` accepted permit sections were
+/// inside at once: each section that enters while `permits` others are
+/// inside counts once.
+pub(crate) fn over_admissions(sections: &[(Instant, Instant)], permits: u32) -> usize {
+    // Leaving sorts before entering at the same instant: touching sections
+    // do not overlap.
+    let mut events: Vec<(Instant, i32)> = sections
+        .iter()
+        .flat_map(|&(entered, left)| [(entered, 1), (left, -1)])
+        .collect();
+    events.sort_unstable();
+    let (mut inside, mut over) = (0i64, 0);
+    for (_, change) in events {
+        inside += i64::from(change);
+        if change > 0 && inside > i64::from(permits) {
+            over += 1;
+        }
+    }
+    over
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -87,9 +114,22 @@ mod tests {
             tally: Mutex::new(Tally::default()),
             grants: Mutex::new(Vec::new()),
             timeouts: Mutex::new(Vec::new()),
+            permit_sections: Mutex::new(Vec::new()),
             pause_next: Vec::new(),
             stop: AtomicBool::new(false),
         }
+    }
+
+    #[test]
+    fn more_permits_inside_than_the_limit_count_as_over_admissions() {
+        let start = Instant::now();
+        let at = |millis: u64| start + Duration::from_millis(millis);
+        // Two permits: three sections overlap during 20..30 ms.
+        let sections = [(at(0), at(30)), (at(10), at(40)), (at(20), at(50))];
+        assert_eq!(over_admissions(&sections, 2), 1);
+        assert_eq!(over_admissions(&sections, 3), 0);
+        // Back to back is not an overlap.
+        assert_eq!(over_admissions(&[(at(0), at(10)), (at(10), at(20))], 1), 0);
     }
 
     #[test]

@@ -42,6 +42,11 @@ impl Kind {
         }
     }
 
+    /// Whether the deployment offers semaphores (Redlock refuses them).
+    pub(crate) fn offers_semaphores(self) -> bool {
+        self != Kind::Redlock
+    }
+
     /// The fault classes that apply, in the order they run (a failover that
     /// cannot be undone goes last). Sentinel and Cluster clients learn the
     /// servers' addresses from the servers, so a proxy cannot sit in their

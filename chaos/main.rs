@@ -89,15 +89,24 @@ fn main() -> ExitCode {
         for &fault in kind.faults() {
             let seed = rng.u64(..);
             let started = Instant::now();
-            let tally = run_case(&mut servers, &network, fault, per_case, seed);
+            let tally = run_case(
+                &mut servers,
+                &network,
+                fault,
+                per_case,
+                seed,
+                kind.offers_semaphores(),
+            );
             println!(
-                "{:<16} {:<28} {:>5} acquisitions, {} overlapping, {} stranded, {} hung ({:.0?})",
+                "{:<16} {:<28} {:>5} acquisitions, {} overlapping, {} stranded, {} hung, {} permits, {} over-admitted ({:.0?})",
                 kind.name(),
                 fault.name(),
                 tally.acquisitions,
                 tally.overlapping,
                 tally.stranded,
                 tally.hung,
+                tally.permits,
+                tally.over_admissions,
                 started.elapsed()
             );
             for note in &tally.notes {
@@ -116,12 +125,14 @@ fn main() -> ExitCode {
         }
         println!("dlock-chaos: wrote {}", path.display());
     }
-    let failed = rows.iter().any(|(_, _, tally)| {
+    let failed = rows.iter().any(|(kind, _, tally)| {
         tally.overlapping > 0
             || tally.stranded > 0
             || tally.hung > 0
+            || tally.over_admissions > 0
             || tally.pauses_reported_lost < tally.pauses
             || tally.acquisitions == 0
+            || (kind.offers_semaphores() && tally.permits == 0)
     });
     if failed {
         eprintln!("dlock-chaos: FAILED: see the rows above with a non-zero must-be-0 column");

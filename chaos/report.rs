@@ -4,12 +4,14 @@ use std::time::Duration;
 
 use crate::deployment::{Fault, Kind};
 
-use crate::case::{CLIENTS, HANG_SLACK, HOLD, KEYS, RECOVERY, STRANDED_AFTER, TTL, Tally, WAIT};
+use crate::case::{
+    CLIENTS, HANG_SLACK, HOLD, KEYS, PERMITS, RECOVERY, SEMAPHORE, STRANDED_AFTER, TTL, Tally, WAIT,
+};
 
 pub(crate) fn render(rows: &[(Kind, Fault, Tally)]) -> String {
     let mut table = String::from(
-        "| deployment | fault | acquisitions | lost-lock signals | stale writes rejected | overlapping accepted writes | stranded waiters | hung operations | unavailable errors | pauses: reported lost / late write rejected |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "| deployment | fault | acquisitions | lost-lock signals | stale writes rejected | overlapping accepted writes | stranded waiters | hung operations | unavailable errors | pauses: reported lost / late write rejected | permits taken | over-admissions |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|\n",
     );
     for (kind, fault, tally) in rows {
         let pauses = if tally.pauses == 0 {
@@ -21,7 +23,7 @@ pub(crate) fn render(rows: &[(Kind, Fault, Tally)]) -> String {
             )
         };
         table.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             kind.name(),
             fault.name(),
             tally.acquisitions,
@@ -31,7 +33,13 @@ pub(crate) fn render(rows: &[(Kind, Fault, Tally)]) -> String {
             tally.stranded,
             tally.hung,
             tally.unavailable,
-            pauses
+            pauses,
+            permits_cell(*kind, tally.permits),
+            if kind.offers_semaphores() {
+                tally.over_admissions.to_string()
+            } else {
+                "-".to_owned()
+            },
         ));
     }
     table
@@ -63,7 +71,11 @@ pub(crate) fn reliability_document(
            within {final_wait:?}. Must be 0.\n\
          - **hung operations**: `lock()` overrunning its wait, or `release()` taking, more than\n\
            {slack:?} beyond its limit. Must be 0.\n\
-         - **lost-lock signals**: guards found lost at the end of their critical section.\n\
+         - **lost-lock signals**: guards (and permits) found lost at the end of their critical section.\n\
+         - **over-admissions** (deployments with semaphores): one round in three takes a permit of\n\
+           the semaphore `{semaphore}` ({permits} permits) instead of a lock; a permit section counts when\n\
+           its guard was still held at its end, and each one that began while {permits} others were\n\
+           inside is an over-admission. Must be 0.\n\
          - **stale writes rejected**: writes the fence turned away (late writes of holders that lost\n\
            their lock).\n\
          - **unavailable errors**: requests answered `Unavailable` (a majority down, a server away).\n\
@@ -77,6 +89,8 @@ pub(crate) fn reliability_document(
          TTL (the delayed-restart rule).\n\n\
          ## Results\n\n{table}",
         keys = KEYS.len(),
+        semaphore = SEMAPHORE,
+        permits = PERMITS,
         ttl = TTL,
         wait = WAIT,
         hold = HOLD,
@@ -86,4 +100,13 @@ pub(crate) fn reliability_document(
         slack = HANG_SLACK,
         pause = TTL * 2 + TTL / 2,
     )
+}
+
+/// "-" where the deployment has no semaphore (Redlock).
+fn permits_cell(kind: Kind, permits: usize) -> String {
+    if kind.offers_semaphores() {
+        permits.to_string()
+    } else {
+        "-".to_owned()
+    }
 }
