@@ -289,7 +289,8 @@ impl LockBackend for EtcdBackend {
         if !request.queue {
             return self.leave_at_once(key, owner, &waiter, place.revision).await;
         }
-        self.watch_predecessor(key, place.revision, request.ttl).await
+        self.watch_predecessor(key, place.revision, request.ttl, false)
+            .await
     }
 
     async fn extend(&self, lease: &Lease, ttl: Duration) -> Result<ExtendOutcome, LockError> {

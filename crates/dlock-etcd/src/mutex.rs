@@ -211,12 +211,15 @@ impl EtcdBackend {
     }
 
     /// Waits on the immediate predecessor's deletion only, so that a
-    /// release wakes exactly the next waiter.
+    /// release wakes exactly the next waiter; with `admissions`, also on
+    /// its key's write (a semaphore waiter admitted after waiting writes
+    /// its key once, see `semaphore.rs`).
     pub(crate) async fn watch_predecessor(
         &self,
         key: &str,
         my_revision: i64,
         ttl: Duration,
+        admissions: bool,
     ) -> Result<Attempt, LockError> {
         // Watch only the immediate predecessor.
         let predecessor = GetOptions::new()
@@ -235,7 +238,11 @@ impl EtcdBackend {
         let watched = String::from_utf8_lossy(before.key()).into_owned();
         let seen = found.header().map_or(my_revision, |header| header.revision());
         let (sender, receiver) = mpsc::channel(1);
-        let deleted = self.watch_deletion(watched, seen);
+        let deleted = if admissions {
+            self.inner.watches.change(watched, seen)
+        } else {
+            self.watch_deletion(watched, seen)
+        };
         tokio::spawn(async move {
             tokio::select! {
                 () = sender.closed() => {}

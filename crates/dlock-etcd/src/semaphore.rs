@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use dlock_core::backend::{AcquireRequest, Attempt, Busy, ReleaseEvents, ensure_same_kind};
 use dlock_core::{LockError, LockKind};
-use etcd_client::{GetOptions, SortOrder, SortTarget};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -112,7 +111,8 @@ impl EtcdBackend {
             let holder_keys = place.ahead[..holders].iter().map(|(name, _)| name.clone());
             return Ok(self.watch_holders(holder_keys, place.read_at, ttl));
         }
-        self.watch_predecessor_change(key, place.revision, ttl).await
+        // A later waiter: woken when its predecessor leaves or is admitted.
+        self.watch_predecessor(key, place.revision, ttl, true).await
     }
 
     /// The first waiter: woken by the deletion of any holder's key.
@@ -133,43 +133,6 @@ impl EtcdBackend {
                 .wake(ReleaseEvents::from_channel(receiver))
                 .retry_after(ttl),
         )
-    }
-
-    /// A later waiter: woken when its immediate predecessor leaves the
-    /// queue or is admitted (it writes its key then).
-    async fn watch_predecessor_change(
-        &self,
-        key: &str,
-        my_revision: i64,
-        ttl: Duration,
-    ) -> Result<Attempt, LockError> {
-        let predecessor = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Descend)
-            .with_max_create_revision(my_revision - 1)
-            .with_limit(1)
-            .with_keys_only();
-        let found = self
-            .read_queue(key, "finding the predecessor", predecessor)
-            .await?;
-        let Some(before) = found.kvs().first() else {
-            return Ok(Attempt::Busy(Busy::new().retry_after(Duration::ZERO)));
-        };
-        let watched = String::from_utf8_lossy(before.key()).into_owned();
-        let seen = found.header().map_or(my_revision, |header| header.revision());
-        let (sender, receiver) = mpsc::channel(1);
-        let changed = self.inner.watches.change(watched, seen);
-        tokio::spawn(async move {
-            tokio::select! {
-                () = sender.closed() => {}
-                () = changed => { let _ = sender.try_send(()); }
-            }
-        });
-        Ok(Attempt::Busy(
-            Busy::new()
-                .wake(ReleaseEvents::from_channel(receiver))
-                .retry_after(ttl),
-        ))
     }
 }
 

@@ -360,42 +360,32 @@ impl RedisBackend {
         }
     }
 
-    /// One owner-checked extension on this server: `None` when extended,
-    /// else why not.
+    /// One owner-checked extension of a lease of `kind` on this server:
+    /// `None` when extended, else why not.
     pub(crate) async fn extend_once(
         &self,
+        kind: LockKind,
         key: &str,
         owner: &OwnerToken,
         ttl: Duration,
     ) -> Result<Option<NotHeldReason>, LockError> {
+        let permit = matches!(kind, LockKind::Semaphore { .. });
+        let script = if permit {
+            &scripts::EXTEND_PERMIT
+        } else {
+            &scripts::EXTEND
+        };
         let call = self
-            .call(&scripts::EXTEND, key, &[scripts::LOCK])
-            .arg(owner.as_str())
-            .arg(millis(ttl));
-        let status: i64 = self.run(key, "extending", &call).await?;
-        Ok(match status {
-            1 => None,
-            0 => Some(NotHeldReason::Expired),
-            _ => Some(NotHeldReason::OtherOwner),
-        })
-    }
-
-    /// One owner-checked extension of a semaphore permit.
-    async fn extend_permit(
-        &self,
-        key: &str,
-        owner: &OwnerToken,
-        ttl: Duration,
-    ) -> Result<Option<NotHeldReason>, LockError> {
-        let call = self
-            .call(&scripts::EXTEND_PERMIT, key, &[scripts::LOCK])
+            .call(script, key, &[scripts::LOCK])
             .arg(owner.as_str())
             .arg(millis(ttl));
         let status: i64 = self.run(key, "extending", &call).await?;
         Ok(match status {
             1 => None,
             // A permit's end takes nothing from the other permits.
-            _ => Some(NotHeldReason::Expired),
+            _ if permit => Some(NotHeldReason::Expired),
+            0 => Some(NotHeldReason::Expired),
+            _ => Some(NotHeldReason::OtherOwner),
         })
     }
 
@@ -545,10 +535,9 @@ impl LockBackend for RedisBackend {
     }
 
     async fn extend(&self, lease: &Lease, ttl: Duration) -> Result<ExtendOutcome, LockError> {
-        let not_held = match lease.kind() {
-            LockKind::Semaphore { .. } => self.extend_permit(lease.key(), lease.owner(), ttl).await?,
-            _ => self.extend_once(lease.key(), lease.owner(), ttl).await?,
-        };
+        let not_held = self
+            .extend_once(lease.kind(), lease.key(), lease.owner(), ttl)
+            .await?;
         Ok(match not_held {
             None => ExtendOutcome::Extended {
                 validity: ttl.saturating_sub(drift_allowance(ttl)),

@@ -260,7 +260,7 @@ impl LockBackend for RedlockBackend {
                 key,
                 move |_, node, key| {
                     let owner = extending.clone();
-                    async move { node.extend_once(&key, &owner, ttl).await }
+                    async move { node.extend_once(LockKind::Exclusive, &key, &owner, ttl).await }
                 },
                 |answers| {
                     let extended = count(answers, Option::is_none);
