@@ -38,6 +38,7 @@ mod notify;
 mod options;
 mod owner;
 mod renewals;
+mod request;
 mod status;
 mod token;
 mod url;
@@ -61,11 +62,12 @@ pub mod user_api {
     pub use crate::error::{BoxError, LockError, NotHeldReason};
     pub use crate::guard::LockGuard;
     pub use crate::kind::LockKind;
-    pub use crate::locker::{LockRequest, Locker};
+    pub use crate::locker::Locker;
     pub use crate::options::{
         DEFAULT_TTL, MAX_KEY_LEN, MAX_PERMITS, MAX_TTL, MAX_WAIT, MIN_TTL, TTL_LONG, TTL_MEDIUM, TTL_SHORT,
         drift_allowance, validate_key,
     };
+    pub use crate::request::LockRequest;
     pub use crate::status::KeyStatus;
     pub use crate::token::FencingToken;
 }

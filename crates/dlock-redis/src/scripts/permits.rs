@@ -1,0 +1,195 @@
+//! The semaphore's scripts: its permits in a hash at the lock key, the
+//! mutex's line and hand-over reused (see the parent module).
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+use super::{RELEASE_LOCK_LUA, hand_over_lua, hand_over_lua_granting};
+
+/// [`hand_over_lua`] for a semaphore: the reservation is one more permit
+/// in the hash at `KEYS[1]` (`owner -> end:token`, server ms), and the
+/// hash lasts at least as long as it. Defines `hand_over_permit()`.
+pub(super) fn hand_over_permit_lua() -> String {
+    hand_over_lua_granting(
+        "hand_over_permit",
+        "redis.call('HSET', KEYS[1], waiter, (now + px) .. ':' .. token)
+        if redis.call('PTTL', KEYS[1]) < px then redis.call('PEXPIRE', KEYS[1], px) end",
+    )
+}
+
+/// Lua for a semaphore's permits, kept in a hash at `KEYS[1]`: `limit`
+/// the limit, and one field per holder, `owner -> end:token` (`end` in the
+/// server's ms, from `TIME`: expiry is decided by the server's clock). The
+/// hash's own TTL is at least its longest permit's, so it vanishes with
+/// its holders even if nobody comes back. `live_permits(now)` removes the
+/// permits that ran out and returns the number left, the limit, the end of
+/// the first and of the last to end, and the token of `ARGV[1]`'s permit;
+/// `'foreign'` in place of the count when a field is not dlock's.
+pub(super) const PERMITS_LUA: &str = r"
+local function server_now()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+local function live_permits(now)
+  local fields = redis.call('HGETALL', KEYS[1])
+  local held, limit, first_end, last_end, mine = 0, nil, nil, 0, nil
+  for i = 1, #fields, 2 do
+    local field, value = fields[i], fields[i + 1]
+    if field == 'limit' then
+      limit = tonumber(value)
+    else
+      local ends, token = string.match(value, '^(%d+):(%d+)$')
+      if not ends then return 'foreign' end
+      ends = tonumber(ends)
+      if ends <= now then
+        redis.call('HDEL', KEYS[1], field)
+      else
+        held = held + 1
+        if field == ARGV[1] then mine = token end
+        if not first_end or ends < first_end then first_end = ends end
+        if ends > last_end then last_end = ends end
+      end
+    end
+  end
+  if not limit and #fields > 0 then return 'foreign' end
+  return held, limit, first_end, last_end, mine
+end
+";
+
+/// Lua for a semaphore's release: `release_permit()`: if `ARGV[1]` holds
+/// a permit, remove it; if not, remove its place in line. Then hand every
+/// free permit to the waiters in line, first come first served (a release
+/// frees one; permits that ran out while the waiters slept free more).
+/// Returns the first hand-over message when `ARGV[1]`'s permit was live
+/// and a waiter got it, 1 released, 0 no live permit, -1 the key is not a
+/// semaphore.
+const RELEASE_PERMIT_LUA: &str = r"
+local function release_permit()
+  local kind = redis.call('TYPE', KEYS[1])['ok']
+  if kind ~= 'hash' then
+    if redis.pcall('HDEL', KEYS[4], ARGV[1]) == 1 then
+      redis.pcall('LREM', KEYS[3], 1, ARGV[1])
+    end
+    if kind == 'none' then return 0 end
+    return -1
+  end
+  local now = server_now()
+  local released = 0
+  local value = redis.call('HGET', KEYS[1], ARGV[1])
+  if value then
+    redis.call('HDEL', KEYS[1], ARGV[1])
+    local ends = tonumber(string.match(value, '^(%d+):') or '0')
+    if ends > now then released = 1 end
+  elseif redis.pcall('HDEL', KEYS[4], ARGV[1]) == 1 then
+    redis.pcall('LREM', KEYS[3], 1, ARGV[1])
+  end
+  local held, limit = live_permits(now)
+  if held == 'foreign' then return -1 end
+  local handed = false
+  while limit and held < limit do
+    local message = hand_over_permit()
+    if not message then break end
+    handed = handed or message
+    held = held + 1
+  end
+  if held == 0 then redis.call('DEL', KEYS[1]) end
+  if released == 1 and handed then return handed end
+  return released
+end
+";
+
+/// A semaphore permit's release; see `release_permit` above. Keys and
+/// arguments as for [`RELEASE_TO_NEXT`].
+pub(crate) static RELEASE_PERMIT: LazyLock<Script> = LazyLock::new(|| {
+    let hand_over = hand_over_permit_lua();
+    Script::new(&format!(
+        "{PERMITS_LUA}{hand_over}{RELEASE_PERMIT_LUA}\nreturn release_permit()\n"
+    ))
+});
+
+/// The clean-up after a request that ended without a guard, which does not
+/// know what the key is: a semaphore's permit or place (a hash at the key),
+/// or a mutex's lock or place. Keys and arguments as for [`RELEASE_TO_NEXT`].
+pub(crate) static ABANDON: LazyLock<Script> = LazyLock::new(|| {
+    let (lock, permit) = (hand_over_lua(), hand_over_permit_lua());
+    Script::new(&format!(
+        r"{PERMITS_LUA}{lock}{permit}{RELEASE_LOCK_LUA}{RELEASE_PERMIT_LUA}
+if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then return release_permit() end
+return release_lock()
+"
+    ))
+});
+
+/// Take one of a semaphore's permits if fewer than `ARGV[7]` are held
+/// (bumping the fencing counter), re-grant a permit to the same owner, or
+/// report when the first permit ends. Keys and `ARGV[1..6]` as in
+/// [`ACQUIRE`], with the same replies, plus `mutex` when the key holds a
+/// mutex's lock and `limit:N` when its permits were taken with limit N.
+pub(crate) static ACQUIRE_PERMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{PERMITS_LUA}
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'string' then
+  local holder = redis.call('GET', KEYS[1])
+  if string.len(holder) == 32 and not string.find(holder, '[^0-9a-f]') then return 'mutex' end
+  return 'foreign'
+end
+if kind ~= 'none' and kind ~= 'hash' then return 'wrongtype' end
+local permits = tonumber(ARGV[7])
+local now = server_now()
+local held, limit, first_end, last_end, mine = live_permits(now)
+if held == 'foreign' then return 'foreign' end
+if held > 0 and limit ~= permits then return 'limit:' .. limit end
+if mine or held < permits then
+  local token = mine
+  if not token then
+    token = redis.pcall('INCR', KEYS[2])
+    if type(token) == 'table' then return 'counter' end
+  end
+  local ends = now + tonumber(ARGV[2])
+  redis.call('HSET', KEYS[1], ARGV[1], ends .. ':' .. token, 'limit', permits)
+  redis.call('PEXPIRE', KEYS[1], math.max(ends, last_end) - now)
+  if ARGV[3] == 'queued' then
+    redis.pcall('HDEL', KEYS[4], ARGV[1])
+    redis.pcall('LREM', KEYS[3], 1, ARGV[1])
+  end
+  return tonumber(token)
+end
+if ARGV[3] ~= '' then
+  local deadline = now + tonumber(ARGV[4])
+  if redis.call('HSET', KEYS[4], ARGV[1], string.format('%d:%s:%s:%s', deadline, ARGV[2], ARGV[6], ARGV[5])) == 1 then
+    redis.call('RPUSH', KEYS[3], ARGV[1])
+  end
+  redis.call('PEXPIRE', KEYS[3], 2 * tonumber(ARGV[4]))
+  redis.call('PEXPIRE', KEYS[4], 2 * tonumber(ARGV[4]))
+end
+return -1 - (first_end - now)
+"
+    ))
+});
+
+/// Reset a permit's end to now + `ARGV[2]` ms if `ARGV[1]` still holds it.
+/// Returns 1 extended, 0 no live permit, -1 the key is not a semaphore.
+pub(crate) static EXTEND_PERMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{PERMITS_LUA}
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'none' then return 0 end
+if kind ~= 'hash' then return -1 end
+local value = redis.call('HGET', KEYS[1], ARGV[1])
+if not value then return 0 end
+local ends, token = string.match(value, '^(%d+):(%d+)$')
+local now = server_now()
+if not ends or tonumber(ends) <= now then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], (now + tonumber(ARGV[2])) .. ':' .. token)
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"
+    ))
+});
