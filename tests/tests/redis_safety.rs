@@ -252,3 +252,50 @@ async fn pub_sub_cuts_leave_no_waiter_spinning() {
     }
     drop(server);
 }
+
+/// A semaphore waiter that gives up when the key has no permits left (they
+/// all ran out) must not hand the next waiter a mutex's lock: the key stays
+/// a semaphore's, and the next waiter takes a permit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_semaphore_waiter_hands_over_no_mutex() {
+    let deployment = RedisDeployment::single_from_env();
+    let harness = RedisHarness::new(deployment.clone()).await;
+    let holder = locker(&deployment, Duration::from_secs(1)).await;
+    let waiting = locker(&deployment, Duration::from_secs(1)).await;
+    let giving_up = locker(&deployment, Duration::from_secs(1)).await;
+    let key = unique_key("semaphore_abandon");
+    let held = holder
+        .semaphore(&key, 1)
+        .ttl(Duration::from_secs(30))
+        .await
+        .expect("the permit");
+    let waiter = {
+        let (waiting, key) = (waiting.clone(), key.clone());
+        tokio::spawn(async move { waiting.semaphore(&key, 1).wait(Duration::from_secs(20)).await })
+    };
+    let cancelled = {
+        let (giving_up, key) = (giving_up.clone(), key.clone());
+        tokio::spawn(async move { giving_up.semaphore(&key, 1).wait(Duration::from_secs(20)).await })
+    };
+    until_line_is(&harness, &key, 2).await;
+    // Every permit runs out at once (as if the holder had crashed long ago).
+    let lock_key = harness.backend().lock_key(&key);
+    let _: i64 = redis::cmd("DEL")
+        .arg(&lock_key)
+        .query_async(&mut harness.admin())
+        .await
+        .expect("DEL");
+    cancelled.abort();
+    let _ = cancelled.await;
+    giving_up.wait_for_cleanup().await;
+    let kind: String = redis::cmd("TYPE")
+        .arg(&lock_key)
+        .query_async(&mut harness.admin())
+        .await
+        .expect("TYPE");
+    assert_ne!(kind, "string", "a mutex's lock was handed to a semaphore waiter");
+    let permit = got(waiter, "the waiter takes a permit").await;
+    assert!(permit.fencing_token() > held.fencing_token());
+    permit.release().await.expect("release");
+    held.forget();
+}

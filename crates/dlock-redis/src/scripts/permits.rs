@@ -109,14 +109,17 @@ pub(crate) static RELEASE_PERMIT: LazyLock<Script> = LazyLock::new(|| {
 });
 
 /// The clean-up after a request that ended without a guard, which does not
-/// know what the key is: a semaphore's permit or place (a hash at the key),
-/// or a mutex's lock or place. Keys and arguments as for [`RELEASE_TO_NEXT`].
+/// know what the key is: a mutex's lock or place (a string at the key), or
+/// a semaphore's permit or place. With nothing at the key, the waiters in
+/// line may be a semaphore's, whom a mutex's hand-over must not serve: only
+/// the place is removed, and the waiters' next attempts take the key.
+/// Keys and arguments as for [`RELEASE_TO_NEXT`].
 pub(crate) static ABANDON: LazyLock<Script> = LazyLock::new(|| {
     let (lock, permit) = (hand_over_lua(), hand_over_permit_lua());
     Script::new(&format!(
         r"{PERMITS_LUA}{lock}{permit}{RELEASE_LOCK_LUA}{RELEASE_PERMIT_LUA}
-if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then return release_permit() end
-return release_lock()
+if redis.call('TYPE', KEYS[1])['ok'] == 'string' then return release_lock() end
+return release_permit()
 "
     ))
 });
