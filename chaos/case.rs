@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::check::check;
 use crate::deployment::{Fault, Servers, Target};
-use dlock_core::{FencingToken, LockError, Locker};
+use dlock_core::{FencingToken, LockError, LockGuard, LockRequest, Locker};
 use dlock_testkit::{FaultProxy, FencedResource};
 use tokio::time::timeout;
 
@@ -252,16 +252,49 @@ async fn connect(target: &Target, deadline: Instant) -> Option<Locker> {
     }
 }
 
+/// What became of a request that returned no guard.
+enum Missed {
+    /// Its wait ran out (the checker decides whether it was stranded).
+    TimedOut,
+    /// Anything else, already tallied.
+    Tallied,
+}
+
+/// Awaits a lock or permit request (`what` names it in notes) under a hang
+/// bound, and tallies every outcome but a guard and a timeout.
+async fn granted(
+    client: usize,
+    what: &str,
+    request: LockRequest,
+    shared: &Shared,
+) -> Result<LockGuard, Missed> {
+    match timeout(WAIT + HANG_SLACK, request).await {
+        Err(_) => {
+            shared.note(format!("client {client}: {what} overran its wait"));
+            shared.tally().hung += 1;
+            Err(Missed::Tallied)
+        }
+        Ok(Err(LockError::Timeout { .. })) => Err(Missed::TimedOut),
+        Ok(Err(LockError::Unavailable { .. })) => {
+            shared.tally().unavailable += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(Missed::Tallied)
+        }
+        Ok(Err(error)) => {
+            shared.note(format!("client {client}: {what}: {error}"));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(Missed::Tallied)
+        }
+        Ok(Ok(guard)) => Ok(guard),
+    }
+}
+
 async fn one_round(client: usize, locker: &Locker, key: usize, shared: &Shared) {
     let began = Instant::now();
     let request = locker.lock(KEYS[key]).ttl(TTL).wait(WAIT);
-    let guard = match timeout(WAIT + HANG_SLACK, request).await {
-        Err(_) => {
-            shared.note(format!("client {client}: lock({}) overran its wait", KEYS[key]));
-            shared.tally().hung += 1;
-            return;
-        }
-        Ok(Err(LockError::Timeout { .. })) => {
+    let guard = match granted(client, &format!("lock({})", KEYS[key]), request, shared).await {
+        Ok(guard) => guard,
+        Err(Missed::TimedOut) => {
             shared
                 .timeouts
                 .lock()
@@ -269,17 +302,7 @@ async fn one_round(client: usize, locker: &Locker, key: usize, shared: &Shared) 
                 .push((key, began, Instant::now()));
             return;
         }
-        Ok(Err(LockError::Unavailable { .. })) => {
-            shared.tally().unavailable += 1;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            return;
-        }
-        Ok(Err(error)) => {
-            shared.note(format!("client {client}: {error}"));
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            return;
-        }
-        Ok(Ok(guard)) => guard,
+        Err(Missed::Tallied) => return,
     };
     let acquired = Instant::now();
     shared.tally().acquisitions += 1;
@@ -316,26 +339,9 @@ async fn one_round(client: usize, locker: &Locker, key: usize, shared: &Shared) 
 /// end; the checker counts instants with more than `PERMITS` of those.
 async fn permit_round(client: usize, locker: &Locker, shared: &Shared) {
     let request = locker.semaphore(SEMAPHORE, PERMITS).ttl(TTL).wait(WAIT);
-    let permit = match timeout(WAIT + HANG_SLACK, request).await {
-        Err(_) => {
-            shared.note(format!(
-                "client {client}: semaphore({SEMAPHORE}) overran its wait"
-            ));
-            shared.tally().hung += 1;
-            return;
-        }
-        Ok(Err(LockError::Timeout { .. })) => return,
-        Ok(Err(LockError::Unavailable { .. })) => {
-            shared.tally().unavailable += 1;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            return;
-        }
-        Ok(Err(error)) => {
-            shared.note(format!("client {client}: semaphore: {error}"));
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            return;
-        }
-        Ok(Ok(permit)) => permit,
+    let what = format!("semaphore({SEMAPHORE})");
+    let Ok(permit) = granted(client, &what, request, shared).await else {
+        return;
     };
     let entered = Instant::now();
     shared.tally().permits += 1;
@@ -360,7 +366,7 @@ async fn permit_round(client: usize, locker: &Locker, shared: &Shared) {
 /// to finish its work.
 async fn paused_section(
     client: usize,
-    guard: &dlock_core::LockGuard,
+    guard: &LockGuard,
     token: FencingToken,
     resource: &FencedResource,
     shared: &Shared,

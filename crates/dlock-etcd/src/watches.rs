@@ -301,10 +301,11 @@ impl Hub {
         }
         // A watch with puts filtered out sees deletions only; one without
         // fires on any event.
-        let deleted = response.events().iter().any(|event| {
-            event.event_type() == EventType::Delete
-                || self.watched.get(&id).is_some_and(|watched| watched.puts)
-        });
+        let puts = self.watched.get(&id).is_some_and(|watched| watched.puts);
+        let deleted = response
+            .events()
+            .iter()
+            .any(|event| puts || event.event_type() == EventType::Delete);
         if deleted {
             if let Some(watched) = self.watched.remove(&id) {
                 let _ = watched.deleted.send(());

@@ -139,7 +139,7 @@ impl ToRedisArgs for KeyName<'_> {
 /// permits (limit N), `wrongtype` for a key of another type. These cost
 /// nothing on the way to a grant: they are read only once `SET NX` failed.
 pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
         r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local token = redis.pcall('INCR', KEYS[2])
@@ -173,16 +173,23 @@ end
 if ARGV[3] ~= '' then
   local now = redis.call('TIME')
   local deadline = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[4])
+  {TAKE_PLACE_LUA}
+end
+return -1 - redis.call('PTTL', KEYS[1])
+"
+    ))
+});
+
+/// Lua statements that take `ARGV[1]`'s place in the line (at its end) or
+/// renew it, until `deadline` (server ms); spliced into both acquire
+/// scripts where a waiter found the key busy.
+const TAKE_PLACE_LUA: &str = r"
   if redis.call('HSET', KEYS[4], ARGV[1], string.format('%d:%s:%s:%s', deadline, ARGV[2], ARGV[6], ARGV[5])) == 1 then
     redis.call('RPUSH', KEYS[3], ARGV[1])
   end
   redis.call('PEXPIRE', KEYS[3], 2 * tonumber(ARGV[4]))
   redis.call('PEXPIRE', KEYS[4], 2 * tonumber(ARGV[4]))
-end
-return -1 - redis.call('PTTL', KEYS[1])
-",
-    )
-});
+";
 
 /// The first word of a hand-over message: `HAND_OVER_V2 owner token
 /// attempt px`. Clients before it read `owner token attempt` and counted

@@ -5,7 +5,7 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-use super::{RELEASE_LOCK_LUA, hand_over_lua, hand_over_lua_granting};
+use super::{RELEASE_LOCK_LUA, TAKE_PLACE_LUA, hand_over_lua, hand_over_lua_granting};
 
 /// [`hand_over_lua`] for a semaphore: the reservation is one more permit
 /// in the hash at `KEYS[1]` (`owner -> end:token`, server ms), and the
@@ -161,11 +161,7 @@ if mine or held < permits then
 end
 if ARGV[3] ~= '' then
   local deadline = now + tonumber(ARGV[4])
-  if redis.call('HSET', KEYS[4], ARGV[1], string.format('%d:%s:%s:%s', deadline, ARGV[2], ARGV[6], ARGV[5])) == 1 then
-    redis.call('RPUSH', KEYS[3], ARGV[1])
-  end
-  redis.call('PEXPIRE', KEYS[3], 2 * tonumber(ARGV[4]))
-  redis.call('PEXPIRE', KEYS[4], 2 * tonumber(ARGV[4]))
+  {TAKE_PLACE_LUA}
 end
 return -1 - (first_end - now)
 "
