@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use dlock_core::{LockError, LockGuard, Locker};
 use dlock_testkit::conformance::unique_key;
-use dlock_testkit::{CheckerConfig, check_mutual_exclusion, check_semaphore};
+use dlock_testkit::{CheckerConfig, check_mutual_exclusion, check_read_write, check_semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 
@@ -26,6 +26,7 @@ macro_rules! redis_suite {
         $crate::redis_suite!(@cases $deployment;
             mutual_exclusion_16_clients_200_acquisitions,
             semaphore_16_clients_on_4_permits,
+            read_write_16_clients_90_percent_reads,
             a_key_of_another_type_is_reported_and_left_alone,
             a_foreign_string_is_reported_and_left_alone,
             a_broken_fencing_counter_is_reported_and_takes_nothing,
@@ -82,6 +83,26 @@ pub async fn semaphore_16_clients_on_4_permits(harness: &RedisHarness) {
         report.most_inside, 4,
         "16 clients must fill the 4 permits: {report:#?}"
     );
+}
+
+/// 16 clients (each its own backend) × 50 locks of one read-write lock,
+/// 90 % reads holding 1 ms: no reader inside with a writer, one writer at
+/// a time, tokens unique and increasing.
+pub async fn read_write_16_clients_90_percent_reads(harness: &RedisHarness) {
+    let mut lockers = Vec::new();
+    for _ in 0..16 {
+        lockers.push(Locker::new(
+            harness.deployment().connect().await.expect("connect"),
+        ));
+    }
+    let key = unique_key("rw-checker");
+    let config = CheckerConfig::default()
+        .load(16, 50)
+        .hold(Duration::from_millis(1));
+    let report = check_read_write(&lockers, &key, config).await;
+    report.assert_clean();
+    assert_eq!(report.reads + report.writes, 800);
+    assert!(report.writes > 0 && report.most_readers_inside > 1, "{report:#?}");
 }
 
 /// A list at the lock key: `ForeignValue` naming the key; the list stays.

@@ -5,7 +5,7 @@ use std::time::Duration;
 use dlock_core::{LockError, Locker};
 use dlock_etcd::EtcdBackend;
 use dlock_testkit::conformance::unique_key;
-use dlock_testkit::{CheckerConfig, check_mutual_exclusion, check_semaphore};
+use dlock_testkit::{CheckerConfig, check_mutual_exclusion, check_read_write, check_semaphore};
 use dlock_tests::{EtcdHarness, assert_unavailable_within, etcd_endpoints, unused_address};
 
 dlock_testkit::conformance_tests!(
@@ -48,6 +48,25 @@ async fn semaphore_16_clients_on_4_permits() {
         report.most_inside, 4,
         "16 clients must fill the 4 permits: {report:#?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_write_16_clients_90_percent_reads() {
+    let endpoints = etcd_endpoints();
+    let mut lockers = Vec::new();
+    for _ in 0..16 {
+        lockers.push(Locker::new(
+            EtcdBackend::connect(&endpoints).await.expect("connect"),
+        ));
+    }
+    let key = unique_key("etcd-rw-checker");
+    let config = CheckerConfig::default()
+        .load(16, 10)
+        .hold(std::time::Duration::from_millis(10));
+    let report = check_read_write(&lockers, &key, config).await;
+    report.assert_clean();
+    assert_eq!(report.reads + report.writes, 160);
+    assert!(report.most_readers_inside > 1, "readers must share: {report:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

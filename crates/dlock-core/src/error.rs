@@ -134,6 +134,21 @@ pub enum LockError {
         asked_as: String,
     },
 
+    /// A task that holds a read lock on the key asked for its write lock
+    /// ([`Locker::lock`](crate::Locker::lock)) with no wait limit. The
+    /// writer would wait for every reader to leave, this task's own read
+    /// lock included, and new readers would queue behind it: the key would
+    /// stay locked for good. dlock has no upgrade: give the read lock back
+    /// first, then take the write lock and check again what was read (it
+    /// may have changed in between), or take the write lock from the start.
+    #[error(
+        "lock `{key}`: this task holds a read lock on it and asked for the write lock without a wait limit, which would wait for itself forever (no upgrade); release the read lock first, then take the write lock and re-check what you read, or take the write lock from the start"
+    )]
+    UpgradeRefused {
+        /// The key, as the user named it.
+        key: String,
+    },
+
     /// The backend cannot be reached or cannot decide (I/O, connection, no quorum, timeout).
     #[error("{}", unavailable_message(.key.as_deref(), .message))]
     Unavailable {
@@ -223,7 +238,8 @@ impl LockError {
             | LockError::NotHeld { key, .. }
             | LockError::InvalidKey { key, .. }
             | LockError::ForeignValue { key, .. }
-            | LockError::WrongKind { key, .. } => Some(key),
+            | LockError::WrongKind { key, .. }
+            | LockError::UpgradeRefused { key } => Some(key),
             LockError::InvalidOptions { key, .. }
             | LockError::Unsupported { key, .. }
             | LockError::Unavailable { key, .. } => key.as_deref(),

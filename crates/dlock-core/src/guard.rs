@@ -17,6 +17,7 @@ use crate::backoff::Backoff;
 use crate::error::LockError;
 use crate::options::validate_ttl;
 use crate::owner::OwnerToken;
+use crate::reads::ReadMark;
 use crate::renewals::{Due, Renewals};
 use crate::token::FencingToken;
 
@@ -55,6 +56,8 @@ pub struct LockGuard {
     /// The task that waits for the backend's loss signal, if it gave one.
     loss_watch: Option<AbortHandle>,
     finished: bool,
+    /// A read guard's entry in its locker's held reads, for as long as it lives.
+    _reading: Option<ReadMark>,
 }
 
 pub(crate) struct GuardShared {
@@ -93,6 +96,7 @@ pub(crate) struct Acquired {
     pub(crate) grant: Grant,
     pub(crate) renewals: Arc<Renewals>,
     pub(crate) background: Arc<Background>,
+    pub(crate) reading: Option<ReadMark>,
 }
 
 impl LockGuard {
@@ -108,6 +112,7 @@ impl LockGuard {
             grant,
             renewals,
             background,
+            reading,
         } = acquired;
         let Grant {
             token,
@@ -146,6 +151,7 @@ impl LockGuard {
             shared,
             loss_watch,
             finished: false,
+            _reading: reading,
         }
     }
 

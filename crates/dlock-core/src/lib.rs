@@ -37,6 +37,7 @@ mod locker;
 mod notify;
 mod options;
 mod owner;
+mod reads;
 mod renewals;
 mod request;
 mod status;

@@ -8,6 +8,7 @@ use crate::background::Background;
 use crate::error::LockError;
 use crate::guard::LockGuard;
 use crate::options::{DEFAULT_TTL, validate_key};
+use crate::reads::HeldReads;
 use crate::renewals::RenewalsByRuntime;
 use crate::request::LockRequest;
 use crate::status::KeyStatus;
@@ -47,6 +48,7 @@ pub struct Locker {
     backend: Arc<dyn LockBackend>,
     renewals: Arc<RenewalsByRuntime>,
     background: Arc<Background>,
+    held_reads: Arc<HeldReads>,
 }
 
 impl Locker {
@@ -61,6 +63,7 @@ impl Locker {
             backend,
             renewals: Arc::default(),
             background: Arc::default(),
+            held_reads: Arc::default(),
         }
     }
 
@@ -129,16 +132,65 @@ impl Locker {
     /// Starts a request for `key`; set options on it, then `.await` it.
     ///
     /// Defaults: TTL 30 s, wait without limit, auto-renewal on.
+    ///
+    /// This is also the writer of the read-write lock `key`
+    /// ([`read_lock`](Self::read_lock)): it waits until every reader has
+    /// left, and readers that come while it waits queue behind it.
     pub fn lock(&self, key: impl Into<String>) -> LockRequest {
         LockRequest {
             backend: Arc::clone(&self.backend),
             renewals: Arc::clone(&self.renewals),
             background: Arc::clone(&self.background),
+            held_reads: Arc::clone(&self.held_reads),
             key: key.into(),
             ttl: DEFAULT_TTL,
             wait: None,
             auto_renew: true,
             kind: LockKind::Exclusive,
+        }
+    }
+
+    /// A request for a read lock on `key`: any number of readers hold the
+    /// key together while no writer does; the writer is
+    /// [`lock(key)`](Self::lock). Each reader is a lease of its own, with
+    /// its owner token, TTL, renewal, loss signal and a fencing token
+    /// greater than every token before it on the key (readers' and
+    /// writers'): a crashed reader keeps writers out until its own TTL
+    /// ends, never longer. The request builds like [`lock`](Self::lock).
+    ///
+    /// Writers are never starved: once a writer waits, readers that come
+    /// after it queue behind it, and when it releases, the readers waiting
+    /// behind it are admitted together.
+    ///
+    /// There is no upgrade: a task that holds a read lock and awaits
+    /// `lock(key)` with no wait limit would wait for itself forever, and
+    /// gets [`LockError::UpgradeRefused`] at once instead (with a wait
+    /// limit it times out; [`try_lock`](LockRequest::try_lock) answers
+    /// [`LockError::Contended`]). Release the read lock, then take the
+    /// write lock and check again what you read, or take the write lock
+    /// from the start. A semaphore's key is [`LockError::WrongKind`].
+    ///
+    /// ```
+    /// # use dlock_core::{LockError, Locker};
+    /// # use dlock_testkit::MemoryBackend;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), LockError> {
+    /// let locker = Locker::new(MemoryBackend::new());
+    /// let first = locker.read_lock("catalog").await?;
+    /// let second = locker.read_lock("catalog").await?; // readers share
+    /// assert!(second.fencing_token() > first.fencing_token());
+    /// // The writer is kept out while they read...
+    /// assert!(matches!(locker.try_lock("catalog").await, Err(LockError::Contended { .. })));
+    /// // ...and an upgrade is refused rather than waiting for itself.
+    /// assert!(matches!(locker.lock("catalog").await, Err(LockError::UpgradeRefused { .. })));
+    /// first.release().await?;
+    /// second.release().await?;
+    /// let writer = locker.try_lock("catalog").await?;
+    /// # drop(writer); Ok(()) }
+    /// ```
+    pub fn read_lock(&self, key: impl Into<String>) -> LockRequest {
+        LockRequest {
+            kind: LockKind::Shared,
+            ..self.lock(key)
         }
     }
 

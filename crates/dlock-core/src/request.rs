@@ -18,6 +18,7 @@ use crate::guard::{Acquired, LockGuard};
 use crate::notify::ReleaseEvents;
 use crate::options::{validate_key, validate_permits, validate_ttl, validate_wait};
 use crate::owner::OwnerToken;
+use crate::reads::HeldReads;
 use crate::renewals::RenewalsByRuntime;
 
 /// A lock request being built; `.await` it to wait for the lock.
@@ -30,6 +31,7 @@ pub struct LockRequest {
     pub(crate) backend: Arc<dyn LockBackend>,
     pub(crate) renewals: Arc<RenewalsByRuntime>,
     pub(crate) background: Arc<Background>,
+    pub(crate) held_reads: Arc<HeldReads>,
     pub(crate) key: String,
     pub(crate) ttl: Duration,
     pub(crate) wait: Option<Duration>,
@@ -127,6 +129,13 @@ impl LockRequest {
                 validate_wait(&self.key, wait)?;
             }
         }
+        if waiting
+            && self.wait.is_none()
+            && self.kind == LockKind::Exclusive
+            && self.held_reads.held_here(&self.key)
+        {
+            return Err(LockError::UpgradeRefused { key: self.key });
+        }
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(LockError::unsupported(
                 Some(&self.key),
@@ -149,6 +158,7 @@ impl LockRequest {
             backend,
             renewals,
             background,
+            held_reads,
             key,
             ttl,
             wait,
@@ -201,6 +211,7 @@ impl LockRequest {
                     let (key, owner) = pending.disarm();
                     Span::current().record("token", grant.token.get());
                     debug!(waited_ms = began.elapsed().as_millis() as u64, "acquired");
+                    let reading = (kind == LockKind::Shared).then(|| held_reads.record(&key));
                     return Ok(LockGuard::start(Acquired {
                         backend,
                         key,
@@ -212,6 +223,7 @@ impl LockRequest {
                         grant,
                         renewals: renewals.for_current_runtime(),
                         background,
+                        reading,
                     }));
                 }
                 Attempt::Busy(busy) => busy,

@@ -40,6 +40,7 @@ mod errors;
 mod members;
 mod mutex;
 mod names;
+mod rwlock;
 mod semaphore;
 mod session;
 mod txn;
@@ -56,13 +57,14 @@ use dlock_core::backend::{
 };
 pub use dlock_core::user_api::*;
 pub use etcd_client;
-use etcd_client::{Client, Compare, CompareOp, GetOptions, SortOrder, SortTarget, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, KeyValue, SortOrder, SortTarget, Txn, TxnOp};
 use tokio::time::Instant;
 
 pub use crate::builder::EtcdBackendBuilder;
 use crate::errors::from_etcd;
 use crate::members::{Failure, Members};
 use crate::names::{Reserved, WaiterName};
+use crate::semaphore::kind_of_name;
 use crate::session::Session;
 use crate::txn::{held_by_other, oldest_waiter, transact};
 use crate::watches::{Deletion, Watches};
@@ -262,6 +264,7 @@ impl LockBackend for EtcdBackend {
         match request.kind {
             LockKind::Exclusive => {}
             LockKind::Semaphore { permits } => return self.try_acquire_permit(request, permits).await,
+            LockKind::Shared => return self.try_acquire_shared(request).await,
             other => return Err(LockError::unsupported(Some(request.key), other.to_string())),
         }
         let started = Instant::now();
@@ -289,7 +292,7 @@ impl LockBackend for EtcdBackend {
         if !request.queue {
             return self.leave_at_once(key, owner, &waiter, place.revision).await;
         }
-        self.watch_predecessor(key, place.revision, request.ttl, false)
+        self.watch_predecessor(key, place.revision, request.ttl, false, None)
             .await
     }
 
@@ -428,9 +431,11 @@ impl LockBackend for EtcdBackend {
             .with_sort(SortTarget::Create, SortOrder::Ascend)
             .with_keys_only();
         let found = self.read_queue(key, "inspecting", listing).await?;
-        let Some(holder) = found.kvs().first() else {
+        let holders = self.holders(key, found.kvs());
+        let Some(holder) = holders.last() else {
             return Ok(KeyStatus::free().waiting(0));
         };
+        // The youngest holder's lease: until then the key stays in use.
         let (token, lease) = (holder.create_revision(), holder.lease());
         let remaining = self
             .call(key, "reading the holder's lease", |mut client| async move {
@@ -438,7 +443,11 @@ impl LockBackend for EtcdBackend {
             })
             .await?
             .ttl();
-        let mut status = KeyStatus::held().waiting(found.kvs().len() - 1);
+        let kind = kind_of_name(&self.queue_prefix(key), &String::from_utf8_lossy(holder.key()));
+        let mut status = KeyStatus::held()
+            .kind(kind)
+            .holders(holders.len())
+            .waiting(found.kvs().len() - holders.len());
         if let Ok(left) = u64::try_from(remaining) {
             status = status.remaining(Duration::from_secs(left));
         }
@@ -448,25 +457,60 @@ impl LockBackend for EtcdBackend {
         Ok(status)
     }
 
-    /// For operators, and unsafe: deletes the holder's key, whoever it is;
-    /// the next waiter gets the lock. The holder learns it at once (its
-    /// watch sees the deletion) but may still be writing; only fencing
-    /// tokens protect the resource from it. Returns whether it was held.
+    /// For operators, and unsafe: deletes the holders' keys, whoever they
+    /// are (a mutex's holder, every reader, every permit); the next waiters
+    /// get the key. The holders learn it at once (their watches see the
+    /// deletion) but may still be writing; only fencing tokens protect the
+    /// resource from them. Returns whether the key was held.
     async fn force_release(&self, key: &str) -> Result<bool, LockError> {
-        let found = self
-            .read_queue(key, "finding the holder", oldest_waiter())
-            .await?;
-        let Some(holder) = found.kvs().first() else {
+        let listing = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_keys_only();
+        let found = self.read_queue(key, "finding the holders", listing).await?;
+        let holders = self.holders(key, found.kvs());
+        if holders.is_empty() {
             return Ok(false);
-        };
-        let (name, revision) = (holder.key().to_vec(), holder.create_revision());
+        }
+        // Each key as it was read: a name reused since is someone else's.
         let delete = Txn::new()
-            .when([Compare::create_revision(name.clone(), CompareOp::Equal, revision)])
-            .and_then([TxnOp::delete(name, None)]);
+            .when(
+                holders
+                    .iter()
+                    .map(|holder| {
+                        Compare::create_revision(holder.key(), CompareOp::Equal, holder.create_revision())
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .and_then(
+                holders
+                    .iter()
+                    .map(|holder| TxnOp::delete(holder.key(), None))
+                    .collect::<Vec<_>>(),
+            );
         let response = self
             .call(key, "force-releasing", |client| transact(client, &delete))
             .await?;
         Ok(response.succeeded())
+    }
+}
+
+impl EtcdBackend {
+    /// The keys of a queue listing (oldest first) that hold the lock: the
+    /// oldest, and for readers and permits the ones that hold beside it.
+    fn holders<'a>(&self, key: &str, queue: &'a [KeyValue]) -> &'a [KeyValue] {
+        let prefix = self.queue_prefix(key);
+        let kind_of = |kv: &KeyValue| kind_of_name(&prefix, &String::from_utf8_lossy(kv.key()));
+        let held = match queue.first().map(kind_of) {
+            None => 0,
+            Some(LockKind::Shared) => queue
+                .iter()
+                .take_while(|kv| kind_of(kv) == LockKind::Shared)
+                .count(),
+            Some(LockKind::Semaphore { permits }) => queue.len().min(permits as usize),
+            Some(_) => 1,
+        };
+        &queue[..held]
     }
 }
 

@@ -213,17 +213,22 @@ impl EtcdBackend {
     /// Waits on the immediate predecessor's deletion only, so that a
     /// release wakes exactly the next waiter; with `admissions`, also on
     /// its key's write (a semaphore waiter admitted after waiting writes
-    /// its key once, see `semaphore.rs`).
+    /// its key once, see `semaphore.rs`). The predecessor is the newest
+    /// older key of the whole queue, or of the part of it that ends before
+    /// `range_end` (a reader waits for the writers only, see `rwlock.rs`).
     pub(crate) async fn watch_predecessor(
         &self,
         key: &str,
         my_revision: i64,
         ttl: Duration,
         admissions: bool,
+        range_end: Option<String>,
     ) -> Result<Attempt, LockError> {
-        // Watch only the immediate predecessor.
-        let predecessor = GetOptions::new()
-            .with_prefix()
+        let among = match range_end {
+            Some(end) => GetOptions::new().with_range(end),
+            None => GetOptions::new().with_prefix(),
+        };
+        let predecessor = among
             .with_sort(SortTarget::Create, SortOrder::Descend)
             .with_max_create_revision(my_revision - 1)
             .with_limit(1)

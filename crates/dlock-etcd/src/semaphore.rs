@@ -26,24 +26,30 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::EtcdBackend;
+use crate::rwlock::READER_NAME;
 use crate::txn::oldest_waiters;
 
 /// What the client part of a semaphore's waiter key names starts with.
 const SEMAPHORE_NAME: char = 's';
 
-/// The client part of waiter key names for `kind` (see the module docs).
+/// The client part of waiter key names for `kind` (see the module docs,
+/// and `rwlock.rs` for readers').
 pub(crate) fn name_client(kind: LockKind, client_id: &str) -> String {
     match kind {
         LockKind::Semaphore { permits } => format!("{SEMAPHORE_NAME}{permits}.{client_id}"),
+        LockKind::Shared => format!("{READER_NAME}{client_id}"),
         _ => client_id.to_owned(),
     }
 }
 
 /// The kind of lock a waiter key under `queue_prefix` stands for.
 pub(crate) fn kind_of_name(queue_prefix: &str, name: &str) -> LockKind {
-    let permits = name
-        .strip_prefix(queue_prefix)
-        .and_then(|rest| rest.strip_prefix(SEMAPHORE_NAME))
+    let rest = name.strip_prefix(queue_prefix).unwrap_or_default();
+    if rest.starts_with(READER_NAME) {
+        return LockKind::Shared;
+    }
+    let permits = rest
+        .strip_prefix(SEMAPHORE_NAME)
         .and_then(|rest| rest.split_once('.'))
         .and_then(|(permits, _)| permits.parse().ok());
     match permits {
@@ -112,7 +118,7 @@ impl EtcdBackend {
             return Ok(self.watch_holders(holder_keys, place.read_at, ttl));
         }
         // A later waiter: woken when its predecessor leaves or is admitted.
-        self.watch_predecessor(key, place.revision, ttl, true).await
+        self.watch_predecessor(key, place.revision, ttl, true, None).await
     }
 
     /// The first waiter: woken by the deletion of any holder's key.
@@ -149,5 +155,7 @@ mod tests {
         assert_eq!(kind_of_name(prefix, &name), semaphore);
         let name = format!("{prefix}{}-0", name_client(LockKind::Exclusive, client));
         assert_eq!(kind_of_name(prefix, &name), LockKind::Exclusive);
+        let name = format!("{prefix}{}-1", name_client(LockKind::Shared, client));
+        assert_eq!(kind_of_name(prefix, &name), LockKind::Shared);
     }
 }

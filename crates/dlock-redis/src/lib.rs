@@ -163,6 +163,7 @@ impl LockBackend for RedisBackend {
             let once = match kind {
                 LockKind::Exclusive => self.acquire_once(key, owner, ttl).await?,
                 LockKind::Semaphore { permits } => self.acquire_permit_once(key, owner, ttl, permits).await?,
+                LockKind::Shared => self.acquire_shared_once(key, owner, ttl).await?,
                 other => return Err(LockError::unsupported(Some(key), other.to_string())),
             };
             return Ok(match once {
@@ -248,6 +249,7 @@ impl LockBackend for RedisBackend {
     async fn release(&self, lease: &Lease) -> Result<ReleaseOutcome, LockError> {
         let script = match lease.kind() {
             LockKind::Semaphore { .. } => &scripts::RELEASE_PERMIT,
+            LockKind::Shared => &scripts::RELEASE_SHARED,
             _ => &scripts::RELEASE_TO_NEXT,
         };
         self.release_to_next(script, lease.key(), lease.owner(), "releasing")
@@ -276,6 +278,8 @@ impl LockBackend for RedisBackend {
         let (pttl, counter, holders, limit): (i64, i64, i64, i64) =
             self.run(key, "inspecting", &call).await?;
         let status = match (u32::try_from(limit), usize::try_from(holders)) {
+            // A read lock's readers: the limit 0.
+            (Ok(0), Ok(holders)) if holders > 0 => KeyStatus::held().kind(LockKind::Shared).holders(holders),
             (Ok(permits), Ok(holders)) if holders > 0 => KeyStatus::held()
                 .kind(LockKind::Semaphore { permits })
                 .holders(holders),

@@ -31,8 +31,8 @@ impl RedisBackend {
     }
 
     /// Releases with `script` (or, for a waiter, leaves the line) and hands
-    /// the lock or permit to the next waiter: a mutex's or a permit's
-    /// release, or the clean-up that handles both.
+    /// the key on to the next waiters: a mutex's, a reader's or a permit's
+    /// release, or the clean-up that handles all three.
     pub(crate) async fn release_to_next(
         &self,
         script: &'static redis::Script,
@@ -46,9 +46,17 @@ impl RedisBackend {
             .arg(millis(self.place_lease()));
         let reply: redis::Value = self.run(key, doing, &call).await?;
         Ok(match reply {
+            // Waiters of this client need not wait for the messages.
             redis::Value::BulkString(hand_over) => {
-                // A waiter of this client need not wait for the message.
                 self.inner.subscriber.handed_over(&hand_over);
+                ReleaseOutcome::Released
+            }
+            redis::Value::Array(hand_overs) => {
+                for hand_over in hand_overs {
+                    if let redis::Value::BulkString(hand_over) = hand_over {
+                        self.inner.subscriber.handed_over(&hand_over);
+                    }
+                }
                 ReleaseOutcome::Released
             }
             redis::Value::Int(1) => ReleaseOutcome::Released,
@@ -121,6 +129,25 @@ impl RedisBackend {
         self.acquire_call(key, kind, &call).await
     }
 
+    /// One attempt at a read lock on `key`, never queueing (it reads the
+    /// line: a waiting writer keeps it out).
+    pub(crate) async fn acquire_shared_once(
+        &self,
+        key: &str,
+        owner: &OwnerToken,
+        ttl: Duration,
+    ) -> Result<NodeGrant, LockError> {
+        let call = self
+            .line_call(&scripts::ACQUIRE_SHARED, key)
+            .arg(owner.as_str())
+            .arg(millis(ttl))
+            .arg("")
+            .arg(0)
+            .arg("")
+            .arg(0);
+        self.acquire_call(key, LockKind::Shared, &call).await
+    }
+
     /// One acquire script of `kind` that joins `key`'s line when busy
     /// (`joining`) or renews the owner's place in it.
     pub(crate) async fn acquire_in_line(
@@ -134,6 +161,7 @@ impl RedisBackend {
     ) -> Result<NodeGrant, LockError> {
         let script = match kind {
             LockKind::Semaphore { .. } => &scripts::ACQUIRE_PERMIT,
+            LockKind::Shared => &scripts::ACQUIRE_SHARED,
             _ => &scripts::ACQUIRE,
         };
         let mut call = self
@@ -176,6 +204,7 @@ impl RedisBackend {
             // another limit): the same typed error on every backend.
             let held_as = match text.as_slice() {
                 b"mutex" => Some(LockKind::Exclusive),
+                b"readers" => Some(LockKind::Shared),
                 other => std::str::from_utf8(other)
                     .ok()
                     .and_then(|text| {
@@ -230,7 +259,8 @@ impl RedisBackend {
         owner: &OwnerToken,
         ttl: Duration,
     ) -> Result<Option<NotHeldReason>, LockError> {
-        let permit = matches!(kind, LockKind::Semaphore { .. });
+        // A reader's lease is kept as a permit is.
+        let permit = matches!(kind, LockKind::Semaphore { .. } | LockKind::Shared);
         let script = if permit {
             &scripts::EXTEND_PERMIT
         } else {
@@ -243,7 +273,7 @@ impl RedisBackend {
         let status: i64 = self.run(key, "extending", &call).await?;
         Ok(match status {
             1 => None,
-            // A permit's end takes nothing from the other permits.
+            // A permit's (a reader's) end takes nothing from the others.
             _ if permit => Some(NotHeldReason::Expired),
             0 => Some(NotHeldReason::Expired),
             _ => Some(NotHeldReason::OtherOwner),

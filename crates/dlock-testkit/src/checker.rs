@@ -6,6 +6,7 @@ use dlock_core::{LockError, Locker};
 use tokio::task::JoinSet;
 
 use crate::fenced::{FencedResource, HistoryReport};
+use crate::rw_checker::{Span, tokens_out_of_order};
 
 /// How hard [`check_mutual_exclusion`] pushes.
 #[derive(Debug, Clone)]
@@ -22,6 +23,9 @@ pub struct CheckerConfig {
     /// Time spent inside each critical section (default zero: the task only
     /// yields to the scheduler a few times, which is enough for an overlap to show).
     pub hold: Duration,
+    /// For [`check_read_write`](crate::check_read_write): the share of
+    /// acquisitions that are reads, in percent (default 90).
+    pub read_percent: u8,
 }
 
 impl Default for CheckerConfig {
@@ -32,6 +36,7 @@ impl Default for CheckerConfig {
             ttl: Duration::from_secs(5),
             wait: Duration::from_secs(60),
             hold: Duration::ZERO,
+            read_percent: 90,
         }
     }
 }
@@ -59,6 +64,12 @@ impl CheckerConfig {
     /// Sets the time spent inside each critical section.
     pub fn hold(mut self, hold: Duration) -> Self {
         self.hold = hold;
+        self
+    }
+
+    /// Sets the share of reads for [`check_read_write`](crate::check_read_write), in percent (capped at 100).
+    pub fn read_percent(mut self, percent: u8) -> Self {
+        self.read_percent = percent.min(100);
         self
     }
 }
@@ -251,13 +262,6 @@ impl SemaphoreReport {
     }
 }
 
-/// One permit's life as a client saw it.
-struct PermitSpan {
-    asked: tokio::time::Instant,
-    released: tokio::time::Instant,
-    token: u64,
-}
-
 /// Runs `config.tasks` tasks that each take a permit of the semaphore
 /// `key` (limit `permits`) `config.acquisitions_per_task` times, stay inside
 /// for `config.hold`, and release. A task counts itself inside from the
@@ -293,7 +297,7 @@ pub async fn check_semaphore(
     let inside = Arc::new(AtomicUsize::new(0));
     let most_inside = Arc::new(AtomicUsize::new(0));
     let over_admissions = Arc::new(AtomicUsize::new(0));
-    let spans = Arc::new(Mutex::new(Vec::<PermitSpan>::new()));
+    let spans = Arc::new(Mutex::new(Vec::<Span>::new()));
     let mut tasks = JoinSet::new();
     for client in 0..config.tasks {
         let locker = lockers[client % lockers.len()].clone();
@@ -339,14 +343,11 @@ pub async fn check_semaphore(
                     errors.push(format!("client {client}: release: {error}"));
                 }
                 let released = tokio::time::Instant::now();
-                spans
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(PermitSpan {
-                        asked,
-                        released,
-                        token,
-                    });
+                spans.lock().unwrap_or_else(PoisonError::into_inner).push(Span {
+                    asked,
+                    released,
+                    token,
+                });
             }
             (acquired, errors)
         });
@@ -366,25 +367,10 @@ pub async fn check_semaphore(
     }
     report.most_inside = most_inside.load(Ordering::SeqCst);
     report.over_admissions = over_admissions.load(Ordering::SeqCst);
-    let mut spans = std::mem::take(&mut *spans.lock().unwrap_or_else(PoisonError::into_inner));
+    let spans = std::mem::take(&mut *spans.lock().unwrap_or_else(PoisonError::into_inner));
     let mut tokens: Vec<u64> = spans.iter().map(|span| span.token).collect();
     tokens.sort_unstable();
     report.repeated_tokens = tokens.windows(2).filter(|pair| pair[0] == pair[1]).count();
-    // In the order permits were asked for: the highest token among the
-    // permits released before the ask must be below the new permit's.
-    spans.sort_by_key(|span| span.asked);
-    let mut by_release: Vec<(tokio::time::Instant, u64)> =
-        spans.iter().map(|span| (span.released, span.token)).collect();
-    by_release.sort_unstable();
-    let (mut next_release, mut highest_released) = (0, 0u64);
-    for span in &spans {
-        while next_release < by_release.len() && by_release[next_release].0 < span.asked {
-            highest_released = highest_released.max(by_release[next_release].1);
-            next_release += 1;
-        }
-        if span.token <= highest_released {
-            report.tokens_out_of_order += 1;
-        }
-    }
+    report.tokens_out_of_order = tokens_out_of_order(spans);
     report
 }

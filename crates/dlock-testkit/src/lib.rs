@@ -6,7 +6,9 @@
 //! * [`FencedResource`]: a stand-in for the storage a lock protects, which
 //!   refuses stale fencing tokens and records a history to check.
 //! * [`check_mutual_exclusion`]: many clients hammering one key, checked for
-//!   overlapping critical sections and tokens that do not increase.
+//!   overlapping critical sections and tokens that do not increase;
+//!   [`check_semaphore`] and [`check_read_write`] do the same for the
+//!   semaphore and the read-write lock.
 //! * [`conformance`]: the behaviour suite every backend passes, and
 //!   [`MemoryHarness`], which runs it on the in-memory backend.
 //! * [`FaultProxy`]: a loopback TCP proxy that makes a link slow or dead on command.
@@ -18,8 +20,10 @@ pub mod conformance;
 mod fenced;
 mod memory;
 mod proxy;
+mod rw_checker;
 
 pub use checker::{CheckReport, CheckerConfig, SemaphoreReport, check_mutual_exclusion, check_semaphore};
 pub use fenced::{Event, EventKind, FencedResource, HistoryReport, Section, StaleToken, check_history};
 pub use memory::{MemoryBackend, MemoryHarness};
 pub use proxy::{Direction, FaultProxy};
+pub use rw_checker::{ReadWriteReport, check_read_write};

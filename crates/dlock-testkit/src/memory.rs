@@ -79,6 +79,9 @@ struct Inner {
 #[derive(Default)]
 struct State {
     keys: HashMap<String, Entry>,
+    /// The places of the readers and writers that wait, per key, in
+    /// arrival order: what writer preference is decided by.
+    lines: HashMap<String, Vec<Place>>,
     fences: HashMap<String, u64>,
     faults: Faults,
     operations: u64,
@@ -109,6 +112,15 @@ struct Holder {
     owner: String,
     expires_at: Instant,
     token: u64,
+}
+
+/// A waiting reader's or writer's place in its key's line. It lasts until
+/// a while after the waiter's next attempt is due, so that a waiter that
+/// died is passed over.
+struct Place {
+    owner: String,
+    kind: LockKind,
+    expires_at: Instant,
 }
 
 #[derive(Default)]
@@ -169,6 +181,12 @@ impl MemoryBackend {
         self.state()
             .live_entry(key, now)
             .map_or(0, |entry| entry.leases.len())
+    }
+
+    /// Number of readers and writers waiting in `key`'s line.
+    pub fn waiting_on(&self, key: &str) -> usize {
+        let now = Instant::now();
+        self.state().live_line(key, now).len()
     }
 
     /// The fencing token of the live lease on `key` (for a semaphore, the
@@ -252,6 +270,68 @@ impl State {
         self.keys.get_mut(key)
     }
 
+    /// The places still live in `key`'s line (expired ones are removed).
+    fn live_line(&mut self, key: &str, now: Instant) -> &mut Vec<Place> {
+        let line = self.lines.entry(key.to_owned()).or_default();
+        line.retain(|place| place.expires_at > now);
+        line
+    }
+
+    /// Removes `owner`'s place in `key`'s line; whether it had one.
+    fn leave_line(&mut self, key: &str, owner: &str) -> bool {
+        let Some(line) = self.lines.get_mut(key) else {
+            return false;
+        };
+        let before = line.len();
+        line.retain(|place| place.owner != owner);
+        let left = line.len() < before;
+        if line.is_empty() {
+            self.lines.remove(key);
+        }
+        left
+    }
+
+    /// For a read-write lock's reader or writer that holds nothing yet:
+    /// whether a place ahead of `owner`'s (all places, when it has none)
+    /// keeps it out. Writers let the readers that came before them in
+    /// first, readers the writers; when one is found, the moment it could
+    /// run out.
+    fn kept_out_by_line(&mut self, key: &str, owner: &str, kind: LockKind, now: Instant) -> Option<Instant> {
+        let blocker = match kind {
+            LockKind::Exclusive => LockKind::Shared,
+            LockKind::Shared => LockKind::Exclusive,
+            _ => return None,
+        };
+        let line = self.live_line(key, now);
+        let mine = line
+            .iter()
+            .position(|place| place.owner == owner)
+            .unwrap_or(line.len());
+        let kept_out = line[..mine]
+            .iter()
+            .filter(|place| place.kind == blocker)
+            .map(|place| place.expires_at)
+            .min();
+        if line.is_empty() {
+            self.lines.remove(key);
+        }
+        kept_out
+    }
+
+    /// Takes or renews `owner`'s place at the end of `key`'s line, until a
+    /// while after its next attempt is due.
+    fn stand_in_line(&mut self, key: &str, owner: &str, kind: LockKind, until: Instant) {
+        let line = self.lines.entry(key.to_owned()).or_default();
+        match line.iter_mut().find(|place| place.owner == owner) {
+            Some(place) => place.expires_at = until,
+            None => line.push(Place {
+                owner: owner.to_owned(),
+                kind,
+                expires_at: until,
+            }),
+        }
+    }
+
     /// The live lease of `owner` on `key`, or why there is none.
     fn check_owner(
         &mut self,
@@ -290,39 +370,45 @@ impl State {
 #[async_trait]
 impl LockBackend for MemoryBackend {
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
-        if !matches!(request.kind, LockKind::Exclusive | LockKind::Semaphore { .. }) {
-            return Err(LockError::unsupported(
-                Some(request.key),
-                request.kind.to_string(),
-            ));
-        }
-        self.enter(request.key).await?;
+        let (key, owner) = (request.key, request.owner.as_str());
+        self.enter(key).await?;
         let now = Instant::now();
         let mut state = self.state();
         let validity = request.ttl.saturating_sub(drift_allowance(request.ttl));
-        if let Some(entry) = state.live_entry(request.key, now) {
-            ensure_same_kind(request.key, entry.kind, request.kind)?;
-            if let Some(holder) = entry.lease_of(request.owner.as_str()) {
+        // When the key's holders keep this request out, the first moment
+        // one of them may end.
+        let mut kept_out_until = None;
+        if let Some(entry) = state.live_entry(key, now) {
+            ensure_same_kind(key, entry.kind, request.kind)?;
+            if let Some(holder) = entry.lease_of(owner) {
                 // A retried request of the same owner: same lease, same token.
                 holder.expires_at = now + request.ttl;
                 let token = FencingToken::new(holder.token);
                 return Ok(Attempt::Acquired(Grant::new(token, validity)));
             }
-            if entry.leases.len() >= entry.capacity() {
-                let first_to_end = entry.leases.iter().map(|holder| holder.expires_at).min();
-                let remaining = first_to_end.map_or(Duration::ZERO, |at| at - now);
-                return Ok(Attempt::Busy(Busy::new().retry_after(remaining)));
+            let shares = entry.kind == LockKind::Shared && request.kind == LockKind::Shared;
+            if entry.leases.len() >= entry.capacity() && !shares {
+                kept_out_until = entry.leases.iter().map(|holder| holder.expires_at).min();
             }
         }
-        let fence = state.fences.entry(request.key.to_owned()).or_insert(0);
+        let kept_out_until = kept_out_until.or_else(|| state.kept_out_by_line(key, owner, request.kind, now));
+        if let Some(until) = kept_out_until {
+            let remaining = until.saturating_duration_since(now);
+            if request.queue && matches!(request.kind, LockKind::Exclusive | LockKind::Shared) {
+                state.stand_in_line(key, owner, request.kind, now + remaining + request.ttl);
+            }
+            return Ok(Attempt::Busy(Busy::new().retry_after(remaining)));
+        }
+        state.leave_line(key, owner);
+        let fence = state.fences.entry(key.to_owned()).or_insert(0);
         *fence += 1;
         let token = *fence;
-        let entry = state.keys.entry(request.key.to_owned()).or_insert_with(|| Entry {
+        let entry = state.keys.entry(key.to_owned()).or_insert_with(|| Entry {
             kind: request.kind,
             leases: Vec::new(),
         });
         entry.leases.push(Holder {
-            owner: request.owner.as_str().to_owned(),
+            owner: owner.to_owned(),
             expires_at: now + request.ttl,
             token,
         });
@@ -366,7 +452,12 @@ impl LockBackend for MemoryBackend {
     async fn abandon(&self, key: &str, owner: &OwnerToken) -> Result<(), LockError> {
         self.enter(key).await?;
         let now = Instant::now();
-        let removed = self.state().remove_lease(key, owner.as_str(), now);
+        let removed = {
+            let mut state = self.state();
+            // Readers behind a writer that gave up may go in now.
+            let left = state.leave_line(key, owner.as_str());
+            state.remove_lease(key, owner.as_str(), now) || left
+        };
         if removed {
             self.inner.hub.notify(key);
         }
@@ -383,6 +474,10 @@ impl LockBackend for MemoryBackend {
         let now = Instant::now();
         let mut state = self.state();
         let last_token = state.fences.get(key).copied();
+        let waiting = state.live_line(key, now).len();
+        if waiting == 0 {
+            state.lines.remove(key);
+        }
         let status = match state.live_entry(key, now) {
             Some(entry) => {
                 // The lease that ends last: until then the key stays in use.
@@ -394,7 +489,8 @@ impl LockBackend for MemoryBackend {
                 }
             }
             None => KeyStatus::free(),
-        };
+        }
+        .waiting(waiting);
         Ok(match last_token {
             Some(token) => status.last_token(token),
             None => status,
@@ -455,7 +551,7 @@ impl crate::conformance::Harness for MemoryHarness {
     }
 
     async fn leftovers(&self, key: &str) -> usize {
-        usize::from(self.backend.is_locked(key))
+        self.backend.leases_on(key) + self.backend.waiting_on(key)
     }
 
     fn config(&self) -> crate::conformance::SuiteConfig {

@@ -5,7 +5,9 @@
 use dlock_core::Locker;
 use std::time::Duration;
 
-use dlock_testkit::{CheckerConfig, MemoryBackend, MemoryHarness, check_mutual_exclusion, check_semaphore};
+use dlock_testkit::{
+    CheckerConfig, MemoryBackend, MemoryHarness, check_mutual_exclusion, check_read_write, check_semaphore,
+};
 
 dlock_testkit::conformance_tests!(
     #[tokio::test(start_paused = true)]
@@ -51,6 +53,39 @@ async fn the_semaphore_checker_catches_over_admission() {
     let report = check_semaphore(&lockers, "checker/split-brain", 4, config).await;
     assert!(
         report.over_admissions > 0 && report.most_inside > 4,
+        "{report:#?}"
+    );
+    assert!(report.repeated_tokens > 0, "{report:#?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn read_write_16_tasks_90_percent_reads() {
+    let harness = MemoryHarness::new();
+    let lockers: Vec<Locker> = (0..16).map(|_| Locker::new(harness.backend().clone())).collect();
+    let config = CheckerConfig::default()
+        .load(16, 100)
+        .hold(Duration::from_millis(1));
+    let report = check_read_write(&lockers, "checker/memory-rw", config).await;
+    report.assert_clean();
+    assert_eq!(report.reads + report.writes, 1600);
+    assert!(report.writes > 0, "{report:#?}");
+    assert!(report.most_readers_inside > 1, "readers must share: {report:#?}");
+}
+
+/// The read-write checker catches what it is for: two backends that do
+/// not share state stand for a split brain, letting writers and readers in
+/// at once.
+#[tokio::test(start_paused = true)]
+async fn the_read_write_checker_catches_overlaps() {
+    let (one, other) = (MemoryBackend::new(), MemoryBackend::new());
+    let lockers = vec![Locker::new(one), Locker::new(other)];
+    let config = CheckerConfig::default()
+        .load(16, 40)
+        .hold(Duration::from_millis(2))
+        .read_percent(50);
+    let report = check_read_write(&lockers, "checker/rw-split-brain", config).await;
+    assert!(
+        report.reader_writer_overlaps > 0 && report.writer_overlaps > 0,
         "{report:#?}"
     );
     assert!(report.repeated_tokens > 0, "{report:#?}");

@@ -156,8 +156,8 @@ impl LockBackend for RedlockBackend {
             return Err(LockError::unsupported(
                 Some(request.key),
                 format!(
-                    "{} on Redlock (a shared count and a waiting line cannot be kept consistent across \
-                     independent masters without consensus; use RedisBackend or EtcdBackend)",
+                    "{} on Redlock (a set of leases on one key and a waiting line cannot be kept consistent \
+                     across independent masters without consensus; use RedisBackend or EtcdBackend)",
                     request.kind
                 ),
             ));

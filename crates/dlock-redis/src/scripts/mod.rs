@@ -10,9 +10,12 @@ use std::sync::LazyLock;
 use redis::{Cmd, FromRedisValue, RedisResult, RedisWrite, Script, ToRedisArgs};
 
 mod permits;
+mod readers;
 
 pub(crate) use permits::{ABANDON, ACQUIRE_PERMIT, EXTEND_PERMIT, RELEASE_PERMIT};
 use permits::{PERMITS_LUA, hand_over_permit_lua};
+use readers::admit_waiters_lua;
+pub(crate) use readers::{ACQUIRE_SHARED, RELEASE_SHARED};
 
 /// The Redis key of a lock (no suffix) and of the keys kept beside it:
 /// `{prefix}{key}{suffix}`, the user's key as the hash tag.
@@ -136,8 +139,10 @@ impl ToRedisArgs for KeyName<'_> {
 /// Returns the string `foreign` when the lock key holds a string that is
 /// not an owner token, `counter` when the fencing counter is not an
 /// integer (nothing taken), `semaphore:N` when the key holds a semaphore's
-/// permits (limit N), `wrongtype` for a key of another type. These cost
-/// nothing on the way to a grant: they are read only once `SET NX` failed.
+/// permits (limit N), `wrongtype` for a key of another type. A read lock's
+/// readers (a hash marked `readers`) make the key busy until the last of
+/// them ends. These cost nothing on the way to a grant: they are read only
+/// once `SET NX` failed.
 pub(crate) static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"
@@ -157,39 +162,56 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 local holder = redis.pcall('GET', KEYS[1])
 if type(holder) == 'table' then
-  -- Not a string: a semaphore's permits (a hash with its limit), or not ours.
+  -- Not a string: a semaphore's permits (a hash with its limit), a read
+  -- lock's readers (its hash's TTL is the last reader's end), or not ours.
   local limit = redis.pcall('HGET', KEYS[1], 'limit')
   if type(limit) == 'string' then return 'semaphore:' .. limit end
-  return 'wrongtype'
-end
-if holder == ARGV[1] then
-  -- A retried request, or a release handed the lock to this waiter.
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return tonumber(redis.call('GET', KEYS[2]) or '') or 'counter'
-end
-if string.len(holder) ~= 32 or string.find(holder, '[^0-9a-f]') then
-  return 'foreign'
+  if redis.pcall('HEXISTS', KEYS[1], 'readers') ~= 1 then return 'wrongtype' end
+else
+  if holder == ARGV[1] then
+    -- A retried request, or a release handed the lock to this waiter.
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return tonumber(redis.call('GET', KEYS[2]) or '') or 'counter'
+  end
+  if string.len(holder) ~= 32 or string.find(holder, '[^0-9a-f]') then
+    return 'foreign'
+  end
 end
 if ARGV[3] ~= '' then
   local now = redis.call('TIME')
   local deadline = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + tonumber(ARGV[4])
-  {TAKE_PLACE_LUA}
+  {take_place}
 end
 return -1 - redis.call('PTTL', KEYS[1])
-"
+",
+        take_place = take_place_lua(WRITER_PLACE)
     ))
 });
 
+/// What a writer's (or a mutex's, or a permit's) place in line starts with:
+/// nothing, as before read locks existed.
+const WRITER_PLACE: &str = "";
+/// What a reader's place in line starts with: `R`, so that a hand-over
+/// tells readers from writers (and an older client's hand-over, which
+/// reads places as `deadline:ttl:attempt:channel`, passes readers over
+/// rather than giving them a writer's lock).
+const READER_PLACE: &str = "R";
+
 /// Lua statements that take `ARGV[1]`'s place in the line (at its end) or
-/// renew it, until `deadline` (server ms); spliced into both acquire
-/// scripts where a waiter found the key busy.
-const TAKE_PLACE_LUA: &str = r"
-  if redis.call('HSET', KEYS[4], ARGV[1], string.format('%d:%s:%s:%s', deadline, ARGV[2], ARGV[6], ARGV[5])) == 1 then
+/// renew it, until `deadline` (server ms), marked as a reader's or a
+/// writer's (`mark`); spliced into the acquire scripts where a waiter
+/// found the key busy.
+fn take_place_lua(mark: &str) -> String {
+    format!(
+        r"
+  if redis.call('HSET', KEYS[4], ARGV[1], string.format('{mark}%d:%s:%s:%s', deadline, ARGV[2], ARGV[6], ARGV[5])) == 1 then
     redis.call('RPUSH', KEYS[3], ARGV[1])
   end
   redis.call('PEXPIRE', KEYS[3], 2 * tonumber(ARGV[4]))
   redis.call('PEXPIRE', KEYS[4], 2 * tonumber(ARGV[4]))
-";
+"
+    )
+}
 
 /// The first word of a hand-over message: `HAND_OVER_V2 owner token
 /// attempt px`. Clients before it read `owner token attempt` and counted
@@ -198,24 +220,20 @@ const TAKE_PLACE_LUA: &str = r"
 /// round trip instead, which sets their own TTL.
 pub(crate) const HAND_OVER_V2: &str = "v2";
 
-/// Lua shared by the scripts that free a lock (written once, with the
-/// message's version word from [`HAND_OVER_V2`]): `hand_over()` gives the lock
-/// to the first waiter in line whose place is still renewed, as a
-/// reservation of `min(its TTL, ARGV[2] ms)` with a new fencing token, and
-/// tells it on its client's channel: the message is `v2 owner token
-/// attempt px`, the attempt being the last one the server saw from that
-/// waiter before the hand-over and `px` the reservation in ms, the lease
-/// the waiter counts from (whatever its own settings say). Waiters whose
-/// places ran out are dropped on the way. Returns the message, or false
-/// when nobody waits or the line is not ours (a key of another type): the
-/// lock key is then left for the caller to delete.
-fn hand_over_lua() -> String {
-    hand_over_lua_granting("hand_over", "redis.call('SET', KEYS[1], waiter, 'PX', px)")
-}
+/// The hand-over message: `v2 owner token attempt px`, the attempt being
+/// the last one the server saw from the waiter before the hand-over and
+/// `px` its reservation in ms, the lease the waiter counts from (whatever
+/// its own settings say). A Lua expression over `waiter`, `token`,
+/// `attempt` and `px`.
+const HAND_OVER_MESSAGE_LUA: &str = "'v2 ' .. waiter .. ' ' .. token .. ' ' .. attempt .. ' ' .. px";
 
-/// The hand-over function `name`, which gives the waiter its reservation
-/// with the Lua statement `grant` (it may use `waiter`, `token`, `px` and
-/// `now`).
+/// A hand-over function `name` for a semaphore's line, whose waiters all
+/// ask for the same: `name()` gives the first waiter in line whose place is
+/// still renewed a reservation of `min(its TTL, ARGV[2] ms)` with a new
+/// fencing token, with the Lua statement `grant` (it may use `waiter`,
+/// `token`, `px` and `now`), and tells it on its client's channel (see
+/// [`HAND_OVER_MESSAGE_LUA`]). Waiters whose places ran out are dropped on
+/// the way. Returns the message, or false when nobody waits.
 fn hand_over_lua_granting(name: &str, grant: &str) -> String {
     format!(
         r"
@@ -238,7 +256,7 @@ local function {name}()
         if type(token) == 'table' then return false end
         local px = math.min(tonumber(ttl), tonumber(ARGV[2]))
         {grant}
-        local message = '{HAND_OVER_V2} ' .. waiter .. ' ' .. token .. ' ' .. attempt .. ' ' .. px
+        local message = {HAND_OVER_MESSAGE_LUA}
         redis.call('PUBLISH', channel, message)
         return message
       end
@@ -249,19 +267,20 @@ end
     )
 }
 
-/// Lua for a mutex's release with a line of waiters (single server,
-/// Sentinel, Cluster): `release_lock()`: if `ARGV[1]` owns the lock, hand
-/// it to the next waiter (see `hand_over_lua`) or delete it; if not,
-/// remove `ARGV[1]`'s place in line (a waiter giving up). Returns the
-/// hand-over message when a waiter got the lock, 1 released with nobody
-/// waiting, 0 no lock, -1 another owner.
+/// Lua for a mutex's (a writer's) release with a line of waiters (single
+/// server, Sentinel, Cluster): `release_lock()`: if `ARGV[1]` owns the
+/// lock, hand the key to the waiters at the head of the line (see
+/// `admit_waiters`) or delete it; if not, remove `ARGV[1]`'s place in line
+/// (a waiter giving up). Returns the hand-over messages when waiters got
+/// the key, 1 released with nobody waiting, 0 no lock, -1 another owner
+/// (or readers).
 const RELEASE_LOCK_LUA: &str = r"
 local function release_lock()
-  local holder = redis.call('GET', KEYS[1])
+  local holder = redis.pcall('GET', KEYS[1])
   if holder == ARGV[1] then
-    local handed = hand_over()
-    if handed then return handed end
     redis.call('DEL', KEYS[1])
+    local sent = admit_waiters(0)
+    if #sent > 0 then return sent end
     return 1
   end
   if redis.pcall('HDEL', KEYS[4], ARGV[1]) == 1 then
@@ -269,7 +288,7 @@ local function release_lock()
   end
   if holder == false then
     -- The lock may have run out while waiters slept; hand it on now.
-    hand_over()
+    admit_waiters(0)
     return 0
   end
   return -1
@@ -280,8 +299,10 @@ end
 /// `release_lock` above. Keys as in [`ACQUIRE`]; `ARGV[2]` the longest
 /// reservation.
 pub(crate) static RELEASE_TO_NEXT: LazyLock<Script> = LazyLock::new(|| {
-    let hand_over = hand_over_lua();
-    Script::new(&format!("{hand_over}{RELEASE_LOCK_LUA}\nreturn release_lock()\n"))
+    let admit = admit_waiters_lua();
+    Script::new(&format!(
+        "{PERMITS_LUA}{admit}{RELEASE_LOCK_LUA}\nreturn release_lock()\n"
+    ))
 });
 
 /// Reset the TTL if we own the lock. `ARGV[1]` owner, `ARGV[2]` TTL in ms.
@@ -339,44 +360,54 @@ return 1
 
 /// For operators: the lock's remaining TTL in ms (-2 free, -1 no TTL) and
 /// the fencing counter (-1 when absent). Reads only.
-/// A semaphore also answers its live permits and its limit (-1 for a
-/// mutex); its permits that ran out are removed on the way.
+/// A semaphore also answers its live permits and its limit, a read lock
+/// its live readers and the limit 0 (-1 for a mutex); leases that ran out
+/// are removed on the way.
 pub(crate) static STATUS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{PERMITS_LUA}
 local counter = redis.call('GET', KEYS[2])
 local holders, limit = -1, -1
 if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then
-  local held, permits = live_permits(server_now())
-  if held ~= 'foreign' then holders, limit = held, permits or -1 end
+  local held, permits, _, _, _, shared = live_permits(server_now())
+  if held ~= 'foreign' then
+    holders, limit = held, permits or -1
+    if shared then limit = 0 end
+  end
 end
 return {{redis.call('PTTL', KEYS[1]), tonumber(counter or '-1') or -1, holders, limit}}
 "
     ))
 });
 
-/// For operators: delete the lock whoever holds it, hand it to the next
-/// waiter in line if there is one (see `hand_over_lua`), else announce the
-/// release with an empty message on the key's channel `ARGV[1]` (for
-/// Redlock waiters). Keys as in [`ACQUIRE`]; `ARGV[2]` the longest
-/// reservation. Returns 1 if there was a lock.
-/// A semaphore's permits all end; as many waiters as its limit get one.
+/// For operators: delete the lock whoever holds it, hand the key to the
+/// waiters at the head of the line if there are any (see
+/// `admit_waiters`), else announce the release with an empty message on
+/// the key's channel `ARGV[1]` (for Redlock waiters). Keys as in
+/// [`ACQUIRE`]; `ARGV[2]` the longest reservation. Returns 1 if there was
+/// a lock. A read lock's readers all end; a semaphore's permits all end,
+/// and as many waiters as its limit get one.
 pub(crate) static FORCE_RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    let (lock, permit) = (hand_over_lua(), hand_over_permit_lua());
+    let (admit, permit) = (admit_waiters_lua(), hand_over_permit_lua());
     Script::new(&format!(
-        r"{PERMITS_LUA}{lock}{permit}
+        r"{PERMITS_LUA}{admit}{permit}
+local held = 0
 if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then
-  local held, limit = live_permits(server_now())
+  local live, limit, _, _, _, shared = live_permits(server_now())
+  if live == 'foreign' then return 0 end
   redis.call('DEL', KEYS[1])
-  if held == 'foreign' or not limit then return 0 end
-  local handed = 0
-  while handed < limit and hand_over_permit() do handed = handed + 1 end
-  if handed > 0 then redis.call('HSET', KEYS[1], 'limit', limit) end
-  if held > 0 then return 1 end
-  return 0
+  if not shared then
+    local handed = 0
+    while handed < limit and hand_over_permit() do handed = handed + 1 end
+    if handed > 0 then redis.call('HSET', KEYS[1], 'limit', limit) end
+    if live > 0 then return 1 end
+    return 0
+  end
+  if live > 0 then held = 1 end
+else
+  held = redis.call('DEL', KEYS[1])
 end
-local held = redis.call('DEL', KEYS[1])
-if not hand_over() then
+if #admit_waiters(0) == 0 then
   redis.call('PUBLISH', ARGV[1], '')
 end
 return held
@@ -411,10 +442,17 @@ mod tests {
 
     #[test]
     fn hand_over_messages_start_with_the_version_word() {
-        let scripts = [&*RELEASE_TO_NEXT, &*RELEASE_PERMIT, &*ABANDON, &*FORCE_RELEASE];
+        assert!(HAND_OVER_MESSAGE_LUA.starts_with(&format!("'{HAND_OVER_V2} '")));
+        let scripts = [
+            &*RELEASE_TO_NEXT,
+            &*RELEASE_PERMIT,
+            &*RELEASE_SHARED,
+            &*ABANDON,
+            &*FORCE_RELEASE,
+        ];
         for script in scripts {
             let code = format!("{script:?}");
-            assert!(code.contains(&format!("'{HAND_OVER_V2} '")), "{code}");
+            assert!(code.contains(HAND_OVER_MESSAGE_LUA), "{code}");
         }
     }
 

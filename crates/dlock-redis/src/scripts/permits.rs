@@ -5,11 +5,12 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-use super::{RELEASE_LOCK_LUA, TAKE_PLACE_LUA, hand_over_lua, hand_over_lua_granting};
+use super::readers::{RELEASE_READER_LUA, admit_waiters_lua};
+use super::{RELEASE_LOCK_LUA, WRITER_PLACE, hand_over_lua_granting, take_place_lua};
 
-/// [`hand_over_lua`] for a semaphore: the reservation is one more permit
-/// in the hash at `KEYS[1]` (`owner -> end:token`, server ms), and the
-/// hash lasts at least as long as it. Defines `hand_over_permit()`.
+/// The semaphore's hand-over: the reservation is one more permit in the
+/// hash at `KEYS[1]` (`owner -> end:token`, server ms), and the hash lasts
+/// at least as long as it. Defines `hand_over_permit()`.
 pub(super) fn hand_over_permit_lua() -> String {
     hand_over_lua_granting(
         "hand_over_permit",
@@ -18,14 +19,17 @@ pub(super) fn hand_over_permit_lua() -> String {
     )
 }
 
-/// Lua for a semaphore's permits, kept in a hash at `KEYS[1]`: `limit`
-/// the limit, and one field per holder, `owner -> end:token` (`end` in the
+/// Lua for leases kept in a hash at `KEYS[1]`: a semaphore's permits
+/// (field `limit` the limit) or a read lock's readers (field `readers`
+/// marks it), and one field per holder, `owner -> end:token` (`end` in the
 /// server's ms, from `TIME`: expiry is decided by the server's clock). The
-/// hash's own TTL is at least its longest permit's, so it vanishes with
-/// its holders even if nobody comes back. `live_permits(now)` removes the
-/// permits that ran out and returns the number left, the limit, the end of
-/// the first and of the last to end, and the token of `ARGV[1]`'s permit;
-/// `'foreign'` in place of the count when a field is not dlock's.
+/// hash's own TTL is at least its longest lease's (a release sets it to
+/// the last end left), so it vanishes with its holders even if nobody
+/// comes back. `live_permits(now)` removes the leases that ran out and
+/// returns the number left, the limit (none for readers), the end of the
+/// first and of the last to end, the token of `ARGV[1]`'s lease, and
+/// whether the hash is a read lock's; `'foreign'` in place of the count
+/// when a field is not dlock's.
 pub(super) const PERMITS_LUA: &str = r"
 local function server_now()
   local time = redis.call('TIME')
@@ -33,11 +37,13 @@ local function server_now()
 end
 local function live_permits(now)
   local fields = redis.call('HGETALL', KEYS[1])
-  local held, limit, first_end, last_end, mine = 0, nil, nil, 0, nil
+  local held, limit, first_end, last_end, mine, shared = 0, nil, nil, 0, nil, false
   for i = 1, #fields, 2 do
     local field, value = fields[i], fields[i + 1]
     if field == 'limit' then
       limit = tonumber(value)
+    elseif field == 'readers' then
+      shared = true
     else
       local ends, token = string.match(value, '^(%d+):(%d+)$')
       if not ends then return 'foreign' end
@@ -52,8 +58,8 @@ local function live_permits(now)
       end
     end
   end
-  if not limit and #fields > 0 then return 'foreign' end
-  return held, limit, first_end, last_end, mine
+  if (not limit) == (not shared) and #fields > 0 then return 'foreign' end
+  return held, limit, first_end, last_end, mine, shared
 end
 ";
 
@@ -85,7 +91,7 @@ local function release_permit()
     redis.pcall('LREM', KEYS[3], 1, ARGV[1])
   end
   local held, limit = live_permits(now)
-  if held == 'foreign' then return -1 end
+  if held == 'foreign' or not limit then return -1 end
   local handed = false
   while limit and held < limit do
     local message = hand_over_permit()
@@ -109,16 +115,19 @@ pub(crate) static RELEASE_PERMIT: LazyLock<Script> = LazyLock::new(|| {
 });
 
 /// The clean-up after a request that ended without a guard, which does not
-/// know what the key is: a mutex's lock or place (a string at the key), or
-/// a semaphore's permit or place. With nothing at the key, the waiters in
+/// know what the key is: a mutex's (or writer's) lock or place (a string at
+/// the key), a reader's lease or place (a hash marked `readers`), or a
+/// semaphore's permit or place. With nothing at the key, the waiters in
 /// line may be a semaphore's, whom a mutex's hand-over must not serve: only
 /// the place is removed, and the waiters' next attempts take the key.
-/// Keys and arguments as for [`RELEASE_TO_NEXT`].
+/// Keys and arguments as for [`RELEASE_TO_NEXT`](super::RELEASE_TO_NEXT).
 pub(crate) static ABANDON: LazyLock<Script> = LazyLock::new(|| {
-    let (lock, permit) = (hand_over_lua(), hand_over_permit_lua());
+    let (admit, permit) = (admit_waiters_lua(), hand_over_permit_lua());
     Script::new(&format!(
-        r"{PERMITS_LUA}{lock}{permit}{RELEASE_LOCK_LUA}{RELEASE_PERMIT_LUA}
-if redis.call('TYPE', KEYS[1])['ok'] == 'string' then return release_lock() end
+        r"{PERMITS_LUA}{admit}{permit}{RELEASE_LOCK_LUA}{RELEASE_PERMIT_LUA}{RELEASE_READER_LUA}
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind == 'string' then return release_lock() end
+if kind == 'hash' and redis.call('HEXISTS', KEYS[1], 'readers') == 1 then return release_reader() end
 return release_permit()
 "
     ))
@@ -127,8 +136,9 @@ return release_permit()
 /// Take one of a semaphore's permits if fewer than `ARGV[7]` are held
 /// (bumping the fencing counter), re-grant a permit to the same owner, or
 /// report when the first permit ends. Keys and `ARGV[1..6]` as in
-/// [`ACQUIRE`], with the same replies, plus `mutex` when the key holds a
-/// mutex's lock and `limit:N` when its permits were taken with limit N.
+/// [`ACQUIRE`](super::ACQUIRE), with the same replies, plus `mutex` when
+/// the key holds a mutex's lock, `readers` when it holds a read lock's
+/// readers and `limit:N` when its permits were taken with limit N.
 pub(crate) static ACQUIRE_PERMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{PERMITS_LUA}
@@ -141,8 +151,13 @@ end
 if kind ~= 'none' and kind ~= 'hash' then return 'wrongtype' end
 local permits = tonumber(ARGV[7])
 local now = server_now()
-local held, limit, first_end, last_end, mine = live_permits(now)
+local held, limit, first_end, last_end, mine, shared = live_permits(now)
 if held == 'foreign' then return 'foreign' end
+if shared then
+  if held > 0 then return 'readers' end
+  redis.call('DEL', KEYS[1])
+  held, last_end = 0, 0
+end
 if held > 0 and limit ~= permits then return 'limit:' .. limit end
 if mine or held < permits then
   local token = mine
@@ -161,10 +176,11 @@ if mine or held < permits then
 end
 if ARGV[3] ~= '' then
   local deadline = now + tonumber(ARGV[4])
-  {TAKE_PLACE_LUA}
+  {take_place}
 end
 return -1 - (first_end - now)
-"
+",
+        take_place = take_place_lua(WRITER_PLACE)
     ))
 });
 

@@ -18,7 +18,7 @@
 //! impl Harness for Memory {
 //!     async fn locker(&self) -> Locker { Locker::new(self.0.clone()) }
 //!     async fn force_expire(&self, key: &str) { self.0.force_expire(key); }
-//!     async fn leftovers(&self, key: &str) -> usize { usize::from(self.0.is_locked(key)) }
+//!     async fn leftovers(&self, key: &str) -> usize { self.0.leases_on(key) + self.0.waiting_on(key) }
 //!     fn config(&self) -> SuiteConfig { SuiteConfig::default() }
 //! }
 //!
@@ -35,11 +35,13 @@ use tokio::time::{Instant, sleep};
 
 mod basics;
 mod leases;
+mod rwlock;
 mod semaphore;
 mod waiting;
 
 pub use basics::*;
 pub use leases::*;
+pub use rwlock::*;
 pub use semaphore::*;
 pub use waiting::*;
 
@@ -77,6 +79,9 @@ pub struct SuiteConfig {
     /// The backend offers counting semaphores (default true); when off,
     /// the semaphore checks assert that it refuses them as `Unsupported`.
     pub semaphores: bool,
+    /// The backend offers read-write locks (default true); when off, the
+    /// read-lock checks assert that it refuses them as `Unsupported`.
+    pub read_write: bool,
 }
 
 impl Default for SuiteConfig {
@@ -86,6 +91,7 @@ impl Default for SuiteConfig {
             wake_bound: Duration::from_secs(1),
             fifo: false,
             semaphores: true,
+            read_write: true,
         }
     }
 }
@@ -112,6 +118,12 @@ impl SuiteConfig {
     /// Sets whether the backend offers semaphores.
     pub fn semaphores(mut self, semaphores: bool) -> Self {
         self.semaphores = semaphores;
+        self
+    }
+
+    /// Sets whether the backend offers read-write locks.
+    pub fn read_write(mut self, read_write: bool) -> Self {
+        self.read_write = read_write;
         self
     }
 }
@@ -185,6 +197,14 @@ macro_rules! conformance_tests {
             semaphore_permits_expire_one_by_one,
             semaphore_waiter_woken_on_release,
             semaphore_cancelled_waiters_leave_nothing,
+            readers_share_a_key,
+            writer_excludes_readers_and_writers,
+            last_reader_wakes_the_writer,
+            waiting_writer_is_not_starved,
+            crashed_reader_frees_within_its_ttl,
+            rw_cancelled_waiters_leave_nothing,
+            read_locks_and_semaphores_do_not_mix,
+            upgrade_is_refused,
         }
     };
     (@tests (#[$attribute:meta] $harness:expr); $($check:ident,)*) => {
@@ -215,6 +235,7 @@ mod tests {
         let defined: BTreeSet<&str> = [
             include_str!("basics.rs"),
             include_str!("leases.rs"),
+            include_str!("rwlock.rs"),
             include_str!("semaphore.rs"),
             include_str!("waiting.rs"),
         ]
