@@ -42,6 +42,9 @@ Examples:
   # on etcd, fair order among waiters; the command sees DLOCK_FENCING_TOKEN
   DLOCK_URL=etcd://10.0.0.1:2379,10.0.0.2:2379 dlock run deploy -- sh -c 'echo token $DLOCK_FENCING_TOKEN'
 
+  # readers of the catalog run together; a plain run (the writer) waits for them
+  dlock run --shared catalog -- ./read-catalog.sh
+
   dlock status reports/nightly
   dlock release --force --yes reports/nightly   # unsafe: see `dlock release --help`
 
@@ -191,6 +194,12 @@ async fn status(locker: &Locker, key: &str) -> u8 {
         Ok(status) => {
             println!("key: {key}");
             println!("held: {}", if status.held { "yes" } else { "no" });
+            if let Some(kind) = status.kind.filter(|_| status.held) {
+                println!("kind: {kind}");
+            }
+            if let Some(holders) = status.holders.filter(|_| status.held) {
+                println!("holders: {holders}");
+            }
             if let Some(remaining) = status.remaining {
                 println!("remaining: {:.1}s", remaining.as_secs_f64());
             }

@@ -31,6 +31,11 @@ pub(crate) struct RunArgs {
     /// Do not wait: exit at once with 75 if the lock is held.
     #[arg(long)]
     no_wait: bool,
+    /// Take a read lock: any number of `--shared` runs of KEY at once,
+    /// while no plain run (the writer) holds it. A writer that waits goes
+    /// before the `--shared` runs that come after it.
+    #[arg(long)]
+    shared: bool,
     /// When the lock is lost, how long COMMAND's process group gets after
     /// SIGTERM before SIGKILL.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
@@ -123,7 +128,12 @@ async fn first_terminating(signals: &mut Signals) -> Signal {
 }
 
 async fn acquire(locker: &Locker, args: &RunArgs, quiet: bool) -> Result<LockGuard, LockError> {
-    let request = locker.lock(&args.key).ttl(args.ttl);
+    let request = if args.shared {
+        locker.read_lock(&args.key)
+    } else {
+        locker.lock(&args.key)
+    };
+    let request = request.ttl(args.ttl);
     if args.no_wait {
         return request.try_lock().await;
     }

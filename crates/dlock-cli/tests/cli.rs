@@ -89,6 +89,51 @@ fn a_signal_to_dlock_stops_the_command_and_frees_the_key(backend: &str) {
     assert!(!is_held(backend, &key), "the key was not freed");
 }
 
+/// Two `--shared` runs read at once (both write their start before either
+/// ends); a plain run (the writer) waits until both have ended.
+fn shared_runs_read_together_and_the_writer_waits(backend: &str) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("log");
+    let key = unique_key("cli-shared");
+    let reader = format!(
+        "echo start >> {log}; while [ $(grep -c start {log}) -lt 2 ]; do sleep 0.05; done; sleep 0.3; echo end >> {log}",
+        log = log.display()
+    );
+    let readers: Vec<Child> = (0..2)
+        .map(|_| {
+            spawn(dlock(
+                backend,
+                &[
+                    "run", "--shared", &key, "--wait", "20s", "--", "sh", "-c", &reader,
+                ],
+            ))
+        })
+        .collect();
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&log).map_or(0, |text| text.matches("start").count()) < 2 {
+        assert!(
+            std::time::Instant::now() < until,
+            "the two readers never read together"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let writer = format!("echo write >> {log}", log = log.display());
+    let mut writer = spawn(dlock(
+        backend,
+        &["run", &key, "--wait", "20s", "--", "sh", "-c", &writer],
+    ));
+    for mut reader in readers {
+        assert_eq!(wait_exit(&mut reader, Duration::from_secs(30)), 0);
+    }
+    assert_eq!(wait_exit(&mut writer, Duration::from_secs(30)), 0);
+    let text = std::fs::read_to_string(&log).expect("read the log");
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        ["start", "start", "end", "end", "write"],
+        "{text}"
+    );
+}
+
 macro_rules! cli_suite {
     ($module:ident, $backend:expr) => {
         mod $module {
@@ -107,6 +152,11 @@ macro_rules! cli_suite {
             #[test]
             fn a_lock_deleted_from_outside_stops_the_command() {
                 super::a_lock_deleted_from_outside_stops_the_command(&$backend);
+            }
+
+            #[test]
+            fn shared_runs_read_together_and_the_writer_waits() {
+                super::shared_runs_read_together_and_the_writer_waits(&$backend);
             }
 
             #[test]
