@@ -60,6 +60,8 @@ pub(crate) enum Contender {
     FloorRedlock(Vec<MultiplexedConnection>),
     /// A dlock locker on any backend: `try_lock` + `release`.
     Dlock(Locker),
+    /// A dlock locker's read lock: `read_lock(key).try_lock()` + `release`.
+    DlockRead(Locker),
     /// The raw etcd client: the same transaction dlock sends (put the owner
     /// token if absent, with a warm lease, and read the queue head), then a
     /// delete.
@@ -74,6 +76,9 @@ pub(crate) enum Contender {
     Redsync(Arc<redsync::Redsync<redsync::RedisInstance>>),
     /// distributed-lock's Redis backend at its defaults: `try_acquire` + `release`.
     DistributedLock(Arc<distributed_lock_redis::RedisLockProvider>),
+    /// distributed-lock's reader-writer lock at its defaults:
+    /// `try_acquire_read` + `release`.
+    DistributedLockRead(Arc<distributed_lock_redis::RedisLockProvider>),
 }
 
 /// The three peers on the servers at `urls` (one URL: a single server).
@@ -108,6 +113,10 @@ impl Contender {
             }
             Contender::Dlock(locker) => {
                 locker.try_lock(key).await?.release().await?;
+                Ok(())
+            }
+            Contender::DlockRead(locker) => {
+                locker.read_lock(key).try_lock().await?.release().await?;
                 Ok(())
             }
             Contender::UnfencedFloor(connection) => {
@@ -198,6 +207,16 @@ impl Contender {
                 let handle = provider
                     .create_lock(key)
                     .try_acquire()
+                    .await?
+                    .ok_or("distributed-lock: the uncontended key was held")?;
+                handle.release().await?;
+                Ok(())
+            }
+            Contender::DistributedLockRead(provider) => {
+                use distributed_lock_core::prelude::*;
+                let handle = provider
+                    .create_reader_writer_lock(key)
+                    .try_acquire_read()
                     .await?
                     .ok_or("distributed-lock: the uncontended key was held")?;
                 handle.release().await?;

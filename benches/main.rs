@@ -98,6 +98,9 @@ enum Command {
     Throughput,
     /// 3: the hand-off, 8 clients of each library on one key, 1 ms hold.
     Handoff,
+    /// 6: the read-write lock: the uncontended read cycle, and 16 clients
+    /// with 90 % reads and 1 ms holds, beside distributed-lock's.
+    ReadWrite,
     /// 5: etcd lock + unlock with a warm session.
     Etcd,
     /// 6: the watchdog holding many auto-renewed guards.
@@ -169,6 +172,7 @@ async fn main() -> Result {
             scenarios::etcd::run(servers, budget, &mut report).await?;
             scenarios::handoff::run(servers, budget, round_trip, &mut report).await?;
             scenarios::throughput::run(servers, budget, &mut report).await?;
+            scenarios::rwlock::run(servers, budget, &mut report).await?;
             scenarios::watchdog::run(servers, budget, &mut report).await?;
             report.print();
             if let Some(dir) = write {
@@ -187,6 +191,10 @@ async fn main() -> Result {
         Command::Handoff => {
             let round_trip = contenders::round_trip(servers.redis()?).await?;
             scenarios::handoff::run(servers, budget, round_trip, &mut report).await?;
+            report.print();
+        }
+        Command::ReadWrite => {
+            scenarios::rwlock::run(servers, budget, &mut report).await?;
             report.print();
         }
         Command::Etcd => {

@@ -18,6 +18,10 @@ pub(crate) const CLIENTS: usize = 5;
 pub(crate) const SEMAPHORE: &str = "chaos/crawlers";
 /// Its limit: with 5 clients, permits are scarce.
 pub(crate) const PERMITS: u32 = 2;
+/// The read-write lock clients also take, on deployments that offer one.
+pub(crate) const CATALOG: &str = "chaos/catalog";
+/// The share of its rounds that read, in percent; the others write.
+pub(crate) const READ_PERCENT: u8 = 90;
 /// Client 0 reaches the servers through the fault proxies.
 pub(crate) const PROXIED_CLIENT: usize = 0;
 pub(crate) const TTL: Duration = Duration::from_secs(2);
@@ -49,6 +53,13 @@ pub(crate) struct Tally {
     /// Instants at which more than `PERMITS` accepted permit sections were
     /// inside at once. Must be 0.
     pub(crate) over_admissions: usize,
+    /// Read and write locks of the read-write lock taken.
+    pub(crate) reads: usize,
+    pub(crate) writes: usize,
+    /// Accepted sections of the read-write lock that began while another
+    /// was inside that they must exclude (a writer with anyone, a reader
+    /// with a writer). Must be 0.
+    pub(crate) rw_overlaps: usize,
     pub(crate) notes: Vec<String>,
 }
 
@@ -63,6 +74,8 @@ pub(crate) struct Shared {
     /// (entered, left) of every accepted permit section: one whose guard
     /// was still held when it left, so its lease covered all of it.
     pub(crate) permit_sections: Mutex<Vec<(Instant, Instant)>>,
+    /// (entered, left, writing) of every accepted read-write section.
+    pub(crate) rw_sections: Mutex<Vec<(Instant, Instant, bool)>>,
     pub(crate) pause_next: Vec<AtomicBool>,
     pub(crate) stop: AtomicBool,
 }
@@ -86,7 +99,7 @@ pub(crate) fn run_case(
     fault: Fault,
     length: Duration,
     seed: u64,
-    semaphores: bool,
+    shared_kinds: bool,
 ) -> Tally {
     let shared = Arc::new(Shared {
         resources: KEYS.iter().map(|_| FencedResource::new()).collect(),
@@ -94,6 +107,7 @@ pub(crate) fn run_case(
         grants: Mutex::new(Vec::new()),
         timeouts: Mutex::new(Vec::new()),
         permit_sections: Mutex::new(Vec::new()),
+        rw_sections: Mutex::new(Vec::new()),
         pause_next: (0..CLIENTS).map(|_| AtomicBool::new(false)).collect(),
         stop: AtomicBool::new(false),
     });
@@ -117,7 +131,7 @@ pub(crate) fn run_case(
             );
             let shared = Arc::clone(&shared);
             let seed = seed ^ (client as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            std::thread::spawn(move || client_process(client, target, shared, deadline, seed, semaphores))
+            std::thread::spawn(move || client_process(client, target, shared, deadline, seed, shared_kinds))
         })
         .collect();
     let windows = nemesis(servers, &proxies, fault, &shared, deadline, seed);
@@ -192,7 +206,7 @@ fn client_process(
     shared: Arc<Shared>,
     deadline: Instant,
     seed: u64,
-    semaphores: bool,
+    shared_kinds: bool,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -211,15 +225,17 @@ fn client_process(
         };
         let mut rng = fastrand::Rng::with_seed(seed);
         while Instant::now() < deadline && !shared.stop.load(Ordering::Relaxed) {
-            // One round in three on the semaphore, where there is one.
-            let pick = rng.usize(..KEYS.len() + 1);
-            if pick == KEYS.len() {
-                if semaphores {
-                    permit_round(client, &locker, &shared).await;
-                }
-                continue;
+            // One round in four on the semaphore and one on the read-write
+            // lock, where there are.
+            let pick = rng.usize(..KEYS.len() + 2);
+            if pick < KEYS.len() {
+                one_round(client, &locker, pick, &shared).await;
+            } else if shared_kinds && pick == KEYS.len() {
+                permit_round(client, &locker, &shared).await;
+            } else if shared_kinds {
+                let writing = rng.u8(..100) >= READ_PERCENT;
+                rw_round(client, &locker, writing, &shared).await;
             }
-            one_round(client, &locker, pick, &shared).await;
         }
         // Every key must still be obtainable once the faults are over: a
         // waiter that cannot get a free key is stranded.
@@ -340,26 +356,66 @@ async fn one_round(client: usize, locker: &Locker, key: usize, shared: &Shared) 
 async fn permit_round(client: usize, locker: &Locker, shared: &Shared) {
     let request = locker.semaphore(SEMAPHORE, PERMITS).ttl(TTL).wait(WAIT);
     let what = format!("semaphore({SEMAPHORE})");
-    let Ok(permit) = granted(client, &what, request, shared).await else {
+    let Some((entered, left)) = held_section(client, &what, request, shared).await else {
         return;
     };
-    let entered = Instant::now();
     shared.tally().permits += 1;
+    shared
+        .permit_sections
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push((entered, left));
+}
+
+/// One read or write lock of the read-write lock, held for the hold; the
+/// checker looks for accepted sections that overlap when they must not.
+async fn rw_round(client: usize, locker: &Locker, writing: bool, shared: &Shared) {
+    let (request, what) = if writing {
+        (locker.lock(CATALOG), format!("lock({CATALOG})"))
+    } else {
+        (locker.read_lock(CATALOG), format!("read_lock({CATALOG})"))
+    };
+    let request = request.ttl(TTL).wait(WAIT);
+    let Some((entered, left)) = held_section(client, &what, request, shared).await else {
+        return;
+    };
+    {
+        let mut tally = shared.tally();
+        if writing {
+            tally.writes += 1;
+        } else {
+            tally.reads += 1;
+        }
+    }
+    shared
+        .rw_sections
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push((entered, left, writing));
+}
+
+/// Takes the lock `request` asks for, stays inside for the hold, and
+/// releases; the section (entered, left) when the guard was still held at
+/// its end (an accepted section), else nothing (a loss is tallied).
+async fn held_section(
+    client: usize,
+    what: &str,
+    request: LockRequest,
+    shared: &Shared,
+) -> Option<(Instant, Instant)> {
+    let guard = granted(client, what, request, shared).await.ok()?;
+    let entered = Instant::now();
     tokio::time::sleep(HOLD).await;
     let left = Instant::now();
-    if permit.is_held() {
-        shared
-            .permit_sections
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((entered, left));
-    } else {
+    let held = guard.is_held();
+    if !held {
         shared.tally().lost += 1;
     }
-    if timeout(HANG_SLACK, permit.release()).await.is_err() {
-        shared.note(format!("client {client}: release of a permit hung"));
+    if timeout(HANG_SLACK, guard.release()).await.is_err() {
+        shared.note(format!("client {client}: release of {what} hung"));
         shared.tally().hung += 1;
     }
+    held.then_some((entered, left))
 }
 
 /// The whole client stalls while holding (a GC pause, SIGSTOP), then tries

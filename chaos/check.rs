@@ -18,6 +18,9 @@ pub(crate) fn check(shared: &Shared, windows: &[(Instant, Instant)], tally: &mut
         .unwrap_or_else(PoisonError::into_inner);
     tally.over_admissions = over_admissions(&sections, PERMITS);
     drop(sections);
+    let sections = shared.rw_sections.lock().unwrap_or_else(PoisonError::into_inner);
+    tally.rw_overlaps = rw_overlaps(&sections);
+    drop(sections);
     for resource in &shared.resources {
         let mut closed: HashSet<(usize, FencingToken)> = HashSet::new();
         let mut current: Option<(usize, FencingToken)> = None;
@@ -99,6 +102,28 @@ pub(crate) fn over_admissions(sections: &[(Instant, Instant)], permits: u32) -> 
     over
 }
 
+/// Accepted read-write sections that began while another was inside that
+/// they must exclude: a writer while anyone was inside, a reader while a
+/// writer was.
+pub(crate) fn rw_overlaps(sections: &[(Instant, Instant, bool)]) -> usize {
+    // Leaving sorts before entering at the same instant: touching sections
+    // do not overlap.
+    let mut events: Vec<(Instant, i32, bool)> = sections
+        .iter()
+        .flat_map(|&(entered, left, writing)| [(entered, 1, writing), (left, -1, writing)])
+        .collect();
+    events.sort_unstable();
+    let (mut readers, mut writers, mut overlaps) = (0i64, 0i64, 0);
+    for (_, change, writing) in events {
+        if change > 0 && (writers > 0 || (writing && readers > 0)) {
+            overlaps += 1;
+        }
+        let count = if writing { &mut writers } else { &mut readers };
+        *count += i64::from(change);
+    }
+    overlaps
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -115,6 +140,7 @@ mod tests {
             grants: Mutex::new(Vec::new()),
             timeouts: Mutex::new(Vec::new()),
             permit_sections: Mutex::new(Vec::new()),
+            rw_sections: Mutex::new(Vec::new()),
             pause_next: Vec::new(),
             stop: AtomicBool::new(false),
         }
@@ -130,6 +156,23 @@ mod tests {
         assert_eq!(over_admissions(&sections, 3), 0);
         // Back to back is not an overlap.
         assert_eq!(over_admissions(&[(at(0), at(10)), (at(10), at(20))], 1), 0);
+    }
+
+    #[test]
+    fn readers_may_overlap_and_writers_may_not() {
+        let start = Instant::now();
+        let at = |millis: u64| start + Duration::from_millis(millis);
+        let readers = [(at(0), at(30), false), (at(10), at(40), false)];
+        assert_eq!(rw_overlaps(&readers), 0);
+        // A writer inside readers, and a reader inside a writer.
+        let mut mixed = readers.to_vec();
+        mixed.push((at(20), at(50), true));
+        assert_eq!(rw_overlaps(&mixed), 1);
+        mixed.push((at(45), at(60), false));
+        assert_eq!(rw_overlaps(&mixed), 2);
+        // Back to back is not an overlap; two writers at once are.
+        assert_eq!(rw_overlaps(&[(at(0), at(10), true), (at(10), at(20), false)]), 0);
+        assert_eq!(rw_overlaps(&[(at(0), at(10), true), (at(5), at(20), true)]), 1);
     }
 
     #[test]

@@ -42,8 +42,9 @@ impl Kind {
         }
     }
 
-    /// Whether the deployment offers semaphores (Redlock refuses them).
-    pub(crate) fn offers_semaphores(self) -> bool {
+    /// Whether the deployment offers the kinds beyond the mutex, the
+    /// semaphore and the read-write lock (Redlock refuses them).
+    pub(crate) fn offers_shared_kinds(self) -> bool {
         self != Kind::Redlock
     }
 

@@ -95,10 +95,10 @@ fn main() -> ExitCode {
                 fault,
                 per_case,
                 seed,
-                kind.offers_semaphores(),
+                kind.offers_shared_kinds(),
             );
             println!(
-                "{:<16} {:<28} {:>5} acquisitions, {} overlapping, {} stranded, {} hung, {} permits, {} over-admitted ({:.0?})",
+                "{:<16} {:<28} {:>5} acquisitions, {} overlapping, {} stranded, {} hung, {} permits, {} over-admitted, {}/{} reads/writes, {} reader-writer overlaps ({:.0?})",
                 kind.name(),
                 fault.name(),
                 tally.acquisitions,
@@ -107,6 +107,9 @@ fn main() -> ExitCode {
                 tally.hung,
                 tally.permits,
                 tally.over_admissions,
+                tally.reads,
+                tally.writes,
+                tally.rw_overlaps,
                 started.elapsed()
             );
             for note in &tally.notes {
@@ -130,9 +133,10 @@ fn main() -> ExitCode {
             || tally.stranded > 0
             || tally.hung > 0
             || tally.over_admissions > 0
+            || tally.rw_overlaps > 0
             || tally.pauses_reported_lost < tally.pauses
             || tally.acquisitions == 0
-            || (kind.offers_semaphores() && tally.permits == 0)
+            || (kind.offers_shared_kinds() && (tally.permits == 0 || tally.reads == 0))
     });
     if failed {
         eprintln!("dlock-chaos: FAILED: see the rows above with a non-zero must-be-0 column");

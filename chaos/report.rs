@@ -5,13 +5,14 @@ use std::time::Duration;
 use crate::deployment::{Fault, Kind};
 
 use crate::case::{
-    CLIENTS, HANG_SLACK, HOLD, KEYS, PERMITS, RECOVERY, SEMAPHORE, STRANDED_AFTER, TTL, Tally, WAIT,
+    CATALOG, CLIENTS, HANG_SLACK, HOLD, KEYS, PERMITS, READ_PERCENT, RECOVERY, SEMAPHORE, STRANDED_AFTER,
+    TTL, Tally, WAIT,
 };
 
 pub(crate) fn render(rows: &[(Kind, Fault, Tally)]) -> String {
     let mut table = String::from(
-        "| deployment | fault | acquisitions | lost-lock signals | stale writes rejected | overlapping accepted writes | stranded waiters | hung operations | unavailable errors | pauses: reported lost / late write rejected | permits taken | over-admissions |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|\n",
+        "| deployment | fault | acquisitions | lost-lock signals | stale writes rejected | overlapping accepted writes | stranded waiters | hung operations | unavailable errors | pauses: reported lost / late write rejected | permits taken | over-admissions | reads / writes taken | reader-writer overlaps |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|\n",
     );
     for (kind, fault, tally) in rows {
         let pauses = if tally.pauses == 0 {
@@ -23,7 +24,7 @@ pub(crate) fn render(rows: &[(Kind, Fault, Tally)]) -> String {
             )
         };
         table.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             kind.name(),
             fault.name(),
             tally.acquisitions,
@@ -34,12 +35,10 @@ pub(crate) fn render(rows: &[(Kind, Fault, Tally)]) -> String {
             tally.hung,
             tally.unavailable,
             pauses,
-            permits_cell(*kind, tally.permits),
-            if kind.offers_semaphores() {
-                tally.over_admissions.to_string()
-            } else {
-                "-".to_owned()
-            },
+            shared_kinds_cell(*kind, tally.permits.to_string()),
+            shared_kinds_cell(*kind, tally.over_admissions.to_string()),
+            shared_kinds_cell(*kind, format!("{} / {}", tally.reads, tally.writes)),
+            shared_kinds_cell(*kind, tally.rw_overlaps.to_string()),
         ));
     }
     table
@@ -72,10 +71,14 @@ pub(crate) fn reliability_document(
          - **hung operations**: `lock()` overrunning its wait, or `release()` taking, more than\n\
            {slack:?} beyond its limit. Must be 0.\n\
          - **lost-lock signals**: guards (and permits) found lost at the end of their critical section.\n\
-         - **over-admissions** (deployments with semaphores): one round in three takes a permit of\n\
+         - **over-admissions** (deployments with semaphores): one round in four takes a permit of\n\
            the semaphore `{semaphore}` ({permits} permits) instead of a lock; a permit section counts when\n\
            its guard was still held at its end, and each one that began while {permits} others were\n\
            inside is an over-admission. Must be 0.\n\
+         - **reader-writer overlaps** (deployments with read-write locks): one round in four takes the\n\
+           read-write lock `{catalog}`, as a reader ({read_percent} % of them) or as the writer; a section\n\
+           counts when its guard was still held at its end, and each writer's section that began while\n\
+           anyone was inside, or reader's that began while a writer was, is an overlap. Must be 0.\n\
          - **stale writes rejected**: writes the fence turned away (late writes of holders that lost\n\
            their lock).\n\
          - **unavailable errors**: requests answered `Unavailable` (a majority down, a server away).\n\
@@ -91,6 +94,8 @@ pub(crate) fn reliability_document(
         keys = KEYS.len(),
         semaphore = SEMAPHORE,
         permits = PERMITS,
+        catalog = CATALOG,
+        read_percent = READ_PERCENT,
         ttl = TTL,
         wait = WAIT,
         hold = HOLD,
@@ -102,10 +107,11 @@ pub(crate) fn reliability_document(
     )
 }
 
-/// "-" where the deployment has no semaphore (Redlock).
-fn permits_cell(kind: Kind, permits: usize) -> String {
-    if kind.offers_semaphores() {
-        permits.to_string()
+/// `cell`, or "-" where the deployment has no semaphore or read-write
+/// lock (Redlock).
+fn shared_kinds_cell(kind: Kind, cell: String) -> String {
+    if kind.offers_shared_kinds() {
+        cell
     } else {
         "-".to_owned()
     }

@@ -3,6 +3,7 @@
 
 pub(crate) mod etcd;
 pub(crate) mod handoff;
+pub(crate) mod rwlock;
 pub(crate) mod throughput;
 pub(crate) mod uncontended;
 pub(crate) mod watchdog;

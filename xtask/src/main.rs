@@ -187,11 +187,12 @@ fn chaos(args: &[String]) -> Result {
 }
 
 /// Scenarios and profiles of dlock-bench; with none of them, `all`.
-const BENCH_COMMANDS: [&str; 7] = [
+const BENCH_COMMANDS: [&str; 8] = [
     "all",
     "uncontended",
     "throughput",
     "handoff",
+    "read-write",
     "etcd",
     "watchdog",
     "profile",

@@ -74,23 +74,21 @@ end
 /// no live lease, -1 the key is not a read lock's (a writer holds it).
 pub(super) const RELEASE_READER_LUA: &str = r"
 local function release_reader()
-  local kind = redis.call('TYPE', KEYS[1])['ok']
-  if kind ~= 'hash' then
+  -- An error: the key is not a hash (a writer holds it, or it is not ours).
+  local value = redis.pcall('HGET', KEYS[1], ARGV[1])
+  if type(value) == 'table' or not value then
     if redis.pcall('HDEL', KEYS[4], ARGV[1]) == 1 then
       redis.pcall('LREM', KEYS[3], 1, ARGV[1])
     end
-    if kind == 'none' then return 0 end
-    return -1
+    if type(value) == 'table' then return -1 end
+    if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
   end
   local now = server_now()
   local released = 0
-  local value = redis.call('HGET', KEYS[1], ARGV[1])
   if value then
     redis.call('HDEL', KEYS[1], ARGV[1])
     local ends = tonumber(string.match(value, '^(%d+):') or '0')
     if ends > now then released = 1 end
-  elseif redis.pcall('HDEL', KEYS[4], ARGV[1]) == 1 then
-    redis.pcall('LREM', KEYS[3], 1, ARGV[1])
   end
   local held, limit, _, last_end, _, shared = live_permits(now)
   if held == 'foreign' or not shared then return -1 end
@@ -149,12 +147,15 @@ if kind == 'string' then
   -- A writer holds the key.
   wait = redis.call('PTTL', KEYS[1])
 elseif kind == 'hash' or kind == 'none' then
-  local held, limit, _, last_end, mine = live_permits(now)
-  if held == 'foreign' then return 'foreign' end
-  if limit then
-    if held > 0 then return 'semaphore:' .. limit end
-    redis.call('DEL', KEYS[1])
-    last_end = 0
+  local held, limit, last_end, mine, _ = 0, nil, 0, nil, nil
+  if kind == 'hash' then
+    held, limit, _, last_end, mine = live_permits(now)
+    if held == 'foreign' then return 'foreign' end
+    if limit then
+      if held > 0 then return 'semaphore:' .. limit end
+      redis.call('DEL', KEYS[1])
+      last_end = 0
+    end
   end
   local kept_out = not mine and writer_ahead(now)
   if not kept_out then
