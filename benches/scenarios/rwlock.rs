@@ -132,6 +132,22 @@ where
     }
 }
 
+/// Counts a lock that `handle` holds (asked for at `asked`), holds it for
+/// `HOLD`, and releases it; whether all went well.
+async fn hold_and_release<H: distributed_lock_core::LockHandle>(
+    done: &mut Mixed,
+    writing: bool,
+    asked: Instant,
+    handle: Option<H>,
+) -> bool {
+    let Some(handle) = handle else {
+        return false;
+    };
+    done.count(writing, asked.elapsed());
+    tokio::time::sleep(HOLD).await;
+    handle.release().await.is_ok()
+}
+
 /// What a mixed load got done.
 #[derive(Default)]
 struct Mixed {
@@ -222,25 +238,11 @@ async fn mixed_load(side: &Side, key: &str, length: Duration) -> Result<Mixed> {
                         // held, whatever the timeout: ask again at once, and
                         // count the wait from the first ask.
                         let released = if writing {
-                            let acquired = retried(&mut done, asked, || lock.acquire_write(Some(WAIT))).await;
-                            match acquired {
-                                Some(handle) => {
-                                    done.count(writing, asked.elapsed());
-                                    tokio::time::sleep(HOLD).await;
-                                    handle.release().await.is_ok()
-                                }
-                                None => false,
-                            }
+                            let handle = retried(&mut done, asked, || lock.acquire_write(Some(WAIT))).await;
+                            hold_and_release(&mut done, writing, asked, handle).await
                         } else {
-                            let acquired = retried(&mut done, asked, || lock.acquire_read(Some(WAIT))).await;
-                            match acquired {
-                                Some(handle) => {
-                                    done.count(writing, asked.elapsed());
-                                    tokio::time::sleep(HOLD).await;
-                                    handle.release().await.is_ok()
-                                }
-                                None => false,
-                            }
+                            let handle = retried(&mut done, asked, || lock.acquire_read(Some(WAIT))).await;
+                            hold_and_release(&mut done, writing, asked, handle).await
                         };
                         if !released {
                             done.errors += 1;

@@ -57,7 +57,7 @@ use dlock_core::backend::{
 };
 pub use dlock_core::user_api::*;
 pub use etcd_client;
-use etcd_client::{Client, Compare, CompareOp, GetOptions, KeyValue, SortOrder, SortTarget, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, KeyValue, Txn, TxnOp};
 use tokio::time::Instant;
 
 pub use crate::builder::EtcdBackendBuilder;
@@ -66,7 +66,7 @@ use crate::members::{Failure, Members};
 use crate::names::{Reserved, WaiterName};
 use crate::semaphore::kind_of_name;
 use crate::session::Session;
-use crate::txn::{held_by_other, oldest_waiter, transact};
+use crate::txn::{held_by_other, oldest_waiter, transact, whole_queue};
 use crate::watches::{Deletion, Watches};
 
 /// A lock backend on an etcd cluster. Cheap to clone; clones share the
@@ -426,11 +426,7 @@ impl LockBackend for EtcdBackend {
     /// For operators: whether `key` is held, for how long its holder's
     /// lease still runs, the holder's fencing token, and how many wait.
     async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
-        let listing = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Ascend)
-            .with_keys_only();
-        let found = self.read_queue(key, "inspecting", listing).await?;
+        let found = self.read_queue(key, "inspecting", whole_queue()).await?;
         let holders = self.holders(key, found.kvs());
         let Some(holder) = holders.last() else {
             return Ok(KeyStatus::free().waiting(0));
@@ -463,11 +459,7 @@ impl LockBackend for EtcdBackend {
     /// deletion) but may still be writing; only fencing tokens protect the
     /// resource from them. Returns whether the key was held.
     async fn force_release(&self, key: &str) -> Result<bool, LockError> {
-        let listing = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Ascend)
-            .with_keys_only();
-        let found = self.read_queue(key, "finding the holders", listing).await?;
+        let found = self.read_queue(key, "finding the holders", whole_queue()).await?;
         let holders = self.holders(key, found.kvs());
         if holders.is_empty() {
             return Ok(false);

@@ -152,6 +152,14 @@ pub(crate) fn queue_read(responses: &[TxnOpResponse], index: usize) -> Vec<(Stri
 }
 
 /// A Get of the `count` oldest waiter keys under a queue prefix.
+/// Every key of a queue, oldest first, keys only (for operators).
+pub(crate) fn whole_queue() -> GetOptions {
+    GetOptions::new()
+        .with_prefix()
+        .with_sort(SortTarget::Create, SortOrder::Ascend)
+        .with_keys_only()
+}
+
 pub(crate) fn oldest_waiters(count: i64) -> GetOptions {
     GetOptions::new()
         .with_prefix()

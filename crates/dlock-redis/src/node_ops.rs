@@ -116,15 +116,12 @@ impl RedisBackend {
         ttl: Duration,
         permits: u32,
     ) -> Result<NodeGrant, LockError> {
-        let call = self
-            .call(&scripts::ACQUIRE_PERMIT, key, &[scripts::LOCK, scripts::FENCE])
-            .arg(owner.as_str())
-            .arg(millis(ttl))
-            .arg("")
-            .arg(0)
-            .arg("")
-            .arg(0)
-            .arg(permits);
+        let call = single_attempt(
+            self.call(&scripts::ACQUIRE_PERMIT, key, &[scripts::LOCK, scripts::FENCE]),
+            owner,
+            ttl,
+        )
+        .arg(permits);
         let kind = LockKind::Semaphore { permits };
         self.acquire_call(key, kind, &call).await
     }
@@ -137,14 +134,7 @@ impl RedisBackend {
         owner: &OwnerToken,
         ttl: Duration,
     ) -> Result<NodeGrant, LockError> {
-        let call = self
-            .line_call(&scripts::ACQUIRE_SHARED, key)
-            .arg(owner.as_str())
-            .arg(millis(ttl))
-            .arg("")
-            .arg(0)
-            .arg("")
-            .arg(0);
+        let call = single_attempt(self.line_call(&scripts::ACQUIRE_SHARED, key), owner, ttl);
         self.acquire_call(key, LockKind::Shared, &call).await
     }
 
@@ -341,6 +331,17 @@ impl RedisBackend {
             )),
         }
     }
+}
+
+/// `ARGV[1..6]` of an acquire script for a single attempt: the owner, the
+/// TTL, no queue mode, and the unused place arguments.
+fn single_attempt(call: ScriptCall, owner: &OwnerToken, ttl: Duration) -> ScriptCall {
+    call.arg(owner.as_str())
+        .arg(millis(ttl))
+        .arg("")
+        .arg(0)
+        .arg("")
+        .arg(0)
 }
 
 pub(crate) fn millis(duration: Duration) -> u64 {

@@ -29,11 +29,24 @@ pub(super) fn hand_over_permit_lua() -> String {
 /// returns the number left, the limit (none for readers), the end of the
 /// first and of the last to end, the token of `ARGV[1]`'s lease, and
 /// whether the hash is a read lock's; `'foreign'` in place of the count
-/// when a field is not dlock's.
+/// when a field is not dlock's. `end_lease(value, now)` removes `ARGV[1]`'s
+/// lease, whose field held `value`, and says whether it was still live;
+/// `leave_line()` removes `ARGV[1]`'s place in line, if it has one.
 pub(super) const PERMITS_LUA: &str = r"
 local function server_now()
   local time = redis.call('TIME')
   return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+local function end_lease(value, now)
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  local ends = tonumber(string.match(value, '^(%d+):') or '0')
+  if ends > now then return 1 end
+  return 0
+end
+local function leave_line()
+  if redis.pcall('HDEL', KEYS[4], ARGV[1]) == 1 then
+    redis.pcall('LREM', KEYS[3], 1, ARGV[1])
+  end
 end
 local function live_permits(now)
   local fields = redis.call('HGETALL', KEYS[1])
@@ -74,9 +87,7 @@ const RELEASE_PERMIT_LUA: &str = r"
 local function release_permit()
   local kind = redis.call('TYPE', KEYS[1])['ok']
   if kind ~= 'hash' then
-    if redis.pcall('HDEL', KEYS[4], ARGV[1]) == 1 then
-      redis.pcall('LREM', KEYS[3], 1, ARGV[1])
-    end
+    leave_line()
     if kind == 'none' then return 0 end
     return -1
   end
@@ -84,11 +95,9 @@ local function release_permit()
   local released = 0
   local value = redis.call('HGET', KEYS[1], ARGV[1])
   if value then
-    redis.call('HDEL', KEYS[1], ARGV[1])
-    local ends = tonumber(string.match(value, '^(%d+):') or '0')
-    if ends > now then released = 1 end
-  elseif redis.pcall('HDEL', KEYS[4], ARGV[1]) == 1 then
-    redis.pcall('LREM', KEYS[3], 1, ARGV[1])
+    released = end_lease(value, now)
+  else
+    leave_line()
   end
   local held, limit = live_permits(now)
   if held == 'foreign' or not limit then return -1 end

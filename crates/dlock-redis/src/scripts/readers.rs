@@ -77,19 +77,13 @@ local function release_reader()
   -- An error: the key is not a hash (a writer holds it, or it is not ours).
   local value = redis.pcall('HGET', KEYS[1], ARGV[1])
   if type(value) == 'table' or not value then
-    if redis.pcall('HDEL', KEYS[4], ARGV[1]) == 1 then
-      redis.pcall('LREM', KEYS[3], 1, ARGV[1])
-    end
+    leave_line()
     if type(value) == 'table' then return -1 end
     if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
   end
   local now = server_now()
   local released = 0
-  if value then
-    redis.call('HDEL', KEYS[1], ARGV[1])
-    local ends = tonumber(string.match(value, '^(%d+):') or '0')
-    if ends > now then released = 1 end
-  end
+  if value then released = end_lease(value, now) end
   local held, limit, _, last_end, _, shared = live_permits(now)
   if held == 'foreign' or not shared then return -1 end
   if held == 0 then
