@@ -273,7 +273,7 @@ end
 /// `admit_waiters`) or delete it; if not, remove `ARGV[1]`'s place in line
 /// (a waiter giving up). Returns the hand-over messages when waiters got
 /// the key, 1 released with nobody waiting, 0 no lock, -1 another owner
-/// (or readers). Needs `PERMITS_LUA` and `admit_waiters` before it.
+/// (or readers). Needs `admit_waiters` before it.
 const RELEASE_LOCK_LUA: &str = r"
 local function release_lock()
   local holder = redis.pcall('GET', KEYS[1])
@@ -283,7 +283,9 @@ local function release_lock()
     if #sent > 0 then return sent end
     return 1
   end
-  leave_line()
+  if redis.pcall('HDEL', KEYS[4], ARGV[1]) == 1 then
+    redis.pcall('LREM', KEYS[3], 1, ARGV[1])
+  end
   if holder == false then
     -- The lock may have run out while waiters slept; hand it on now.
     admit_waiters(0)
@@ -298,9 +300,7 @@ end
 /// reservation.
 pub(crate) static RELEASE_TO_NEXT: LazyLock<Script> = LazyLock::new(|| {
     let admit = admit_waiters_lua();
-    Script::new(&format!(
-        "{PERMITS_LUA}{admit}{RELEASE_LOCK_LUA}\nreturn release_lock()\n"
-    ))
+    Script::new(&format!("{admit}{RELEASE_LOCK_LUA}\nreturn release_lock()\n"))
 });
 
 /// Reset the TTL if we own the lock. `ARGV[1]` owner, `ARGV[2]` TTL in ms.

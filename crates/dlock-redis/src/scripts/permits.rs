@@ -29,24 +29,11 @@ pub(super) fn hand_over_permit_lua() -> String {
 /// returns the number left, the limit (none for readers), the end of the
 /// first and of the last to end, the token of `ARGV[1]`'s lease, and
 /// whether the hash is a read lock's; `'foreign'` in place of the count
-/// when a field is not dlock's. `end_lease(value, now)` removes `ARGV[1]`'s
-/// lease, whose field held `value`, and says whether it was still live;
-/// `leave_line()` removes `ARGV[1]`'s place in line, if it has one.
+/// when a field is not dlock's.
 pub(super) const PERMITS_LUA: &str = r"
 local function server_now()
   local time = redis.call('TIME')
   return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-end
-local function end_lease(value, now)
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  local ends = tonumber(string.match(value, '^(%d+):') or '0')
-  if ends > now then return 1 end
-  return 0
-end
-local function leave_line()
-  if redis.pcall('HDEL', KEYS[4], ARGV[1]) == 1 then
-    redis.pcall('LREM', KEYS[3], 1, ARGV[1])
-  end
 end
 local function live_permits(now)
   local fields = redis.call('HGETALL', KEYS[1])
@@ -73,6 +60,24 @@ local function live_permits(now)
   end
   if (not limit) == (not shared) and #fields > 0 then return 'foreign' end
   return held, limit, first_end, last_end, mine, shared
+end
+";
+
+/// Lua for the releases of leases kept in a hash (needs `PERMITS_LUA`):
+/// `end_lease(value, now)` removes `ARGV[1]`'s lease, whose field held
+/// `value`, and says whether it was still live (1) or not (0);
+/// `leave_line()` removes `ARGV[1]`'s place in line, if it has one.
+pub(super) const LEAVING_LUA: &str = r"
+local function end_lease(value, now)
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  local ends = tonumber(string.match(value, '^(%d+):') or '0')
+  if ends > now then return 1 end
+  return 0
+end
+local function leave_line()
+  if redis.pcall('HDEL', KEYS[4], ARGV[1]) == 1 then
+    redis.pcall('LREM', KEYS[3], 1, ARGV[1])
+  end
 end
 ";
 
@@ -119,7 +124,7 @@ end
 pub(crate) static RELEASE_PERMIT: LazyLock<Script> = LazyLock::new(|| {
     let hand_over = hand_over_permit_lua();
     Script::new(&format!(
-        "{PERMITS_LUA}{hand_over}{RELEASE_PERMIT_LUA}\nreturn release_permit()\n"
+        "{PERMITS_LUA}{LEAVING_LUA}{hand_over}{RELEASE_PERMIT_LUA}\nreturn release_permit()\n"
     ))
 });
 
@@ -133,7 +138,7 @@ pub(crate) static RELEASE_PERMIT: LazyLock<Script> = LazyLock::new(|| {
 pub(crate) static ABANDON: LazyLock<Script> = LazyLock::new(|| {
     let (admit, permit) = (admit_waiters_lua(), hand_over_permit_lua());
     Script::new(&format!(
-        r"{PERMITS_LUA}{admit}{permit}{RELEASE_LOCK_LUA}{RELEASE_PERMIT_LUA}{RELEASE_READER_LUA}
+        r"{PERMITS_LUA}{LEAVING_LUA}{admit}{permit}{RELEASE_LOCK_LUA}{RELEASE_PERMIT_LUA}{RELEASE_READER_LUA}
 local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind == 'string' then return release_lock() end
 if kind == 'hash' and redis.call('HEXISTS', KEYS[1], 'readers') == 1 then return release_reader() end

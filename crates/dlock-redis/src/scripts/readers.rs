@@ -10,11 +10,11 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-use super::permits::PERMITS_LUA;
+use super::permits::{LEAVING_LUA, PERMITS_LUA};
 use super::{HAND_OVER_MESSAGE_LUA, READER_PLACE, take_place_lua};
 
 /// Lua shared by every script that frees a mutex's or a read-write lock's
-/// key (needs `server_now` from `PERMITS_LUA`): `admit_waiters(held)`,
+/// key: `admit_waiters(held)`,
 /// with `held` the readers that hold the key now (0: nobody holds it and
 /// the key is gone), hands the key on to the waiters at the head of the
 /// line, first come first served. Readers there join the readers holding
@@ -36,7 +36,10 @@ local function admit_waiters(held)
     if type(place) == 'string' then
       mark, deadline, ttl, attempt, channel = string.match(place, '^({READER_PLACE}?)(%d+):(%d+):(%d+):(.+)$')
     end
-    now = now or server_now()
+    if not now then
+      local time = redis.call('TIME')
+      now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    end
     local live = deadline and tonumber(deadline) >= now
     local reader = mark == '{READER_PLACE}'
     -- A writer waits for the readers holding the key.
@@ -66,7 +69,8 @@ end
     )
 }
 
-/// Lua for a reader's release: `release_reader()`: if `ARGV[1]` reads,
+/// Lua for a reader's release (needs `PERMITS_LUA` and `LEAVING_LUA`):
+/// `release_reader()`: if `ARGV[1]` reads,
 /// end its lease; if not, remove its place in line. Then hand the key on
 /// (`admit_waiters`): to the readers at the head of the line, or, once no
 /// reader is left, to the writer there. Returns the hand-over messages
@@ -76,6 +80,14 @@ pub(super) const RELEASE_READER_LUA: &str = r"
 local function release_reader()
   -- An error: the key is not a hash (a writer holds it, or it is not ours).
   local value = redis.pcall('HGET', KEYS[1], ARGV[1])
+  if type(value) == 'string' and redis.call('HLEN', KEYS[1]) == 2 then
+    -- The only reader (its lease and the mark): the hash lasts as long as
+    -- its longest lease, so while it is here this lease kept writers out.
+    redis.call('DEL', KEYS[1])
+    local sent = admit_waiters(0)
+    if #sent > 0 then return sent end
+    return 1
+  end
   if type(value) == 'table' or not value then
     leave_line()
     if type(value) == 'table' then return -1 end
@@ -84,8 +96,13 @@ local function release_reader()
   local now = server_now()
   local released = 0
   if value then released = end_lease(value, now) end
-  local held, limit, _, last_end, _, shared = live_permits(now)
-  if held == 'foreign' or not shared then return -1 end
+  local held, last_end = 0, 0
+  -- Our lease gone and only the `readers` mark left: no reader is left.
+  if not value or redis.call('HLEN', KEYS[1]) > 1 then
+    local _, shared
+    held, _, _, last_end, _, shared = live_permits(now)
+    if held == 'foreign' or not shared then return -1 end
+  end
   if held == 0 then
     redis.call('DEL', KEYS[1])
   else
@@ -104,7 +121,7 @@ end
 pub(crate) static RELEASE_SHARED: LazyLock<Script> = LazyLock::new(|| {
     let admit = admit_waiters_lua();
     Script::new(&format!(
-        "{PERMITS_LUA}{admit}{RELEASE_READER_LUA}\nreturn release_reader()\n"
+        "{PERMITS_LUA}{LEAVING_LUA}{admit}{RELEASE_READER_LUA}\nreturn release_reader()\n"
     ))
 });
 
@@ -132,8 +149,16 @@ local function writer_ahead(now)
   end
   return false
 end
-local kind = redis.call('TYPE', KEYS[1])['ok']
 local now = server_now()
+if redis.call('EXISTS', KEYS[1], KEYS[3]) == 0 then
+  -- Nobody holds the key and nobody waits: the first reader.
+  local token = redis.pcall('INCR', KEYS[2])
+  if type(token) == 'table' then return 'counter' end
+  redis.call('HSET', KEYS[1], ARGV[1], (now + tonumber(ARGV[2])) .. ':' .. token, 'readers', '1')
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return token
+end
+local kind = redis.call('TYPE', KEYS[1])['ok']
 local wait
 if kind == 'string' then
   local holder = redis.call('GET', KEYS[1])
