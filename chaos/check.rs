@@ -85,15 +85,8 @@ pub(crate) fn check(shared: &Shared, windows: &[(Instant, Instant)], tally: &mut
 /// inside at once: each section that enters while `permits` others are
 /// inside counts once.
 pub(crate) fn over_admissions(sections: &[(Instant, Instant)], permits: u32) -> usize {
-    // Leaving sorts before entering at the same instant: touching sections
-    // do not overlap.
-    let mut events: Vec<(Instant, i32)> = sections
-        .iter()
-        .flat_map(|&(entered, left)| [(entered, 1), (left, -1)])
-        .collect();
-    events.sort_unstable();
     let (mut inside, mut over) = (0i64, 0);
-    for (_, change) in events {
+    for (_, change, _) in crossings(sections.iter().map(|&(entered, left)| (entered, left, false))) {
         inside += i64::from(change);
         if change > 0 && inside > i64::from(permits) {
             over += 1;
@@ -106,15 +99,8 @@ pub(crate) fn over_admissions(sections: &[(Instant, Instant)], permits: u32) -> 
 /// they must exclude: a writer while anyone was inside, a reader while a
 /// writer was.
 pub(crate) fn rw_overlaps(sections: &[(Instant, Instant, bool)]) -> usize {
-    // Leaving sorts before entering at the same instant: touching sections
-    // do not overlap.
-    let mut events: Vec<(Instant, i32, bool)> = sections
-        .iter()
-        .flat_map(|&(entered, left, writing)| [(entered, 1, writing), (left, -1, writing)])
-        .collect();
-    events.sort_unstable();
     let (mut readers, mut writers, mut overlaps) = (0i64, 0i64, 0);
-    for (_, change, writing) in events {
+    for (_, change, writing) in crossings(sections.iter().copied()) {
         if change > 0 && (writers > 0 || (writing && readers > 0)) {
             overlaps += 1;
         }
@@ -122,6 +108,17 @@ pub(crate) fn rw_overlaps(sections: &[(Instant, Instant, bool)]) -> usize {
         *count += i64::from(change);
     }
     overlaps
+}
+
+/// The entries (+1) and exits (-1) of (entered, left, tag) sections, in
+/// time order. An exit sorts before an entry at the same instant: touching
+/// sections do not overlap.
+fn crossings(sections: impl Iterator<Item = (Instant, Instant, bool)>) -> Vec<(Instant, i32, bool)> {
+    let mut events: Vec<(Instant, i32, bool)> = sections
+        .flat_map(|(entered, left, tag)| [(entered, 1, tag), (left, -1, tag)])
+        .collect();
+    events.sort_unstable();
+    events
 }
 
 #[cfg(test)]

@@ -63,8 +63,7 @@ use tokio::time::Instant;
 pub use crate::builder::EtcdBackendBuilder;
 use crate::errors::from_etcd;
 use crate::members::{Failure, Members};
-use crate::names::{Reserved, WaiterName};
-use crate::semaphore::kind_of_name;
+use crate::names::{Reserved, WaiterName, kind_of_name, name_client};
 use crate::session::Session;
 use crate::txn::{held_by_other, oldest_waiter, transact, whole_queue};
 use crate::watches::{Deletion, Watches};
@@ -169,10 +168,10 @@ impl EtcdBackend {
         if let Some(entry) = waiting.get(owner.as_str()) {
             return (entry.as_str().to_owned(), entry.revision);
         }
-        let name = self.inner.reserved.take(
-            &self.queue_prefix(key),
-            &semaphore::name_client(kind, &self.inner.client_id),
-        );
+        let name = self
+            .inner
+            .reserved
+            .take(&self.queue_prefix(key), &name_client(kind, &self.inner.client_id));
         let entry = WaiterName::new(key, name.clone(), Arc::downgrade(&self.inner));
         waiting.insert(owner.as_str().to_owned(), entry);
         (name, None)

@@ -6,12 +6,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dlock_core::backend::{AcquireRequest, Attempt, Busy, Grant, OwnerToken, ReleaseEvents};
-use dlock_core::{FencingToken, LockError, drift_allowance};
+use dlock_core::backend::{
+    AcquireRequest, Attempt, Busy, Grant, OwnerToken, ReleaseEvents, ensure_same_kind,
+};
+use dlock_core::{FencingToken, LockError, LockKind, drift_allowance};
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::names::kind_of_name;
 use crate::session::Session;
 use crate::txn::{first_kv, queue_read, transact};
 use crate::{Binding, EtcdBackend, Held};
@@ -208,6 +211,26 @@ impl EtcdBackend {
             left.mark_gone();
         }
         Ok(Attempt::Busy(Busy::new()))
+    }
+
+    /// Refuses `asked_as` when a key read from the queue stands for
+    /// another kind or limit; `waiter` (at `revision`) leaves the queue first.
+    pub(crate) async fn refuse_other_kinds(
+        &self,
+        key: &str,
+        asked_as: LockKind,
+        ahead: &[(String, i64)],
+        leaving: (&OwnerToken, &str, i64),
+    ) -> Result<(), LockError> {
+        let prefix = self.queue_prefix(key);
+        for (name, _) in ahead {
+            if let Err(error) = ensure_same_kind(key, kind_of_name(&prefix, name), asked_as) {
+                let (owner, waiter, revision) = leaving;
+                self.leave_at_once(key, owner, waiter, revision).await?;
+                return Err(error);
+            }
+        }
+        Ok(())
     }
 
     /// Waits on the immediate predecessor's deletion only, so that a

@@ -1,4 +1,9 @@
-//! Waiter key names, reused.
+//! Waiter key names: the kind they stand for, and their reuse.
+//!
+//! A name is `{queue prefix}{client part}-{slot}`. The client part tells
+//! the kind: a mutex's is the backend's hex client id, a semaphore's
+//! `s{permits}.{client id}`, a reader's `~r.{client id}`, so every keys-only
+//! read of a queue sees the kind (and limit) of the keys in it.
 //!
 //! etcd keeps a deleted key's name in its index until the history is
 //! compacted, and every acquisition reads the queue with a range over the
@@ -21,9 +26,44 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, PoisonError, Weak};
 
+use dlock_core::LockKind;
 use tracing::debug;
 
 use crate::{EtcdBackend, Inner, OwnerToken};
+
+/// What the client part of a reader's waiter key name starts with (`~r.`).
+/// `~` sorts after the hex of a mutex's names and the `s` of a semaphore's,
+/// so a range read of a queue that ends at it sees every key but the
+/// readers' (see `rwlock.rs`).
+pub(crate) const READERS_START: char = '~';
+
+/// What the client part of a semaphore's waiter key names starts with.
+const SEMAPHORE_NAME: char = 's';
+
+/// The client part of waiter key names for `kind` (see the module docs).
+pub(crate) fn name_client(kind: LockKind, client_id: &str) -> String {
+    match kind {
+        LockKind::Semaphore { permits } => format!("{SEMAPHORE_NAME}{permits}.{client_id}"),
+        LockKind::Shared => format!("{READERS_START}r.{client_id}"),
+        _ => client_id.to_owned(),
+    }
+}
+
+/// The kind of lock a waiter key under `queue_prefix` stands for.
+pub(crate) fn kind_of_name(queue_prefix: &str, name: &str) -> LockKind {
+    let rest = name.strip_prefix(queue_prefix).unwrap_or_default();
+    if rest.starts_with(READERS_START) {
+        return LockKind::Shared;
+    }
+    let permits = rest
+        .strip_prefix(SEMAPHORE_NAME)
+        .and_then(|rest| rest.split_once('.'))
+        .and_then(|(permits, _)| permits.parse().ok());
+    match permits {
+        Some(permits) => LockKind::Semaphore { permits },
+        None => LockKind::Exclusive,
+    }
+}
 
 /// The names in use by one backend's acquisitions.
 #[derive(Default)]
@@ -167,7 +207,7 @@ impl Drop for WaiterName {
 
 #[cfg(test)]
 mod tests {
-    use super::Reserved;
+    use super::*;
 
     #[test]
     fn the_lowest_free_slot_is_taken_and_freed_slots_come_back() {
@@ -180,5 +220,18 @@ mod tests {
         assert_eq!(reserved.take("/q/", "c"), "/q/c-0");
         assert_eq!(reserved.take("/q/", "c"), "/q/c-2");
         assert_eq!(reserved.len(), 4);
+    }
+
+    #[test]
+    fn names_tell_the_kind_and_the_limit() {
+        let prefix = "/dlock/6/orders/";
+        let client = "0123456789abcdef0123456789abcdef";
+        let semaphore = LockKind::Semaphore { permits: 12 };
+        let name = format!("{prefix}{}-3", name_client(semaphore, client));
+        assert_eq!(kind_of_name(prefix, &name), semaphore);
+        let name = format!("{prefix}{}-0", name_client(LockKind::Exclusive, client));
+        assert_eq!(kind_of_name(prefix, &name), LockKind::Exclusive);
+        let name = format!("{prefix}{}-1", name_client(LockKind::Shared, client));
+        assert_eq!(kind_of_name(prefix, &name), LockKind::Shared);
     }
 }

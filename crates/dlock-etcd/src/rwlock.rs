@@ -23,13 +23,11 @@ use etcd_client::{GetOptions, SortOrder, SortTarget};
 use tokio::time::Instant;
 
 use crate::EtcdBackend;
-
-/// What the client part of a reader's waiter key name starts with.
-pub(crate) const READER_NAME: &str = "~r.";
+use crate::names::READERS_START;
 
 /// The end of the range of `queue_prefix`'s keys that are not readers'.
 fn before_readers(queue_prefix: &str) -> String {
-    format!("{queue_prefix}~")
+    format!("{queue_prefix}{READERS_START}")
 }
 
 impl EtcdBackend {
@@ -77,7 +75,7 @@ impl EtcdBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::semaphore::name_client;
+    use crate::names::name_client;
 
     #[test]
     fn the_range_before_readers_holds_writers_and_semaphores_only() {

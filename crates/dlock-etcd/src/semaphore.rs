@@ -6,11 +6,11 @@
 //! forward: once it holds a permit it keeps it until its own key goes. Its
 //! create revision is its fencing token, above every token before it.
 //!
-//! A semaphore's waiter keys are named `s{permits}.{client}-{slot}`
-//! (a mutex's `{client}-{slot}`, whose client id is hex), so that every
-//! read of the queue, keys only, tells the kind and the limit of the keys
-//! it sees: a mutex on a semaphore's key, a semaphore on a mutex's, or a
-//! semaphore with another limit is refused before it can be granted.
+//! A semaphore's waiter keys are named `s{permits}.{client}-{slot}` (see
+//! `names.rs`), so that every read of the queue, keys only, tells the kind
+//! and the limit of the keys it sees: a mutex on a semaphore's key, a
+//! semaphore on a mutex's, or a semaphore with another limit is refused
+//! before it can be granted.
 //!
 //! Waking: the first waiter (exactly `permits` keys ahead) watches every
 //! holder's key, so the release or expiry of any permit wakes it and it
@@ -20,65 +20,15 @@
 
 use std::time::Duration;
 
-use dlock_core::backend::{AcquireRequest, Attempt, Busy, ReleaseEvents, ensure_same_kind};
-use dlock_core::{LockError, LockKind};
+use dlock_core::LockError;
+use dlock_core::backend::{AcquireRequest, Attempt, Busy, ReleaseEvents};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::EtcdBackend;
-use crate::rwlock::READER_NAME;
 use crate::txn::oldest_waiters;
 
-/// What the client part of a semaphore's waiter key names starts with.
-const SEMAPHORE_NAME: char = 's';
-
-/// The client part of waiter key names for `kind` (see the module docs,
-/// and `rwlock.rs` for readers').
-pub(crate) fn name_client(kind: LockKind, client_id: &str) -> String {
-    match kind {
-        LockKind::Semaphore { permits } => format!("{SEMAPHORE_NAME}{permits}.{client_id}"),
-        LockKind::Shared => format!("{READER_NAME}{client_id}"),
-        _ => client_id.to_owned(),
-    }
-}
-
-/// The kind of lock a waiter key under `queue_prefix` stands for.
-pub(crate) fn kind_of_name(queue_prefix: &str, name: &str) -> LockKind {
-    let rest = name.strip_prefix(queue_prefix).unwrap_or_default();
-    if rest.starts_with(READER_NAME) {
-        return LockKind::Shared;
-    }
-    let permits = rest
-        .strip_prefix(SEMAPHORE_NAME)
-        .and_then(|rest| rest.split_once('.'))
-        .and_then(|(permits, _)| permits.parse().ok());
-    match permits {
-        Some(permits) => LockKind::Semaphore { permits },
-        None => LockKind::Exclusive,
-    }
-}
-
 impl EtcdBackend {
-    /// Refuses `asked_as` when a key read from the queue stands for
-    /// another kind or limit; `waiter` (at `revision`) leaves the queue first.
-    pub(crate) async fn refuse_other_kinds(
-        &self,
-        key: &str,
-        asked_as: LockKind,
-        ahead: &[(String, i64)],
-        leaving: (&dlock_core::backend::OwnerToken, &str, i64),
-    ) -> Result<(), LockError> {
-        let prefix = self.queue_prefix(key);
-        for (name, _) in ahead {
-            if let Err(error) = ensure_same_kind(key, kind_of_name(&prefix, name), asked_as) {
-                let (owner, waiter, revision) = leaving;
-                self.leave_at_once(key, owner, waiter, revision).await?;
-                return Err(error);
-            }
-        }
-        Ok(())
-    }
-
     /// One attempt at a permit of the semaphore `request.key`.
     pub(crate) async fn try_acquire_permit(
         &self,
@@ -139,23 +89,5 @@ impl EtcdBackend {
                 .wake(ReleaseEvents::from_channel(receiver))
                 .retry_after(ttl),
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_tell_the_kind_and_the_limit() {
-        let prefix = "/dlock/6/orders/";
-        let client = "0123456789abcdef0123456789abcdef";
-        let semaphore = LockKind::Semaphore { permits: 12 };
-        let name = format!("{prefix}{}-3", name_client(semaphore, client));
-        assert_eq!(kind_of_name(prefix, &name), semaphore);
-        let name = format!("{prefix}{}-0", name_client(LockKind::Exclusive, client));
-        assert_eq!(kind_of_name(prefix, &name), LockKind::Exclusive);
-        let name = format!("{prefix}{}-1", name_client(LockKind::Shared, client));
-        assert_eq!(kind_of_name(prefix, &name), LockKind::Shared);
     }
 }

@@ -160,13 +160,7 @@ impl LockBackend for RedisBackend {
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
         let (key, owner, ttl, kind) = (request.key, request.owner, request.ttl, request.kind);
         if !request.queue {
-            let once = match kind {
-                LockKind::Exclusive => self.acquire_once(key, owner, ttl).await?,
-                LockKind::Semaphore { permits } => self.acquire_permit_once(key, owner, ttl, permits).await?,
-                LockKind::Shared => self.acquire_shared_once(key, owner, ttl).await?,
-                other => return Err(LockError::unsupported(Some(key), other.to_string())),
-            };
-            return Ok(match once {
+            return Ok(match self.acquire_once(kind, key, owner, ttl).await? {
                 NodeGrant::Granted(token) => Attempt::Acquired(self.grant(token, ttl)),
                 NodeGrant::Busy(Some(remaining)) => Attempt::Busy(Busy::new().retry_after(remaining)),
                 NodeGrant::Busy(None) => Attempt::Busy(Busy::new()),

@@ -91,51 +91,34 @@ impl RedisBackend {
         })
     }
 
-    /// One acquire script on this server, never queueing: the fencing
-    /// token when granted, else the holder's remaining TTL (None: the key
-    /// has no TTL). A mutex (Redlock's nodes too).
+    /// One acquire script of `kind` on this server, never queueing: the
+    /// fencing token when granted, else the holder's remaining TTL (None:
+    /// the key has no TTL). A mutex's reads the lock key and counter only
+    /// (Redlock's nodes run it too); a read lock's also reads the line, where
+    /// a waiting writer keeps it out.
     pub(crate) async fn acquire_once(
         &self,
+        kind: LockKind,
         key: &str,
         owner: &OwnerToken,
         ttl: Duration,
     ) -> Result<NodeGrant, LockError> {
-        let call = self
-            .call(&scripts::ACQUIRE, key, &[scripts::LOCK, scripts::FENCE])
-            .arg(owner.as_str())
-            .arg(millis(ttl))
-            .arg("");
-        self.acquire_call(key, LockKind::Exclusive, &call).await
-    }
-
-    /// One attempt at a permit of the semaphore `key`, never queueing.
-    pub(crate) async fn acquire_permit_once(
-        &self,
-        key: &str,
-        owner: &OwnerToken,
-        ttl: Duration,
-        permits: u32,
-    ) -> Result<NodeGrant, LockError> {
-        let call = single_attempt(
-            self.call(&scripts::ACQUIRE_PERMIT, key, &[scripts::LOCK, scripts::FENCE]),
-            owner,
-            ttl,
-        )
-        .arg(permits);
-        let kind = LockKind::Semaphore { permits };
+        let call = match kind {
+            LockKind::Exclusive => self
+                .call(&scripts::ACQUIRE, key, &[scripts::LOCK, scripts::FENCE])
+                .arg(owner.as_str())
+                .arg(millis(ttl))
+                .arg(""),
+            LockKind::Semaphore { permits } => single_attempt(
+                self.call(&scripts::ACQUIRE_PERMIT, key, &[scripts::LOCK, scripts::FENCE]),
+                owner,
+                ttl,
+            )
+            .arg(permits),
+            LockKind::Shared => single_attempt(self.line_call(&scripts::ACQUIRE_SHARED, key), owner, ttl),
+            other => return Err(LockError::unsupported(Some(key), other.to_string())),
+        };
         self.acquire_call(key, kind, &call).await
-    }
-
-    /// One attempt at a read lock on `key`, never queueing (it reads the
-    /// line: a waiting writer keeps it out).
-    pub(crate) async fn acquire_shared_once(
-        &self,
-        key: &str,
-        owner: &OwnerToken,
-        ttl: Duration,
-    ) -> Result<NodeGrant, LockError> {
-        let call = single_attempt(self.line_call(&scripts::ACQUIRE_SHARED, key), owner, ttl);
-        self.acquire_call(key, LockKind::Shared, &call).await
     }
 
     /// One acquire script of `kind` that joins `key`'s line when busy

@@ -74,6 +74,24 @@ impl CheckerConfig {
     }
 }
 
+/// A critical section's time inside: `hold`, or with none a few yields to
+/// the scheduler, which is enough for an overlap to show.
+pub(crate) async fn stay_inside(hold: Duration) {
+    if hold.is_zero() {
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+    } else {
+        tokio::time::sleep(hold).await;
+    }
+}
+
+/// Adds `more` to a report's errors, keeping the first 10.
+pub(crate) fn keep_first_errors(errors: &mut Vec<String>, more: Vec<String>) {
+    let room = 10usize.saturating_sub(errors.len());
+    errors.extend(more.into_iter().take(room));
+}
+
 /// What [`check_mutual_exclusion`] saw.
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
@@ -158,11 +176,7 @@ pub async fn check_mutual_exclusion(lockers: &[Locker], key: &str, config: Check
                 report.failed += client.errors.len() - client.failed_releases;
                 report.failed_releases += client.failed_releases;
                 report.not_held_releases += client.not_held_releases;
-                for error in client.errors {
-                    if report.errors.len() < 10 {
-                        report.errors.push(error);
-                    }
-                }
+                keep_first_errors(&mut report.errors, client.errors);
             }
             Err(join_error) => {
                 report.failed += 1;
@@ -201,13 +215,7 @@ async fn run_client(
         outcome.acquired += 1;
         // A stale token is fencing doing its job; the history counts it.
         if let Ok(section) = resource.enter(client, guard.fencing_token()) {
-            if config.hold.is_zero() {
-                for _ in 0..3 {
-                    tokio::task::yield_now().await;
-                }
-            } else {
-                tokio::time::sleep(config.hold).await;
-            }
+            stay_inside(config.hold).await;
             section.exit();
         }
         match guard.release().await {
@@ -330,13 +338,7 @@ pub async fn check_semaphore(
                 if now_inside > permits as usize {
                     over_admissions.fetch_add(1, Ordering::SeqCst);
                 }
-                if config.hold.is_zero() {
-                    for _ in 0..3 {
-                        tokio::task::yield_now().await;
-                    }
-                } else {
-                    tokio::time::sleep(config.hold).await;
-                }
+                stay_inside(config.hold).await;
                 inside.fetch_sub(1, Ordering::SeqCst);
                 let token = permit.fencing_token().get();
                 if let Err(error) = permit.release().await {
@@ -361,9 +363,7 @@ pub async fn check_semaphore(
             joined.unwrap_or_else(|error| (0, vec![format!("a checker task died: {error}")]));
         report.acquired += acquired;
         report.failed += errors.len();
-        report
-            .errors
-            .extend(errors.into_iter().take(10 - report.errors.len().min(10)));
+        keep_first_errors(&mut report.errors, errors);
     }
     report.most_inside = most_inside.load(Ordering::SeqCst);
     report.over_admissions = over_admissions.load(Ordering::SeqCst);

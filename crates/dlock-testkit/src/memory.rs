@@ -88,18 +88,20 @@ struct State {
 }
 
 /// The live leases on one key and the kind they were taken as: one for a
-/// mutex, up to the limit for a semaphore. Entries without leases are removed.
+/// mutex (a writer), any number of readers, up to the limit for a
+/// semaphore. Entries without leases are removed.
 struct Entry {
     kind: LockKind,
     leases: Vec<Holder>,
 }
 
 impl Entry {
-    /// How many leases the key may hold at once.
-    fn capacity(&self) -> usize {
-        match self.kind {
-            LockKind::Semaphore { permits } => permits as usize,
-            _ => 1,
+    /// Whether the holders leave room for one more lease of kind `asked`.
+    fn has_room_for(&self, asked: LockKind) -> bool {
+        match (self.kind, asked) {
+            (LockKind::Shared, LockKind::Shared) => true,
+            (LockKind::Semaphore { permits }, _) => self.leases.len() < permits as usize,
+            _ => self.leases.is_empty(),
         }
     }
 
@@ -270,11 +272,20 @@ impl State {
         self.keys.get_mut(key)
     }
 
-    /// The places still live in `key`'s line (expired ones are removed).
-    fn live_line(&mut self, key: &str, now: Instant) -> &mut Vec<Place> {
-        let line = self.lines.entry(key.to_owned()).or_default();
-        line.retain(|place| place.expires_at > now);
-        line
+    /// The places still live in `key`'s line, in arrival order; expired
+    /// ones are removed first, and the line with them when none is left.
+    fn live_line(&mut self, key: &str, now: Instant) -> &[Place] {
+        let empty = match self.lines.get_mut(key) {
+            Some(line) => {
+                line.retain(|place| place.expires_at > now);
+                line.is_empty()
+            }
+            None => return &[],
+        };
+        if empty {
+            self.lines.remove(key);
+        }
+        self.lines.get(key).map_or(&[], Vec::as_slice)
     }
 
     /// Removes `owner`'s place in `key`'s line; whether it had one.
@@ -307,15 +318,11 @@ impl State {
             .iter()
             .position(|place| place.owner == owner)
             .unwrap_or(line.len());
-        let kept_out = line[..mine]
+        line[..mine]
             .iter()
             .filter(|place| place.kind == blocker)
             .map(|place| place.expires_at)
-            .min();
-        if line.is_empty() {
-            self.lines.remove(key);
-        }
-        kept_out
+            .min()
     }
 
     /// Takes or renews `owner`'s place at the end of `key`'s line, until a
@@ -386,8 +393,7 @@ impl LockBackend for MemoryBackend {
                 let token = FencingToken::new(holder.token);
                 return Ok(Attempt::Acquired(Grant::new(token, validity)));
             }
-            let shares = entry.kind == LockKind::Shared && request.kind == LockKind::Shared;
-            if entry.leases.len() >= entry.capacity() && !shares {
+            if !entry.has_room_for(request.kind) {
                 kept_out_until = entry.leases.iter().map(|holder| holder.expires_at).min();
             }
         }
@@ -475,9 +481,6 @@ impl LockBackend for MemoryBackend {
         let mut state = self.state();
         let last_token = state.fences.get(key).copied();
         let waiting = state.live_line(key, now).len();
-        if waiting == 0 {
-            state.lines.remove(key);
-        }
         let status = match state.live_entry(key, now) {
             Some(entry) => {
                 // The lease that ends last: until then the key stays in use.

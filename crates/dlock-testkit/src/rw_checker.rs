@@ -10,7 +10,7 @@ use dlock_core::Locker;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::checker::CheckerConfig;
+use crate::checker::{CheckerConfig, keep_first_errors, stay_inside};
 
 /// What [`check_read_write`] saw.
 #[derive(Debug, Clone, Default)]
@@ -166,13 +166,7 @@ pub async fn check_read_write(lockers: &[Locker], key: &str, config: CheckerConf
                     reads += 1;
                 }
                 inside.enter(writing);
-                if config.hold.is_zero() {
-                    for _ in 0..3 {
-                        tokio::task::yield_now().await;
-                    }
-                } else {
-                    tokio::time::sleep(config.hold).await;
-                }
+                stay_inside(config.hold).await;
                 inside.exit(writing);
                 let token = guard.fencing_token().get();
                 if let Err(error) = guard.release().await {
@@ -195,9 +189,7 @@ pub async fn check_read_write(lockers: &[Locker], key: &str, config: CheckerConf
         report.reads += reads;
         report.writes += writes;
         report.failed += errors.len();
-        report
-            .errors
-            .extend(errors.into_iter().take(10 - report.errors.len().min(10)));
+        keep_first_errors(&mut report.errors, errors);
     }
     report.most_readers_inside = inside.most_readers.load(Ordering::SeqCst);
     report.reader_writer_overlaps = inside.reader_writer_overlaps.load(Ordering::SeqCst);

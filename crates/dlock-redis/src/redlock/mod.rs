@@ -172,7 +172,7 @@ impl LockBackend for RedlockBackend {
                 key,
                 move |_, node, key| {
                     let owner = acquiring.clone();
-                    async move { node.acquire_once(&key, &owner, ttl).await }
+                    async move { node.acquire_once(LockKind::Exclusive, &key, &owner, ttl).await }
                 },
                 |answers| {
                     let granted = count(answers, |grant| matches!(grant, NodeGrant::Granted(_)));

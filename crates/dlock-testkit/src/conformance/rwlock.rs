@@ -25,37 +25,22 @@ async fn unsupported_here(harness: &dyn Harness, locker: &Locker, key: &str) -> 
     true
 }
 
-/// A reader on its own client that waits (up to 25 s) in a task; yields
-/// the outcome and when it came.
-async fn waiting_reader(
+/// A reader (or, `writing`, the writer) on its own client that waits (up
+/// to 25 s) in a task; yields the outcome and when it came.
+async fn waiting_in_task(
     harness: &dyn Harness,
     key: &str,
+    writing: bool,
 ) -> JoinHandle<(Result<LockGuard, LockError>, Instant)> {
-    let reader = harness.locker().await;
+    let client = harness.locker().await;
     let key = key.to_owned();
     tokio::spawn(async move {
-        let guard = reader
-            .read_lock(&key)
-            .ttl(LONG_TTL)
-            .wait(Duration::from_secs(25))
-            .await;
-        (guard, Instant::now())
-    })
-}
-
-/// A writer on its own client that waits (up to 25 s) in a task.
-async fn waiting_writer(
-    harness: &dyn Harness,
-    key: &str,
-) -> JoinHandle<(Result<LockGuard, LockError>, Instant)> {
-    let writer = harness.locker().await;
-    let key = key.to_owned();
-    tokio::spawn(async move {
-        let guard = writer
-            .lock(&key)
-            .ttl(LONG_TTL)
-            .wait(Duration::from_secs(25))
-            .await;
+        let request = if writing {
+            client.lock(&key)
+        } else {
+            client.read_lock(&key)
+        };
+        let guard = request.ttl(LONG_TTL).wait(Duration::from_secs(25)).await;
         (guard, Instant::now())
     })
 }
@@ -134,7 +119,7 @@ pub async fn writer_excludes_readers_and_writers(harness: &dyn Harness) {
     ));
     let mut waiting = Vec::new();
     for _ in 0..3 {
-        waiting.push(waiting_reader(harness, &key).await);
+        waiting.push(waiting_in_task(harness, &key, false).await);
     }
     sleep(Duration::from_millis(300)).await;
     assert!(
@@ -183,7 +168,7 @@ pub async fn last_reader_wakes_the_writer(harness: &dyn Harness) {
         .ttl(LONG_TTL)
         .await
         .expect("reader 2");
-    let writer = waiting_writer(harness, &key).await;
+    let writer = waiting_in_task(harness, &key, true).await;
     sleep(Duration::from_millis(300)).await;
     first.release().await.expect("release reader 1");
     sleep(Duration::from_millis(300)).await;
@@ -247,7 +232,7 @@ pub async fn waiting_writer_is_not_starved(harness: &dyn Harness) {
     };
     sleep(hold * 2).await;
     let asked_at = Instant::now();
-    let writer = waiting_writer(harness, &key).await;
+    let writer = waiting_in_task(harness, &key, true).await;
     sleep(Duration::from_millis(150)).await;
     if !writer.is_finished() {
         match harness.locker().await.read_lock(&key).try_lock().await {
