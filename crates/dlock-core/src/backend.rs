@@ -8,7 +8,7 @@ pub use crate::backoff::Backoff;
 pub use crate::kind::{LockKind, ensure_same_kind};
 
 pub use crate::notify::{HubSubscription, ReleaseEvents, ReleaseHub};
-pub use crate::options::{validate_permits, validate_timeout, validate_ttl, validate_wait};
+pub use crate::options::{validate_permits, validate_timeout, validate_ttl, validate_value, validate_wait};
 pub use crate::owner::OwnerToken;
 pub use crate::url::{HostListUrl, redact_url};
 
@@ -18,6 +18,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use crate::election::Leader;
 use crate::error::{LockError, NotHeldReason};
 use crate::status::KeyStatus;
 use crate::token::FencingToken;
@@ -57,7 +58,19 @@ use crate::token::FencingToken;
 ///   `key` (a lock taken by a request that was then cancelled, a queue entry).
 ///   Succeeds when there was nothing.
 /// * [`subscribe`](Self::subscribe): start listening for releases of `key`;
-///   only releases after it returns need to wake the events.
+///   only releases after it returns need to wake the events. On an
+///   election's key, every change of leader or value wakes them too (a
+///   campaign won, a proclamation, a resignation): observers re-read the
+///   leader on each.
+///
+/// Elections ([`LockKind::Election`]) add two steps, which default to
+/// [`LockError::Unsupported`]:
+///
+/// * [`proclaim`](Self::proclaim): set the election's public value only if
+///   the lease's owner still leads; the term (the fencing token) stays.
+/// * [`leader`](Self::leader): the leader's value and term, and how long
+///   its lease is certain to last, or `None` when nobody leads. A lease
+///   that has ended is never reported.
 ///
 /// `Ok` results are definite answers from the storage. Anything that leaves
 /// the outcome unknown (I/O error, timeout, no quorum) is
@@ -100,6 +113,19 @@ pub trait LockBackend: Send + Sync + 'static {
         Capabilities::default()
     }
 
+    /// Sets the public value of the election `lease` leads, if it still
+    /// leads; see the trait's contract. Default: [`LockError::Unsupported`].
+    async fn proclaim(&self, lease: &Lease, value: &str) -> Result<ProclaimOutcome, LockError> {
+        let _ = value;
+        Err(LockError::unsupported(Some(lease.key()), "elections"))
+    }
+
+    /// The leader of the election `key`, or `None` when nobody leads; see
+    /// the trait's contract. Default: [`LockError::Unsupported`].
+    async fn leader(&self, key: &str) -> Result<Option<LeaderState>, LockError> {
+        Err(LockError::unsupported(Some(key), "elections"))
+    }
+
     /// For operators: what the storage holds for `key` (see [`KeyStatus`]),
     /// never an owner's secret. Default: [`LockError::Unsupported`].
     async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
@@ -133,6 +159,9 @@ pub struct AcquireRequest<'a> {
     pub queue: bool,
     /// The kind of lock.
     pub kind: LockKind,
+    /// For [`LockKind::Election`]: the value the candidate campaigns with,
+    /// public from the moment it leads. `None` for the other kinds.
+    pub value: Option<&'a str>,
 }
 
 impl<'a> AcquireRequest<'a> {
@@ -152,6 +181,7 @@ impl<'a> AcquireRequest<'a> {
         auto_renew: bool,
         queue: bool,
         kind: LockKind,
+        value: Option<&'a str>,
     ) -> Self {
         AcquireRequest {
             key,
@@ -160,7 +190,14 @@ impl<'a> AcquireRequest<'a> {
             auto_renew,
             queue,
             kind,
+            value,
         }
+    }
+
+    /// The value an election's candidate campaigns with (empty for the
+    /// other kinds).
+    pub fn value(&self) -> &'a str {
+        self.value.unwrap_or_default()
     }
 }
 
@@ -354,6 +391,41 @@ pub enum ReleaseOutcome {
     Released,
     /// The lease was not ours any more; nothing was changed.
     NotHeld(NotHeldReason),
+}
+
+/// The outcome of an owner-checked proclamation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProclaimOutcome {
+    /// The value was set; the lease still leads.
+    Proclaimed,
+    /// The lease does not lead any more; nothing was changed.
+    NotHeld(NotHeldReason),
+}
+
+/// An election's leader as a backend reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LeaderState {
+    /// Who leads: the value and the term.
+    pub leader: Leader,
+    /// How long the leader's lease is certain to last from the start of
+    /// the call, when the backend knows it: observers read again when it
+    /// ends, so that a leader that died is not reported for longer.
+    pub remaining: Option<Duration>,
+}
+
+impl LeaderState {
+    /// A leader with `value` and `term`, whose lease lasts `remaining`.
+    pub fn new(value: impl Into<String>, term: FencingToken, remaining: Option<Duration>) -> Self {
+        LeaderState {
+            leader: Leader {
+                value: value.into(),
+                term,
+            },
+            remaining,
+        }
+    }
 }
 
 /// What a backend offers beyond the contract.

@@ -11,7 +11,7 @@ use tokio::task::AbortHandle;
 use tokio::time::{Instant, sleep, sleep_until, timeout_at};
 use tracing::{Instrument, debug, info_span, warn};
 
-use crate::backend::{ExtendOutcome, Grant, Lease, LockBackend, LockKind, ReleaseOutcome};
+use crate::backend::{ExtendOutcome, Grant, Lease, LockBackend, LockKind, ProclaimOutcome, ReleaseOutcome};
 use crate::background::Background;
 use crate::backoff::Backoff;
 use crate::error::LockError;
@@ -238,6 +238,35 @@ impl LockGuard {
                     Ok(())
                 }
                 ExtendOutcome::NotHeld(reason) => {
+                    shared.mark_lost(&reason.to_string());
+                    Err(LockError::NotHeld {
+                        key: shared.lease.key().to_owned(),
+                        token: shared.lease.token(),
+                        reason,
+                    })
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// An election's leader sets its public value, if it still leads
+    /// (see [`Leadership::proclaim`](crate::Leadership::proclaim)).
+    pub(crate) async fn proclaim(&self, value: &str) -> Result<(), LockError> {
+        let shared = &self.shared;
+        if !shared.is_held() {
+            shared.mark_lost("proclaim was called after the lease's validity ran out");
+            return Err(shared.lost_error());
+        }
+        let span = info_span!("dlock.proclaim", key = %shared.lease.key(), token = %shared.lease.token());
+        async {
+            match shared.backend.proclaim(&shared.lease, value).await? {
+                ProclaimOutcome::Proclaimed => {
+                    debug!("proclaimed");
+                    Ok(())
+                }
+                ProclaimOutcome::NotHeld(reason) => {
                     shared.mark_lost(&reason.to_string());
                     Err(LockError::NotHeld {
                         key: shared.lease.key().to_owned(),

@@ -23,6 +23,11 @@ pub enum LockKind {
         /// The limit, validated (1 to [`MAX_PERMITS`](crate::MAX_PERMITS)).
         permits: u32,
     },
+    /// A candidate's lease in a leader election
+    /// ([`Locker::election`](crate::Locker::election)): one leader at a
+    /// time, whose lease carries a public value; the lease's fencing token
+    /// is the leader's term.
+    Election,
 }
 
 impl fmt::Display for LockKind {
@@ -34,6 +39,7 @@ impl fmt::Display for LockKind {
             LockKind::Shared => f.write_str("a read lock"),
             LockKind::Semaphore { permits: 1 } => f.write_str("a semaphore of 1 permit"),
             LockKind::Semaphore { permits } => write!(f, "a semaphore of {permits} permits"),
+            LockKind::Election => f.write_str("an election"),
         }
     }
 }
@@ -49,7 +55,8 @@ impl LockKind {
 }
 
 /// For backends: refuses a request of one kind on a key in use as another: a mutex or a
-/// read lock on a semaphore's key and back ([`LockError::WrongKind`]), or a
+/// read lock on a semaphore's key and back, or anything but a candidate on
+/// an election's key and back ([`LockError::WrongKind`]), or a
 /// semaphore with another limit than the one its permits were taken with
 /// ([`LockError::InvalidOptions`], naming both). A mutex and a read lock
 /// are one read-write lock: never refused on each other's key.
@@ -81,7 +88,15 @@ mod tests {
         let semaphore = LockKind::Semaphore { permits: 3 };
         assert!(ensure_same_kind("k", LockKind::Shared, LockKind::Exclusive).is_ok());
         assert!(ensure_same_kind("k", LockKind::Exclusive, LockKind::Shared).is_ok());
-        for (held, asked) in [(LockKind::Shared, semaphore), (semaphore, LockKind::Shared)] {
+        let mixes = [
+            (LockKind::Shared, semaphore),
+            (semaphore, LockKind::Shared),
+            (LockKind::Election, LockKind::Exclusive),
+            (LockKind::Exclusive, LockKind::Election),
+            (LockKind::Shared, LockKind::Election),
+            (LockKind::Election, semaphore),
+        ];
+        for (held, asked) in mixes {
             let error = ensure_same_kind("k", held, asked).err();
             assert!(matches!(error, Some(LockError::WrongKind { .. })), "{error:?}");
         }

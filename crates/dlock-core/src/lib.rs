@@ -22,6 +22,10 @@
 //! documentation is the contract. Backend crates re-export the user API
 //! ([`user_api`]) and not the backend-author one.
 //!
+//! Kinds: [`Locker::lock`] (a mutex, and the writer of a read-write lock),
+//! [`Locker::read_lock`], [`Locker::semaphore`] and [`Locker::election`]
+//! share one request builder and one guard.
+//!
 //! Choosing a TTL: [`TTL_SHORT`] (5 s), [`TTL_MEDIUM`] (30 s, the default)
 //! or [`TTL_LONG`] (5 min); their docs say when to use which.
 
@@ -30,6 +34,7 @@
 pub mod backend;
 mod background;
 mod backoff;
+mod election;
 mod error;
 mod guard;
 mod kind;
@@ -45,11 +50,11 @@ mod token;
 mod url;
 
 pub use backend::{
-    AcquireRequest, Attempt, Busy, Capabilities, ExtendOutcome, Grant, Lease, LeaseHandle, LockBackend,
-    LockKind, LossSignal, ReleaseOutcome,
+    AcquireRequest, Attempt, Busy, Capabilities, ExtendOutcome, Grant, LeaderState, Lease, LeaseHandle,
+    LockBackend, LockKind, LossSignal, ProclaimOutcome, ReleaseOutcome,
 };
 pub use notify::{HubSubscription, ReleaseEvents, ReleaseHub};
-pub use options::{validate_permits, validate_timeout, validate_ttl, validate_wait};
+pub use options::{validate_permits, validate_timeout, validate_ttl, validate_value, validate_wait};
 pub use owner::OwnerToken;
 pub use user_api::*;
 
@@ -60,13 +65,14 @@ pub use async_trait::async_trait;
 /// (`pub use dlock_core::user_api::*`), so that `use dlock_redis::*;` and
 /// `use dlock_etcd::*;` bring the same items and never clash.
 pub mod user_api {
+    pub use crate::election::{Campaign, Election, Leader, Leadership, Observation};
     pub use crate::error::{BoxError, LockError, NotHeldReason};
     pub use crate::guard::LockGuard;
     pub use crate::kind::LockKind;
     pub use crate::locker::Locker;
     pub use crate::options::{
-        DEFAULT_TTL, MAX_KEY_LEN, MAX_PERMITS, MAX_TTL, MAX_WAIT, MIN_TTL, TTL_LONG, TTL_MEDIUM, TTL_SHORT,
-        drift_allowance, validate_key,
+        DEFAULT_TTL, MAX_KEY_LEN, MAX_PERMITS, MAX_TTL, MAX_VALUE_LEN, MAX_WAIT, MIN_TTL, TTL_LONG,
+        TTL_MEDIUM, TTL_SHORT, drift_allowance, validate_key,
     };
     pub use crate::request::LockRequest;
     pub use crate::status::KeyStatus;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::backend::{LockBackend, LockKind};
 use crate::background::Background;
+use crate::election::Election;
 use crate::error::LockError;
 use crate::guard::LockGuard;
 use crate::options::{DEFAULT_TTL, validate_key};
@@ -147,6 +148,7 @@ impl Locker {
             wait: None,
             auto_renew: true,
             kind: LockKind::Exclusive,
+            value: None,
         }
     }
 
@@ -232,6 +234,24 @@ impl Locker {
             kind: LockKind::Semaphore { permits },
             ..self.lock(key)
         }
+    }
+
+    /// The leader election `key`: campaign in it, read or observe its
+    /// leader; see [`Election`].
+    ///
+    /// ```
+    /// # use dlock_core::{LockError, Locker};
+    /// # use dlock_testkit::MemoryBackend;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), LockError> {
+    /// let locker = Locker::new(MemoryBackend::new());
+    /// let leadership = locker.election("scheduler").campaign("node-a:8080").await?;
+    /// // Another candidate does not lead while this one does.
+    /// let second = locker.election("scheduler").campaign("node-b:8080").try_campaign().await;
+    /// assert!(matches!(second, Err(LockError::Contended { .. })));
+    /// # drop(leadership); Ok(()) }
+    /// ```
+    pub fn election(&self, key: impl Into<String>) -> Election {
+        Election::new(self.clone(), key.into())
     }
 
     /// One attempt with default options: the lock, or

@@ -46,6 +46,12 @@ pub const MAX_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
 /// this wants a rate limiter, not a semaphore.
 pub const MAX_PERMITS: u32 = 10_000;
 
+/// The longest value a candidate may campaign with or proclaim
+/// ([`Election::campaign`](crate::Election::campaign)), in bytes: it is
+/// meant for an address or a name, and every observer reads it at each
+/// change.
+pub const MAX_VALUE_LEN: usize = 64 * 1024;
+
 /// How much of a lease is held back for clock drift between client and server:
 /// 1 % of the TTL plus 2 ms, as in the Redlock analysis.
 ///
@@ -137,6 +143,21 @@ pub fn validate_wait(key: &str, wait: Duration) -> Result<(), LockError> {
             Some(&preview(key)),
             format!(
                 "a wait of {wait:?} is over the limit of {MAX_WAIT:?}; leave `.wait()` unset to wait without limit"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an election's value (a campaign's or a proclamation's): at most
+/// [`MAX_VALUE_LEN`] bytes.
+pub fn validate_value(key: &str, value: &str) -> Result<(), LockError> {
+    if value.len() > MAX_VALUE_LEN {
+        return Err(LockError::invalid_options(
+            Some(&preview(key)),
+            format!(
+                "a value of {} bytes is over the limit of {MAX_VALUE_LEN}; proclaim where to find the data (an address, a name), not the data",
+                value.len()
             ),
         ));
     }

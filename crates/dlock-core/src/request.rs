@@ -37,6 +37,8 @@ pub struct LockRequest {
     pub(crate) wait: Option<Duration>,
     pub(crate) auto_renew: bool,
     pub(crate) kind: LockKind,
+    /// An election candidate's value (see `election.rs`).
+    pub(crate) value: Option<String>,
 }
 
 impl LockRequest {
@@ -164,6 +166,7 @@ impl LockRequest {
             wait,
             auto_renew,
             kind,
+            value,
         } = self;
         let began = Instant::now();
         let deadline = wait.filter(|_| waiting).map(|wait| began + wait);
@@ -180,7 +183,15 @@ impl LockRequest {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
             let started = Instant::now();
-            let request = AcquireRequest::new(&pending.key, &pending.owner, ttl, auto_renew, waiting, kind);
+            let request = AcquireRequest::new(
+                &pending.key,
+                &pending.owner,
+                ttl,
+                auto_renew,
+                waiting,
+                kind,
+                value.as_deref(),
+            );
             // On error the outcome on the server is unknown; `pending` stays
             // armed and cleans up in the background.
             let attempt = match backend.try_acquire(&request).await {

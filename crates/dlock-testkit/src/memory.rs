@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use dlock_core::backend::{
-    AcquireRequest, Attempt, Busy, ExtendOutcome, Grant, Lease, LockBackend, LockKind, OwnerToken,
-    ReleaseEvents, ReleaseHub, ReleaseOutcome, ensure_same_kind,
+    AcquireRequest, Attempt, Busy, ExtendOutcome, Grant, LeaderState, Lease, LockBackend, LockKind,
+    OwnerToken, ProclaimOutcome, ReleaseEvents, ReleaseHub, ReleaseOutcome, ensure_same_kind,
 };
 use dlock_core::{FencingToken, KeyStatus, LockError, NotHeldReason, drift_allowance};
 use tokio::time::{Instant, sleep};
@@ -93,6 +93,8 @@ struct State {
 struct Entry {
     kind: LockKind,
     leases: Vec<Holder>,
+    /// An election's public value: its leader's, campaigned or proclaimed.
+    value: String,
 }
 
 impl Entry {
@@ -302,15 +304,17 @@ impl State {
         left
     }
 
-    /// For a read-write lock's reader or writer that holds nothing yet:
-    /// whether a place ahead of `owner`'s (all places, when it has none)
-    /// keeps it out. Writers let the readers that came before them in
-    /// first, readers the writers; when one is found, the moment it could
-    /// run out.
+    /// For a read-write lock's reader or writer, or an election's
+    /// candidate, that holds nothing yet: whether a place ahead of
+    /// `owner`'s (all places, when it has none) keeps it out. Writers let
+    /// the readers that came before them in first, readers the writers,
+    /// and candidates the candidates (arrival order); when one is found,
+    /// the moment it could run out.
     fn kept_out_by_line(&mut self, key: &str, owner: &str, kind: LockKind, now: Instant) -> Option<Instant> {
         let blocker = match kind {
             LockKind::Exclusive => LockKind::Shared,
             LockKind::Shared => LockKind::Exclusive,
+            LockKind::Election => LockKind::Election,
             _ => return None,
         };
         let line = self.live_line(key, now);
@@ -349,7 +353,7 @@ impl State {
         let Some(entry) = self.live_entry(key, now) else {
             return Err(NotHeldReason::Expired);
         };
-        let exclusive = entry.kind == LockKind::Exclusive;
+        let exclusive = matches!(entry.kind, LockKind::Exclusive | LockKind::Election);
         match entry.lease_of(owner.as_str()) {
             Some(holder) => Ok(holder),
             // A mutex's key has one lease, someone else's now; a permit's
@@ -400,7 +404,11 @@ impl LockBackend for MemoryBackend {
         let kept_out_until = kept_out_until.or_else(|| state.kept_out_by_line(key, owner, request.kind, now));
         if let Some(until) = kept_out_until {
             let remaining = until.saturating_duration_since(now);
-            if request.queue && matches!(request.kind, LockKind::Exclusive | LockKind::Shared) {
+            let lines_up = matches!(
+                request.kind,
+                LockKind::Exclusive | LockKind::Shared | LockKind::Election
+            );
+            if request.queue && lines_up {
                 state.stand_in_line(key, owner, request.kind, now + remaining + request.ttl);
             }
             return Ok(Attempt::Busy(Busy::new().retry_after(remaining)));
@@ -412,12 +420,22 @@ impl LockBackend for MemoryBackend {
         let entry = state.keys.entry(key.to_owned()).or_insert_with(|| Entry {
             kind: request.kind,
             leases: Vec::new(),
+            value: String::new(),
         });
         entry.leases.push(Holder {
             owner: owner.to_owned(),
             expires_at: now + request.ttl,
             token,
         });
+        let elected = request.kind == LockKind::Election;
+        if elected {
+            entry.value = request.value().to_owned();
+        }
+        drop(state);
+        if elected {
+            // Observers learn of the new leader.
+            self.inner.hub.notify(key);
+        }
         Ok(Attempt::Acquired(Grant::new(FencingToken::new(token), validity)))
     }
 
@@ -468,6 +486,52 @@ impl LockBackend for MemoryBackend {
             self.inner.hub.notify(key);
         }
         Ok(())
+    }
+
+    async fn proclaim(&self, lease: &Lease, value: &str) -> Result<ProclaimOutcome, LockError> {
+        self.enter(lease.key()).await?;
+        let now = Instant::now();
+        let outcome = {
+            let mut state = self.state();
+            match state.check_owner(lease.key(), lease.owner(), now) {
+                Ok(_) => match state.live_entry(lease.key(), now) {
+                    Some(entry) if entry.kind == LockKind::Election => {
+                        entry.value = value.to_owned();
+                        ProclaimOutcome::Proclaimed
+                    }
+                    Some(entry) => {
+                        return Err(LockError::WrongKind {
+                            key: lease.key().to_owned(),
+                            held_as: entry.kind.to_string(),
+                            asked_as: LockKind::Election.to_string(),
+                        });
+                    }
+                    None => ProclaimOutcome::NotHeld(NotHeldReason::Expired),
+                },
+                Err(reason) => ProclaimOutcome::NotHeld(reason),
+            }
+        };
+        if outcome == ProclaimOutcome::Proclaimed {
+            self.inner.hub.notify(lease.key());
+        }
+        Ok(outcome)
+    }
+
+    async fn leader(&self, key: &str) -> Result<Option<LeaderState>, LockError> {
+        self.enter(key).await?;
+        let now = Instant::now();
+        let mut state = self.state();
+        let Some(entry) = state.live_entry(key, now) else {
+            return Ok(None);
+        };
+        ensure_same_kind(key, entry.kind, LockKind::Election)?;
+        Ok(entry.leases.first().map(|holder| {
+            LeaderState::new(
+                entry.value.clone(),
+                FencingToken::new(holder.token),
+                Some(holder.expires_at - now),
+            )
+        }))
     }
 
     async fn subscribe(&self, key: &str) -> Result<ReleaseEvents, LockError> {
@@ -558,6 +622,6 @@ impl crate::conformance::Harness for MemoryHarness {
     }
 
     fn config(&self) -> crate::conformance::SuiteConfig {
-        crate::conformance::SuiteConfig::default()
+        crate::conformance::SuiteConfig::default().election_fifo(true)
     }
 }

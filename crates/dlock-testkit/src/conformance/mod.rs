@@ -34,12 +34,14 @@ use dlock_core::Locker;
 use tokio::time::{Instant, sleep};
 
 mod basics;
+mod election;
 mod leases;
 mod rwlock;
 mod semaphore;
 mod waiting;
 
 pub use basics::*;
+pub use election::*;
 pub use leases::*;
 pub use rwlock::*;
 pub use semaphore::*;
@@ -82,6 +84,12 @@ pub struct SuiteConfig {
     /// The backend offers read-write locks (default true); when off, the
     /// read-lock checks assert that it refuses them as `Unsupported`.
     pub read_write: bool,
+    /// The backend offers leader elections (default true); when off, the
+    /// election checks assert that it refuses them as `Unsupported`.
+    pub elections: bool,
+    /// Election candidates lead in the order they arrived (default false;
+    /// checked when set).
+    pub election_fifo: bool,
 }
 
 impl Default for SuiteConfig {
@@ -92,6 +100,8 @@ impl Default for SuiteConfig {
             fifo: false,
             semaphores: true,
             read_write: true,
+            elections: true,
+            election_fifo: false,
         }
     }
 }
@@ -118,6 +128,18 @@ impl SuiteConfig {
     /// Sets whether the backend offers semaphores.
     pub fn semaphores(mut self, semaphores: bool) -> Self {
         self.semaphores = semaphores;
+        self
+    }
+
+    /// Sets whether the backend offers leader elections.
+    pub fn elections(mut self, elections: bool) -> Self {
+        self.elections = elections;
+        self
+    }
+
+    /// Sets whether election candidates lead in arrival order.
+    pub fn election_fifo(mut self, in_order: bool) -> Self {
+        self.election_fifo = in_order;
         self
     }
 
@@ -205,6 +227,16 @@ macro_rules! conformance_tests {
             rw_cancelled_waiters_leave_nothing,
             read_locks_and_semaphores_do_not_mix,
             upgrade_is_refused,
+            one_leader_at_a_time,
+            proclaim_keeps_the_term_and_needs_the_lead,
+            lost_leadership_is_signalled,
+            dead_leader_is_replaced_after_its_ttl,
+            observers_see_every_change,
+            observers_see_a_dead_leader_go,
+            cancelled_candidates_leave_nothing,
+            candidates_lead_in_turn,
+            elections_and_locks_do_not_mix,
+            bad_election_input_is_rejected,
         }
     };
     (@tests (#[$attribute:meta] $harness:expr); $($check:ident,)*) => {
@@ -234,6 +266,7 @@ mod tests {
     fn every_check_is_listed_once() {
         let defined: BTreeSet<&str> = [
             include_str!("basics.rs"),
+            include_str!("election.rs"),
             include_str!("leases.rs"),
             include_str!("rwlock.rs"),
             include_str!("semaphore.rs"),
