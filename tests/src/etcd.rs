@@ -153,5 +153,6 @@ impl Harness for EtcdHarness {
         SuiteConfig::default()
             .short_ttl(std::time::Duration::from_secs(2))
             .fifo(true)
+            .election_fifo(true)
     }
 }

@@ -335,6 +335,9 @@ impl Harness for RedlockHarness {
     fn config(&self) -> SuiteConfig {
         // Redlock offers the mutex only: the checks of other kinds assert
         // its typed refusal.
-        SuiteConfig::default().semaphores(false).read_write(false)
+        SuiteConfig::default()
+            .semaphores(false)
+            .read_write(false)
+            .elections(false)
     }
 }

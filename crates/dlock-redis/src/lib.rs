@@ -68,8 +68,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dlock_core::backend::{
-    AcquireRequest, Attempt, Busy, ExtendOutcome, Grant, Lease, LockBackend, OwnerToken, ReleaseEvents,
-    ReleaseOutcome, async_trait,
+    AcquireRequest, Attempt, Busy, ExtendOutcome, Grant, LeaderState, Lease, LockBackend, OwnerToken,
+    ProclaimOutcome, ReleaseEvents, ReleaseOutcome, async_trait,
 };
 pub use dlock_core::user_api::*;
 pub use redis;
@@ -159,6 +159,15 @@ impl RedisBackend {
 impl LockBackend for RedisBackend {
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
         let (key, owner, ttl, kind) = (request.key, request.owner, request.ttl, request.kind);
+        if kind == LockKind::Election {
+            // Candidates wait on the key's release channel, which every
+            // change of the election is announced on.
+            return Ok(match self.elect(key, owner, ttl, request.value()).await? {
+                NodeGrant::Granted(token) => Attempt::Acquired(self.grant(token, ttl)),
+                NodeGrant::Busy(Some(remaining)) => Attempt::Busy(Busy::new().retry_after(remaining)),
+                NodeGrant::Busy(None) => Attempt::Busy(Busy::new()),
+            });
+        }
         if !request.queue {
             return Ok(match self.acquire_once(kind, key, owner, ttl).await? {
                 NodeGrant::Granted(token) => Attempt::Acquired(self.grant(token, ttl)),
@@ -244,6 +253,7 @@ impl LockBackend for RedisBackend {
         let script = match lease.kind() {
             LockKind::Semaphore { .. } => &scripts::RELEASE_PERMIT,
             LockKind::Shared => &scripts::RELEASE_SHARED,
+            LockKind::Election => &scripts::RESIGN,
             _ => &scripts::RELEASE_TO_NEXT,
         };
         self.release_to_next(script, lease.key(), lease.owner(), "releasing")
@@ -265,6 +275,39 @@ impl LockBackend for RedisBackend {
             .await
     }
 
+    async fn proclaim(&self, lease: &Lease, value: &str) -> Result<ProclaimOutcome, LockError> {
+        let key = lease.key();
+        let call = self
+            .call(&scripts::PROCLAIM, key, &[scripts::LOCK])
+            .arg(lease.owner().as_str())
+            .arg(value);
+        let status: i64 = self.run(key, "proclaiming", &call).await?;
+        Ok(match status {
+            1 => ProclaimOutcome::Proclaimed,
+            0 => ProclaimOutcome::NotHeld(NotHeldReason::Expired),
+            _ => ProclaimOutcome::NotHeld(NotHeldReason::OtherOwner),
+        })
+    }
+
+    async fn leader(&self, key: &str) -> Result<Option<LeaderState>, LockError> {
+        let call = self.call(&scripts::LEADER, key, &[scripts::LOCK]);
+        let reply: redis::Value = self.run(key, "reading the leader", &call).await?;
+        match reply {
+            redis::Value::Array(fields) if fields.is_empty() => Ok(None),
+            redis::Value::Array(fields) => {
+                let (term, value, remaining): (u64, String, i64) = redis::FromRedisValue::from_redis_value(
+                    redis::Value::Array(fields),
+                )
+                .map_err(|error| LockError::unavailable(Some(key), format!("reading the leader: {error}")))?;
+                let remaining = u64::try_from(remaining).ok().map(Duration::from_millis);
+                Ok(Some(LeaderState::new(value, FencingToken::new(term), remaining)))
+            }
+            // The key is in use as another kind: the reply names it, as
+            // an acquire script's does.
+            other => Err(self.refusal(key, LockKind::Election, &other)),
+        }
+    }
+
     /// Whether `key` is held, for how long, and the last fencing token
     /// handed out (never the owner's secret). One round trip.
     async fn inspect(&self, key: &str) -> Result<KeyStatus, LockError> {
@@ -274,6 +317,7 @@ impl LockBackend for RedisBackend {
         let status = match (u32::try_from(limit), usize::try_from(holders)) {
             // A read lock's readers: the limit 0.
             (Ok(0), Ok(holders)) if holders > 0 => KeyStatus::held().kind(LockKind::Shared).holders(holders),
+            (Err(_), Ok(1)) if limit == -2 => KeyStatus::held().kind(LockKind::Election).holders(1),
             (Ok(permits), Ok(holders)) if holders > 0 => KeyStatus::held()
                 .kind(LockKind::Semaphore { permits })
                 .holders(holders),

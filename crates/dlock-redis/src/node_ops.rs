@@ -31,8 +31,8 @@ impl RedisBackend {
     }
 
     /// Releases with `script` (or, for a waiter, leaves the line) and hands
-    /// the key on to the next waiters: a mutex's, a reader's or a permit's
-    /// release, or the clean-up that handles all three.
+    /// the key on to the next waiters: a mutex's, a reader's, a permit's or
+    /// a leader's release, or the clean-up that handles them all.
     pub(crate) async fn release_to_next(
         &self,
         script: &'static redis::Script,
@@ -121,6 +121,24 @@ impl RedisBackend {
         self.acquire_call(key, kind, &call).await
     }
 
+    /// One campaign in the election `key` with `value` (candidates never
+    /// queue on Redis; see `scripts/election.rs`): the term when elected,
+    /// else the leader's remaining lease.
+    pub(crate) async fn elect(
+        &self,
+        key: &str,
+        owner: &OwnerToken,
+        ttl: Duration,
+        value: &str,
+    ) -> Result<NodeGrant, LockError> {
+        let call = self
+            .call(&scripts::ELECT, key, &[scripts::LOCK, scripts::FENCE])
+            .arg(owner.as_str())
+            .arg(millis(ttl))
+            .arg(value);
+        self.acquire_call(key, LockKind::Election, &call).await
+    }
+
     /// One acquire script of `kind` that joins `key`'s line when busy
     /// (`joining`) or renews the owner's place in it.
     pub(crate) async fn acquire_in_line(
@@ -172,25 +190,6 @@ impl RedisBackend {
         call: &ScriptCall,
     ) -> Result<NodeGrant, LockError> {
         let reply: redis::Value = self.run(key, "acquiring", call).await?;
-        if let redis::Value::BulkString(text) = &reply {
-            // The key is in use as another kind (or a semaphore with
-            // another limit): the same typed error on every backend.
-            let held_as = match text.as_slice() {
-                b"mutex" => Some(LockKind::Exclusive),
-                b"readers" => Some(LockKind::Shared),
-                other => std::str::from_utf8(other)
-                    .ok()
-                    .and_then(|text| {
-                        text.strip_prefix("semaphore:")
-                            .or_else(|| text.strip_prefix("limit:"))
-                    })
-                    .and_then(|limit| limit.parse().ok())
-                    .map(|permits| LockKind::Semaphore { permits }),
-            };
-            if let Some(held_as) = held_as {
-                ensure_same_kind(key, held_as, kind)?;
-            }
-        }
         match reply {
             redis::Value::Int(token) if token >= 1 => Ok(NodeGrant::Granted(token.unsigned_abs())),
             // 0: the holder's key has no TTL (set by hand); rely on notifications.
@@ -198,18 +197,48 @@ impl RedisBackend {
             redis::Value::Int(busy) => Ok(NodeGrant::Busy(Some(Duration::from_millis(
                 (-1 - busy).unsigned_abs(),
             )))),
-            redis::Value::BulkString(text) if text == b"counter" => Err(self.broken_counter(key)),
-            redis::Value::BulkString(text) if text == b"wrongtype" => Err(LockError::ForeignValue {
+            other => Err(self.refusal(key, kind, &other)),
+        }
+    }
+
+    /// The error for a script's reply that is neither a grant nor a busy
+    /// answer: the key is in use as another kind (or a semaphore with
+    /// another limit), its counter is broken, or it holds what dlock did
+    /// not write. The same typed errors on every backend.
+    pub(crate) fn refusal(&self, key: &str, asked_as: LockKind, reply: &redis::Value) -> LockError {
+        let text = match reply {
+            redis::Value::BulkString(text) => text.as_slice(),
+            _ => b"",
+        };
+        let held_as = match text {
+            b"mutex" => Some(LockKind::Exclusive),
+            b"readers" => Some(LockKind::Shared),
+            b"election" => Some(LockKind::Election),
+            other => std::str::from_utf8(other)
+                .ok()
+                .and_then(|text| {
+                    text.strip_prefix("semaphore:")
+                        .or_else(|| text.strip_prefix("limit:"))
+                })
+                .and_then(|limit| limit.parse().ok())
+                .map(|permits| LockKind::Semaphore { permits }),
+        };
+        if let Some(Err(error)) = held_as.map(|held_as| ensure_same_kind(key, held_as, asked_as)) {
+            return error;
+        }
+        match text {
+            b"counter" => self.broken_counter(key),
+            b"wrongtype" => LockError::ForeignValue {
                 key: key.to_owned(),
                 found: format!("a value of another type at {}", self.lock_key(key)),
-            }),
-            _ => Err(LockError::ForeignValue {
+            },
+            _ => LockError::ForeignValue {
                 key: key.to_owned(),
                 found: format!(
                     "a string at {} that is not a dlock owner token",
                     self.lock_key(key)
                 ),
-            }),
+            },
         }
     }
 
@@ -234,10 +263,10 @@ impl RedisBackend {
     ) -> Result<Option<NotHeldReason>, LockError> {
         // A reader's lease is kept as a permit is.
         let permit = matches!(kind, LockKind::Semaphore { .. } | LockKind::Shared);
-        let script = if permit {
-            &scripts::EXTEND_PERMIT
-        } else {
-            &scripts::EXTEND
+        let script = match kind {
+            _ if permit => &scripts::EXTEND_PERMIT,
+            LockKind::Election => &scripts::EXTEND_LEADER,
+            _ => &scripts::EXTEND,
         };
         let call = self
             .call(script, key, &[scripts::LOCK])

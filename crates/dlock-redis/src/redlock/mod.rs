@@ -153,11 +153,17 @@ impl RedlockBackend {
 impl LockBackend for RedlockBackend {
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
         if request.kind != LockKind::Exclusive {
+            let why = if request.kind == LockKind::Election {
+                "an election's value and its observers need one ordered history of changes, and \
+                 independent masters keep none without consensus"
+            } else {
+                "a set of leases on one key and a waiting line cannot be kept consistent across \
+                 independent masters without consensus"
+            };
             return Err(LockError::unsupported(
                 Some(request.key),
                 format!(
-                    "{} on Redlock (a set of leases on one key and a waiting line cannot be kept consistent \
-                     across independent masters without consensus; use RedisBackend or EtcdBackend)",
+                    "{} on Redlock ({why}; use RedisBackend or EtcdBackend)",
                     request.kind
                 ),
             ));

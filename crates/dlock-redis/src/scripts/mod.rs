@@ -9,8 +9,11 @@ use std::sync::LazyLock;
 
 use redis::{Cmd, FromRedisValue, RedisResult, RedisWrite, Script, ToRedisArgs};
 
+mod election;
 mod permits;
 mod readers;
+
+pub(crate) use election::{ELECT, EXTEND_LEADER, LEADER, PROCLAIM, RESIGN};
 
 pub(crate) use permits::{ABANDON, ACQUIRE_PERMIT, EXTEND_PERMIT, RELEASE_PERMIT};
 use permits::{PERMITS_LUA, hand_over_permit_lua};
@@ -139,7 +142,8 @@ impl ToRedisArgs for KeyName<'_> {
 /// Returns the string `foreign` when the lock key holds a string that is
 /// not an owner token, `counter` when the fencing counter is not an
 /// integer (nothing taken), `semaphore:N` when the key holds a semaphore's
-/// permits (limit N), `wrongtype` for a key of another type. A read lock's
+/// permits (limit N), `election` when it holds an election's leader,
+/// `wrongtype` for a key of another type. A read lock's
 /// readers (a hash marked `readers`) make the key busy until the last of
 /// them ends. These cost nothing on the way to a grant: they are read only
 /// once `SET NX` failed.
@@ -166,6 +170,7 @@ if type(holder) == 'table' then
   -- lock's readers (its hash's TTL is the last reader's end), or not ours.
   local limit = redis.pcall('HGET', KEYS[1], 'limit')
   if type(limit) == 'string' then return 'semaphore:' .. limit end
+  if redis.pcall('HEXISTS', KEYS[1], 'leader') == 1 then return 'election' end
   if redis.pcall('HEXISTS', KEYS[1], 'readers') ~= 1 then return 'wrongtype' end
 else
   if holder == ARGV[1] then
@@ -359,8 +364,8 @@ return 1
 /// For operators: the lock's remaining TTL in ms (-2 free, -1 no TTL) and
 /// the fencing counter (-1 when absent). Reads only.
 /// A semaphore also answers its live permits and its limit, a read lock
-/// its live readers and the limit 0 (-1 for a mutex); leases that ran out
-/// are removed on the way.
+/// its live readers and the limit 0, an election 1 and -2 (-1 for a
+/// mutex); leases that ran out are removed on the way.
 pub(crate) static STATUS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{PERMITS_LUA}
@@ -368,7 +373,9 @@ local counter = redis.call('GET', KEYS[2])
 local holders, limit = -1, -1
 if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then
   local held, permits, _, _, _, shared = live_permits(server_now())
-  if held ~= 'foreign' then
+  if held == 'election' then
+    holders, limit = 1, -2
+  elseif held ~= 'foreign' then
     holders, limit = held, permits or -1
     if shared then limit = 0 end
   end
@@ -384,7 +391,7 @@ return {{redis.call('PTTL', KEYS[1]), tonumber(counter or '-1') or -1, holders, 
 /// the key's channel `ARGV[1]` (for Redlock waiters). Keys as in
 /// [`ACQUIRE`]; `ARGV[2]` the longest reservation. Returns 1 if there was
 /// a lock. A read lock's readers all end; a semaphore's permits all end,
-/// and as many waiters as its limit get one.
+/// and as many waiters as its limit get one; an election's leader ends.
 pub(crate) static FORCE_RELEASE: LazyLock<Script> = LazyLock::new(|| {
     let (admit, permit) = (admit_waiters_lua(), hand_over_permit_lua());
     Script::new(&format!(
@@ -393,6 +400,13 @@ local held = 0
 if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then
   local live, limit, _, _, _, shared = live_permits(server_now())
   if live == 'foreign' then return 0 end
+  if live == 'election' then
+    -- Nobody stands in line for an election: the candidates and
+    -- observers listen on the release channel.
+    redis.call('DEL', KEYS[1])
+    redis.call('PUBLISH', ARGV[1], 'resigned')
+    return 1
+  end
   redis.call('DEL', KEYS[1])
   if not shared then
     local handed = 0

@@ -5,6 +5,7 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
+use super::election::resign_lua;
 use super::readers::{RELEASE_READER_LUA, admit_waiters_lua};
 use super::{RELEASE_LOCK_LUA, WRITER_PLACE, hand_over_lua_granting, take_place_lua};
 
@@ -29,7 +30,8 @@ pub(super) fn hand_over_permit_lua() -> String {
 /// returns the number left, the limit (none for readers), the end of the
 /// first and of the last to end, the token of `ARGV[1]`'s lease, and
 /// whether the hash is a read lock's; `'foreign'` in place of the count
-/// when a field is not dlock's.
+/// when a field is not dlock's, `'election'` when the hash is an
+/// election's leader (see `election.rs`).
 pub(super) const PERMITS_LUA: &str = r"
 local function server_now()
   local time = redis.call('TIME')
@@ -38,12 +40,15 @@ end
 local function live_permits(now)
   local fields = redis.call('HGETALL', KEYS[1])
   local held, limit, first_end, last_end, mine, shared = 0, nil, nil, 0, nil, false
+  local elected = false
   for i = 1, #fields, 2 do
     local field, value = fields[i], fields[i + 1]
     if field == 'limit' then
       limit = tonumber(value)
     elseif field == 'readers' then
       shared = true
+    elseif field == 'leader' or field == 'term' or field == 'value' then
+      elected = true
     else
       local ends, token = string.match(value, '^(%d+):(%d+)$')
       if not ends then return 'foreign' end
@@ -58,6 +63,7 @@ local function live_permits(now)
       end
     end
   end
+  if elected then return 'election' end
   if (not limit) == (not shared) and #fields > 0 then return 'foreign' end
   return held, limit, first_end, last_end, mine, shared
 end
@@ -130,18 +136,20 @@ pub(crate) static RELEASE_PERMIT: LazyLock<Script> = LazyLock::new(|| {
 
 /// The clean-up after a request that ended without a guard, which does not
 /// know what the key is: a mutex's (or writer's) lock or place (a string at
-/// the key), a reader's lease or place (a hash marked `readers`), or a
-/// semaphore's permit or place. With nothing at the key, the waiters in
+/// the key), a reader's lease or place (a hash marked `readers`), an
+/// election's leader (a hash with a `leader`), or a semaphore's permit or
+/// place. With nothing at the key, the waiters in
 /// line may be a semaphore's, whom a mutex's hand-over must not serve: only
 /// the place is removed, and the waiters' next attempts take the key.
 /// Keys and arguments as for [`RELEASE_TO_NEXT`](super::RELEASE_TO_NEXT).
 pub(crate) static ABANDON: LazyLock<Script> = LazyLock::new(|| {
-    let (admit, permit) = (admit_waiters_lua(), hand_over_permit_lua());
+    let (admit, permit, resign) = (admit_waiters_lua(), hand_over_permit_lua(), resign_lua());
     Script::new(&format!(
-        r"{PERMITS_LUA}{LEAVING_LUA}{admit}{permit}{RELEASE_LOCK_LUA}{RELEASE_PERMIT_LUA}{RELEASE_READER_LUA}
+        r"{PERMITS_LUA}{LEAVING_LUA}{admit}{permit}{resign}{RELEASE_LOCK_LUA}{RELEASE_PERMIT_LUA}{RELEASE_READER_LUA}
 local kind = redis.call('TYPE', KEYS[1])['ok']
 if kind == 'string' then return release_lock() end
 if kind == 'hash' and redis.call('HEXISTS', KEYS[1], 'readers') == 1 then return release_reader() end
+if kind == 'hash' and redis.call('HEXISTS', KEYS[1], 'leader') == 1 then return resign() end
 return release_permit()
 "
     ))
@@ -152,7 +160,8 @@ return release_permit()
 /// report when the first permit ends. Keys and `ARGV[1..6]` as in
 /// [`ACQUIRE`](super::ACQUIRE), with the same replies, plus `mutex` when
 /// the key holds a mutex's lock, `readers` when it holds a read lock's
-/// readers and `limit:N` when its permits were taken with limit N.
+/// readers, `election` when it holds an election's leader and `limit:N`
+/// when its permits were taken with limit N.
 pub(crate) static ACQUIRE_PERMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{PERMITS_LUA}
@@ -166,7 +175,7 @@ if kind ~= 'none' and kind ~= 'hash' then return 'wrongtype' end
 local permits = tonumber(ARGV[7])
 local now = server_now()
 local held, limit, first_end, last_end, mine, shared = live_permits(now)
-if held == 'foreign' then return 'foreign' end
+if held == 'foreign' or held == 'election' then return held end
 if shared then
   if held > 0 then return 'readers' end
   redis.call('DEL', KEYS[1])

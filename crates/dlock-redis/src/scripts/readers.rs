@@ -131,7 +131,7 @@ pub(crate) static RELEASE_SHARED: LazyLock<Script> = LazyLock::new(|| {
 /// (a retried request, or a release handed it over), or report how long
 /// to wait. Keys and `ARGV[1..6]` as in [`ACQUIRE`](super::ACQUIRE), with
 /// the same replies, plus `semaphore:N` when the key holds a semaphore's
-/// permits. The line is read even by a single attempt (mode empty), which
+/// permits and `election` when it holds an election's leader. The line is read even by a single attempt (mode empty), which
 /// never queues.
 pub(crate) static ACQUIRE_SHARED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
@@ -169,7 +169,7 @@ elseif kind == 'hash' or kind == 'none' then
   local held, limit, last_end, mine, _ = 0, nil, 0, nil, nil
   if kind == 'hash' then
     held, limit, _, last_end, mine = live_permits(now)
-    if held == 'foreign' then return 'foreign' end
+    if held == 'foreign' or held == 'election' then return held end
     if limit then
       if held > 0 then return 'semaphore:' .. limit end
       redis.call('DEL', KEYS[1])
