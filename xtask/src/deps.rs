@@ -35,6 +35,11 @@ pub(crate) const ETCD: Tool = Tool {
     program: "etcd",
     package: "etcd-server",
 };
+/// etcd's own client: the election suite checks that it sees dlock's leader.
+pub(crate) const ETCDCTL: Tool = Tool {
+    program: "etcdctl",
+    package: "etcd-client",
+};
 pub(crate) const PROTOC: Tool = Tool {
     program: "protoc",
     package: "protobuf-compiler",
@@ -51,7 +56,15 @@ pub(crate) const PROTOBUF_INCLUDES: Tool = Tool {
 };
 
 /// Everything any suite may need (`cargo xtask deps`).
-pub(crate) const ALL: &[Tool] = &[REDIS_SERVER, REDIS_CLI, ETCD, SCRIPT, PROTOC, PROTOBUF_INCLUDES];
+pub(crate) const ALL: &[Tool] = &[
+    REDIS_SERVER,
+    REDIS_CLI,
+    ETCD,
+    ETCDCTL,
+    SCRIPT,
+    PROTOC,
+    PROTOBUF_INCLUDES,
+];
 
 /// Installs the missing tools with apt-get when running as root, or fails
 /// with the exact command to run.

@@ -13,7 +13,13 @@ use crate::Result;
 use crate::deps::{self, Tool};
 
 /// The system programs the servers below and the suites that use them need.
-pub(crate) const NEEDED: &[Tool] = &[deps::REDIS_SERVER, deps::REDIS_CLI, deps::ETCD, deps::SCRIPT];
+pub(crate) const NEEDED: &[Tool] = &[
+    deps::REDIS_SERVER,
+    deps::REDIS_CLI,
+    deps::ETCD,
+    deps::ETCDCTL,
+    deps::SCRIPT,
+];
 
 /// The servers of one run; all are stopped when this is dropped.
 #[derive(Debug)]

@@ -7,7 +7,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use dlock_core::LockError;
-use dlock_core::backend::{Backoff, OwnerToken};
+use dlock_core::backend::Backoff;
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tracing::debug;
 
@@ -107,24 +107,17 @@ impl EtcdBackend {
     /// out, or someone deleted it). With `expire_in`, first moves the key
     /// onto a lease of that many seconds that is not kept alive. Stops with
     /// the backend.
-    pub(crate) fn free_when_gone(
-        &self,
-        key: &str,
-        waiter: String,
-        revision: i64,
-        owner: OwnerToken,
-        expire_in: Option<i64>,
-    ) {
+    pub(crate) fn free_when_gone(&self, key: &str, waiter: String, revision: i64, expire_in: Option<i64>) {
         let backend = Arc::downgrade(&self.inner);
         let key = key.to_owned();
         let first_pause = Duration::from_millis(100);
         tokio::spawn(async move {
-            let (key, waiter, owner) = (&key, &waiter, &owner);
+            let (key, waiter) = (&key, &waiter);
             if let Some(seconds) = expire_in {
                 let ttl = Duration::from_secs(u64::try_from(seconds).unwrap_or(1));
                 let moved = retry_until(&backend, first_pause, |backend| async move {
                     let (lease, _) = backend.own_lease(key, ttl).await.ok()?;
-                    let rebound = backend.rebind_key(key, waiter, owner, revision, lease).await;
+                    let rebound = backend.rebind_key(key, waiter, revision, lease).await;
                     if !matches!(rebound, Ok(true)) {
                         backend.revoke_later(lease);
                     }

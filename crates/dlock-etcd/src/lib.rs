@@ -36,6 +36,7 @@
 
 mod builder;
 mod cleanup;
+mod election;
 mod errors;
 mod members;
 mod mutex;
@@ -52,8 +53,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use dlock_core::backend::{
-    AcquireRequest, Attempt, Capabilities, ExtendOutcome, Lease, LockBackend, OwnerToken, ReleaseEvents,
-    ReleaseOutcome, async_trait,
+    AcquireRequest, Attempt, Capabilities, ExtendOutcome, LeaderState, Lease, LockBackend, OwnerToken,
+    ProclaimOutcome, ReleaseEvents, ReleaseOutcome, async_trait,
 };
 pub use dlock_core::user_api::*;
 pub use etcd_client;
@@ -110,7 +111,6 @@ struct Held {
     binding: Mutex<Binding>,
     /// The lock's waiter key.
     name: WaiterName,
-    owner: OwnerToken,
 }
 
 impl Drop for Held {
@@ -123,7 +123,7 @@ impl Drop for Held {
             Binding::Session(session) => Some(session.seconds),
             Binding::Own { .. } => None,
         };
-        self.name.keep_until_gone(&self.owner, expire_in);
+        self.name.keep_until_gone(expire_in);
     }
 }
 
@@ -260,8 +260,11 @@ impl EtcdBackend {
 #[async_trait]
 impl LockBackend for EtcdBackend {
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
-        match request.kind {
-            LockKind::Exclusive => {}
+        // A mutex and an election's candidate queue alike: the oldest key
+        // holds the lock, or leads (etcd's own elections do the same).
+        let kind = request.kind;
+        match kind {
+            LockKind::Exclusive | LockKind::Election => {}
             LockKind::Semaphore { permits } => return self.try_acquire_permit(request, permits).await,
             LockKind::Shared => return self.try_acquire_shared(request).await,
             other => return Err(LockError::unsupported(Some(request.key), other.to_string())),
@@ -270,24 +273,19 @@ impl LockBackend for EtcdBackend {
         let (key, owner) = (request.key, request.owner);
         // The entry stays in `waiting` until the request acquires or leaves
         // the queue, so that a retry finds its key and `abandon` deletes it.
-        let (waiter, known) = self.queue_entry(key, owner, LockKind::Exclusive);
+        let (waiter, known) = self.queue_entry(key, owner, kind);
         // Waiters queue on the kept-alive session for their TTL, so that a
         // long wait never outlives the waiter key.
         let session = self.session(key, request.ttl).await?;
         let place = self
-            .stand_in_queue(key, owner, &waiter, known, &session, oldest_waiter())
+            .stand_in_queue(request, &waiter, known, &session, oldest_waiter())
             .await?;
         if place.is_first {
             return self.grant(request, waiter, place, session, started).await;
         }
         // Busy: a semaphore's permits at the head are refused, not waited for.
-        self.refuse_other_kinds(
-            key,
-            LockKind::Exclusive,
-            &place.ahead,
-            (owner, &waiter, place.revision),
-        )
-        .await?;
+        self.refuse_other_kinds(key, kind, &place.ahead, (owner, &waiter, place.revision))
+            .await?;
         if !request.queue {
             return self.leave_at_once(key, owner, &waiter, place.revision).await;
         }
@@ -303,7 +301,6 @@ impl LockBackend for EtcdBackend {
             return Ok(ExtendOutcome::NotHeld(NotHeldReason::Expired));
         };
         let waiter = held.name.as_str();
-        let owner = lease.owner();
         let seconds = whole_seconds(ttl);
         let (binding, valid_until) = match held.binding() {
             Binding::Session(session) if session.seconds == seconds && !session.state().lost => {
@@ -321,10 +318,7 @@ impl LockBackend for EtcdBackend {
             Binding::Session(_) => {
                 // Another TTL: move the key onto that TTL's session.
                 let session = self.session(key, ttl).await?;
-                if !self
-                    .rebind_key(key, waiter, owner, revision, session.lease)
-                    .await?
-                {
+                if !self.rebind_key(key, waiter, revision, session.lease).await? {
                     return Ok(ExtendOutcome::NotHeld(self.why_not_held(key).await?));
                 }
                 let valid_until = session.state().valid_until;
@@ -351,7 +345,7 @@ impl LockBackend for EtcdBackend {
                 // A longer TTL than the lease has: move the key onto a new lease.
                 let sent = Instant::now();
                 let (id, lease_ttl) = self.own_lease(key, ttl).await?;
-                if !self.rebind_key(key, waiter, owner, revision, id).await? {
+                if !self.rebind_key(key, waiter, revision, id).await? {
                     self.revoke_later(id);
                     return Ok(ExtendOutcome::NotHeld(self.why_not_held(key).await?));
                 }
@@ -413,9 +407,19 @@ impl LockBackend for EtcdBackend {
         outcome.map(drop)
     }
 
-    async fn subscribe(&self, _key: &str) -> Result<ReleaseEvents, LockError> {
-        // Waiters get a watch on their own predecessor with every Busy.
-        Ok(ReleaseEvents::never())
+    async fn proclaim(&self, lease: &Lease, value: &str) -> Result<ProclaimOutcome, LockError> {
+        self.proclaim_value(lease, value).await
+    }
+
+    async fn leader(&self, key: &str) -> Result<Option<LeaderState>, LockError> {
+        self.read_leader(key).await
+    }
+
+    /// Waiters get a watch on their own predecessor with every Busy; this
+    /// serves election observers (and a waiter whose predecessor left
+    /// between two reads): any change under the key's queue prefix.
+    async fn subscribe(&self, key: &str) -> Result<ReleaseEvents, LockError> {
+        self.watch_queue(key).await
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -33,18 +33,24 @@ pub(crate) struct Place {
 }
 
 impl EtcdBackend {
-    /// Writes `owner`'s waiter key (first attempt) or checks it is still
-    /// there on the session's lease (after a wait), and reads the head of
-    /// the queue in the same transaction.
+    /// Writes the request's waiter key (first attempt) or checks it is
+    /// still there on the session's lease (after a wait), and reads the
+    /// head of the queue in the same transaction. The key holds the owner
+    /// token, or an election candidate's value (as etcd's own elections
+    /// do, so that their tools read it).
     pub(crate) async fn stand_in_queue(
         &self,
-        key: &str,
-        owner: &OwnerToken,
+        request: &AcquireRequest<'_>,
         waiter: &str,
         known: Option<i64>,
         session: &Session,
         oldest: GetOptions,
     ) -> Result<Place, LockError> {
+        let (key, owner) = (request.key, request.owner);
+        let value = match request.kind {
+            LockKind::Election => request.value(),
+            _ => owner.as_str(),
+        };
         let lease = session.lease;
         let queue = self.queue_prefix(key);
         if known.is_none() {
@@ -60,7 +66,7 @@ impl EtcdBackend {
                     Compare::create_revision(self.abandoned_marker(waiter), CompareOp::Equal, 0),
                 ])
                 .and_then([
-                    TxnOp::put(waiter, owner.as_str(), Some(PutOptions::new().with_lease(lease))),
+                    TxnOp::put(waiter, value, Some(PutOptions::new().with_lease(lease))),
                     TxnOp::get(queue.as_str(), Some(oldest.clone())),
                 ])
                 .or_else([TxnOp::get(waiter, None), TxnOp::get(queue.as_str(), Some(oldest))]),
@@ -87,7 +93,7 @@ impl EtcdBackend {
             // retried attempt finds, or by a write of an earlier request
             // that reached the cluster after that request had given up.
             (None, false) => match first_kv(&responses, 0) {
-                Some(mine) if mine.value() == owner.as_str().as_bytes() => {
+                Some(mine) if mine.value() == value.as_bytes() => {
                     on_lease = mine.lease();
                     (mine.create_revision(), queue_read(&responses, 1))
                 }
@@ -123,7 +129,7 @@ impl EtcdBackend {
             },
         };
         self.update_entry(owner, |entry| entry.revision = Some(my_revision));
-        if on_lease != lease && !self.rebind_key(key, waiter, owner, my_revision, lease).await? {
+        if on_lease != lease && !self.rebind_key(key, waiter, my_revision, lease).await? {
             return Err(self.waiter_key_gone(key, owner));
         }
 
@@ -159,7 +165,7 @@ impl EtcdBackend {
             // (same key, same create revision, so the same token).
             let sent = Instant::now();
             let (id, lease_ttl) = self.own_lease(key, ttl).await?;
-            match self.rebind_key(key, &waiter, owner, my_revision, id).await {
+            match self.rebind_key(key, &waiter, my_revision, id).await {
                 Ok(true) => (Binding::Own { id, ttl: lease_ttl }, sent + lease_ttl),
                 outcome => {
                     self.revoke_later(id);
@@ -183,7 +189,6 @@ impl EtcdBackend {
         let held = Held {
             binding: Mutex::new(binding),
             name,
-            owner: owner.clone(),
         };
         let signal = self.watch_deletion(waiter, header_revision.max(my_revision));
         Ok(Attempt::Acquired(

@@ -2,8 +2,9 @@
 //!
 //! A name is `{queue prefix}{client part}-{slot}`. The client part tells
 //! the kind: a mutex's is the backend's hex client id, a semaphore's
-//! `s{permits}.{client id}`, a reader's `~r.{client id}`, so every keys-only
-//! read of a queue sees the kind (and limit) of the keys in it.
+//! `s{permits}.{client id}`, a reader's `~r.{client id}`, an election
+//! candidate's `e.{client id}`, so every keys-only read of a queue sees the
+//! kind (and limit) of the keys in it.
 //!
 //! etcd keeps a deleted key's name in its index until the history is
 //! compacted, and every acquisition reads the queue with a range over the
@@ -29,7 +30,7 @@ use std::sync::{Mutex, PoisonError, Weak};
 use dlock_core::LockKind;
 use tracing::debug;
 
-use crate::{EtcdBackend, Inner, OwnerToken};
+use crate::{EtcdBackend, Inner};
 
 /// What the client part of a reader's waiter key name starts with (`~r.`).
 /// `~` sorts after the hex of a mutex's names and the `s` of a semaphore's,
@@ -40,20 +41,31 @@ pub(crate) const READERS_START: char = '~';
 /// What the client part of a semaphore's waiter key names starts with.
 const SEMAPHORE_NAME: char = 's';
 
+/// What the client part of an election candidate's key names starts with.
+const CANDIDATE_NAME: &str = "e.";
+
 /// The client part of waiter key names for `kind` (see the module docs).
 pub(crate) fn name_client(kind: LockKind, client_id: &str) -> String {
     match kind {
         LockKind::Semaphore { permits } => format!("{SEMAPHORE_NAME}{permits}.{client_id}"),
         LockKind::Shared => format!("{READERS_START}r.{client_id}"),
+        LockKind::Election => format!("{CANDIDATE_NAME}{client_id}"),
         _ => client_id.to_owned(),
     }
 }
 
-/// The kind of lock a waiter key under `queue_prefix` stands for.
+/// The kind of lock a waiter key under `queue_prefix` stands for. A name
+/// of hex digits alone is a key of etcd's own election (or mutex) from
+/// the `concurrency` package, `etcdctl elect` for one, which names each
+/// campaigner's key after its lease id: a fellow candidate.
 pub(crate) fn kind_of_name(queue_prefix: &str, name: &str) -> LockKind {
     let rest = name.strip_prefix(queue_prefix).unwrap_or_default();
     if rest.starts_with(READERS_START) {
         return LockKind::Shared;
+    }
+    let etcd_own = !rest.is_empty() && rest.bytes().all(|byte| byte.is_ascii_hexdigit());
+    if rest.starts_with(CANDIDATE_NAME) || etcd_own {
+        return LockKind::Election;
     }
     let permits = rest
         .strip_prefix(SEMAPHORE_NAME)
@@ -164,10 +176,10 @@ impl WaiterName {
     /// lost): its key stays until its lease ends or someone deletes it, and
     /// the name is freed then. With `expire_in`, the key first moves onto a
     /// lease of that many seconds that nobody keeps alive.
-    pub(crate) fn keep_until_gone(&self, owner: &OwnerToken, expire_in: Option<i64>) {
+    pub(crate) fn keep_until_gone(&self, expire_in: Option<i64>) {
         if self.hand_off() {
             if let (Some(backend), Some(revision)) = (self.backend_in_runtime(), self.revision) {
-                backend.free_when_gone(&self.key, self.name.clone(), revision, owner.clone(), expire_in);
+                backend.free_when_gone(&self.key, self.name.clone(), revision, expire_in);
             }
         }
     }

@@ -47,7 +47,7 @@ impl EtcdBackend {
             .with_limit(1)
             .with_keys_only();
         let place = self
-            .stand_in_queue(key, owner, &waiter, known, &session, oldest_other)
+            .stand_in_queue(request, &waiter, known, &session, oldest_other)
             .await?;
         self.refuse_other_kinds(
             key,

@@ -42,7 +42,7 @@ impl EtcdBackend {
         let holders = permits as usize;
         let read = oldest_waiters(i64::from(permits) + 1);
         let place = self
-            .stand_in_queue(key, owner, &waiter, known, &session, read)
+            .stand_in_queue(request, &waiter, known, &session, read)
             .await?;
         self.refuse_other_kinds(key, kind, &place.ahead, (owner, &waiter, place.revision))
             .await?;
@@ -55,7 +55,7 @@ impl EtcdBackend {
                 // Admitted after waiting: one write of our key tells the
                 // waiter behind us that it is first now. (Without renewal
                 // the grant moves the key to a lease of its own, a write too.)
-                self.rebind_key(key, &waiter, owner, place.revision, session.lease)
+                self.rebind_key(key, &waiter, place.revision, session.lease)
                     .await?;
             }
             return self.grant(request, waiter, place, session, started).await;

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use dlock_core::backend::OwnerToken;
 use dlock_core::{LockError, NotHeldReason};
 use etcd_client::{
     Client, Compare, CompareOp, GetOptions, GetResponse, KeyValue, PutOptions, SortOrder, SortTarget, Txn,
@@ -43,11 +42,11 @@ impl EtcdBackend {
     }
 
     /// Moves our key onto `lease` if it is still ours; false if it is gone.
+    /// The value stays (an owner token, or an election's proclaimed value).
     pub(crate) async fn rebind_key(
         &self,
         key: &str,
         waiter: &str,
-        owner: &OwnerToken,
         revision: i64,
         lease: i64,
     ) -> Result<bool, LockError> {
@@ -55,8 +54,8 @@ impl EtcdBackend {
             .when([Compare::create_revision(waiter, CompareOp::Equal, revision)])
             .and_then([TxnOp::put(
                 waiter,
-                owner.as_str(),
-                Some(PutOptions::new().with_lease(lease)),
+                "",
+                Some(PutOptions::new().with_lease(lease).with_ignore_value()),
             )]);
         let response = self
             .call(key, "moving the lock to another lease", |client| {

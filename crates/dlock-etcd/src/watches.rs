@@ -40,7 +40,9 @@ enum Command {
         from_revision: i64,
         /// Any change fires, a put too, not only a deletion.
         puts: bool,
-        deleted: oneshot::Sender<()>,
+        /// Every key under `key` is watched, not `key` alone.
+        prefix: bool,
+        deleted: oneshot::Sender<i64>,
     },
     Forget(i64),
 }
@@ -59,16 +61,23 @@ impl Watches {
     /// Resolves when `key` is deleted at a revision after `after_revision`.
     /// Dropping it cancels the watch.
     pub(crate) fn deletion(&self, key: String, after_revision: i64) -> Deletion {
-        self.watch(key, after_revision, false)
+        self.watch(key, after_revision, false, false)
     }
 
     /// Resolves when `key` is written or deleted at a revision after
     /// `after_revision`. Dropping it cancels the watch.
     pub(crate) fn change(&self, key: String, after_revision: i64) -> Deletion {
-        self.watch(key, after_revision, true)
+        self.watch(key, after_revision, true, false)
     }
 
-    fn watch(&self, key: String, after_revision: i64, puts: bool) -> Deletion {
+    /// Resolves when any key under `prefix` is written or deleted at a
+    /// revision after `after_revision`; [`Deletion::revision`] says at
+    /// which. Dropping it cancels the watch.
+    pub(crate) fn change_under(&self, prefix: String, after_revision: i64) -> Deletion {
+        self.watch(prefix, after_revision, true, true)
+    }
+
+    fn watch(&self, key: String, after_revision: i64, puts: bool, prefix: bool) -> Deletion {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (deleted, receiver) = oneshot::channel();
         let _ = self.commands.send(Command::Watch {
@@ -76,6 +85,7 @@ impl Watches {
             key,
             from_revision: after_revision + 1,
             puts,
+            prefix,
             deleted,
         });
         Deletion {
@@ -89,8 +99,20 @@ impl Watches {
 /// A watch for one key's deletion; see [`Watches::deletion`].
 pub(crate) struct Deletion {
     id: i64,
-    receiver: oneshot::Receiver<()>,
+    /// The revision of the response that fired it (0: the watch was refused).
+    receiver: oneshot::Receiver<i64>,
     commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Deletion {
+    /// Resolves as the watch does, with the revision it fired at.
+    pub(crate) async fn revision(mut self) -> i64 {
+        match (&mut self.receiver).await {
+            Ok(revision) => revision,
+            // The task ended (a runtime shutting down): nothing will come.
+            Err(_) => std::future::pending().await,
+        }
+    }
 }
 
 impl Future for Deletion {
@@ -98,7 +120,7 @@ impl Future for Deletion {
 
     fn poll(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<()> {
         match Pin::new(&mut self.receiver).poll(context) {
-            Poll::Ready(Ok(())) => Poll::Ready(()),
+            Poll::Ready(Ok(_)) => Poll::Ready(()),
             // An error: the task ended (a runtime shutting down), so nothing will come.
             _ => Poll::Pending,
         }
@@ -117,7 +139,9 @@ struct Watched {
     from_revision: i64,
     /// A put fires too.
     puts: bool,
-    deleted: oneshot::Sender<()>,
+    /// The whole prefix is watched.
+    prefix: bool,
+    deleted: oneshot::Sender<i64>,
 }
 
 struct Stream {
@@ -185,6 +209,7 @@ impl Hub {
                 key,
                 from_revision,
                 puts,
+                prefix,
                 deleted,
             } => {
                 self.watched.insert(
@@ -193,6 +218,7 @@ impl Hub {
                         key,
                         from_revision,
                         puts,
+                        prefix,
                         deleted,
                     },
                 );
@@ -233,6 +259,9 @@ impl Hub {
                 .with_watch_id(id);
             if !watched.puts {
                 options = options.with_filters([WatchFilterType::NoPut]);
+            }
+            if watched.prefix {
+                options = options.with_prefix();
             }
             let key = watched.key.clone();
             match &mut self.stream {
@@ -283,7 +312,7 @@ impl Hub {
                 // waiter, whose next attempt reads the key and tells.
                 debug!(reason = response.cancel_reason(), "a watch was refused");
                 if let Some(watched) = self.watched.remove(&id) {
-                    let _ = watched.deleted.send(());
+                    let _ = watched.deleted.send(0);
                 }
             }
             return;
@@ -308,7 +337,8 @@ impl Hub {
             .any(|event| puts || event.event_type() == EventType::Delete);
         if deleted {
             if let Some(watched) = self.watched.remove(&id) {
-                let _ = watched.deleted.send(());
+                let revision = response.header().map_or(0, |header| header.revision());
+                let _ = watched.deleted.send(revision);
             }
             // The name may be written again: stop watching it.
             self.to_cancel.push(id);
