@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use dlock_core::{LockError, LockGuard, Locker};
 use dlock_testkit::conformance::unique_key;
-use dlock_testkit::{CheckerConfig, check_mutual_exclusion, check_read_write, check_semaphore};
+use dlock_testkit::{
+    CheckerConfig, check_election, check_mutual_exclusion, check_read_write, check_semaphore,
+};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 
@@ -27,6 +29,7 @@ macro_rules! redis_suite {
             mutual_exclusion_16_clients_200_acquisitions,
             semaphore_16_clients_on_4_permits,
             read_write_16_clients_90_percent_reads,
+            election_8_candidates_lead_in_turn,
             a_key_of_another_type_is_reported_and_left_alone,
             a_foreign_string_is_reported_and_left_alone,
             a_broken_fencing_counter_is_reported_and_takes_nothing,
@@ -103,6 +106,25 @@ pub async fn read_write_16_clients_90_percent_reads(harness: &RedisHarness) {
     report.assert_clean();
     assert_eq!(report.reads + report.writes, 800);
     assert!(report.writes > 0 && report.most_readers_inside > 1, "{report:#?}");
+}
+
+/// 8 candidates on their own clients campaigning 10 times each, leading
+/// for 3 ms: one leader at a time at the fenced resource, terms strictly
+/// increasing, every candidate leads, `leader()` and an observer agree.
+pub async fn election_8_candidates_lead_in_turn(harness: &RedisHarness) {
+    let mut lockers = Vec::new();
+    for _ in 0..8 {
+        lockers.push(Locker::new(
+            harness.deployment().connect().await.expect("connect"),
+        ));
+    }
+    let key = unique_key("election-checker");
+    let config = CheckerConfig::default()
+        .load(8, 10)
+        .hold(Duration::from_millis(3));
+    let report = check_election(&lockers, &key, config).await;
+    report.assert_clean();
+    assert_eq!(report.terms, 80);
 }
 
 /// A list at the lock key: `ForeignValue` naming the key; the list stays.

@@ -5,7 +5,9 @@ use std::time::Duration;
 use dlock_core::{LockError, Locker};
 use dlock_etcd::EtcdBackend;
 use dlock_testkit::conformance::unique_key;
-use dlock_testkit::{CheckerConfig, check_mutual_exclusion, check_read_write, check_semaphore};
+use dlock_testkit::{
+    CheckerConfig, check_election, check_mutual_exclusion, check_read_write, check_semaphore,
+};
 use dlock_tests::{EtcdHarness, assert_unavailable_within, etcd_endpoints, unused_address};
 
 dlock_testkit::conformance_tests!(
@@ -67,6 +69,22 @@ async fn read_write_16_clients_90_percent_reads() {
     report.assert_clean();
     assert_eq!(report.reads + report.writes, 160);
     assert!(report.most_readers_inside > 1, "readers must share: {report:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn election_8_candidates_lead_in_turn() {
+    let endpoints = etcd_endpoints();
+    let mut lockers = Vec::new();
+    for _ in 0..8 {
+        lockers.push(Locker::new(
+            EtcdBackend::connect(&endpoints).await.expect("connect"),
+        ));
+    }
+    let key = unique_key("etcd-election-checker");
+    let config = CheckerConfig::default().load(8, 5).hold(Duration::from_millis(3));
+    let report = check_election(&lockers, &key, config).await;
+    report.assert_clean();
+    assert_eq!(report.terms, 40);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,8 +7,8 @@
 //!   refuses stale fencing tokens and records a history to check.
 //! * [`check_mutual_exclusion`]: many clients hammering one key, checked for
 //!   overlapping critical sections and tokens that do not increase;
-//!   [`check_semaphore`] and [`check_read_write`] do the same for the
-//!   semaphore and the read-write lock.
+//!   [`check_semaphore`], [`check_read_write`] and [`check_election`] do
+//!   the same for the semaphore, the read-write lock and elections.
 //! * [`conformance`]: the behaviour suite every backend passes, and
 //!   [`MemoryHarness`], which runs it on the in-memory backend.
 //! * [`FaultProxy`]: a loopback TCP proxy that makes a link slow or dead on command.
@@ -17,12 +17,14 @@
 
 mod checker;
 pub mod conformance;
+mod election_checker;
 mod fenced;
 mod memory;
 mod proxy;
 mod rw_checker;
 
 pub use checker::{CheckReport, CheckerConfig, SemaphoreReport, check_mutual_exclusion, check_semaphore};
+pub use election_checker::{ElectionReport, check_election};
 pub use fenced::{Event, EventKind, FencedResource, HistoryReport, Section, StaleToken, check_history};
 pub use memory::{MemoryBackend, MemoryHarness};
 pub use proxy::{Direction, FaultProxy};

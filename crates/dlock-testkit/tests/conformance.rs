@@ -6,7 +6,8 @@ use dlock_core::Locker;
 use std::time::Duration;
 
 use dlock_testkit::{
-    CheckerConfig, MemoryBackend, MemoryHarness, check_mutual_exclusion, check_read_write, check_semaphore,
+    CheckerConfig, MemoryBackend, MemoryHarness, check_election, check_mutual_exclusion, check_read_write,
+    check_semaphore,
 };
 
 dlock_testkit::conformance_tests!(
@@ -89,4 +90,37 @@ async fn the_read_write_checker_catches_overlaps() {
         "{report:#?}"
     );
     assert!(report.repeated_tokens > 0, "{report:#?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn election_8_candidates_lead_in_turn() {
+    let harness = MemoryHarness::new();
+    let lockers: Vec<Locker> = (0..8).map(|_| Locker::new(harness.backend().clone())).collect();
+    let config = CheckerConfig::default()
+        .load(8, 20)
+        .hold(Duration::from_millis(3));
+    let report = check_election(&lockers, "checker/memory-election", config).await;
+    report.assert_clean();
+    assert_eq!(report.terms, 160);
+    assert!(
+        report.observed > 1,
+        "the observer saw the leaders change: {report:#?}"
+    );
+}
+
+/// The election checker catches what it is for: two backends that do not
+/// share state stand for a split brain, with two leaders at once.
+#[tokio::test(start_paused = true)]
+async fn the_election_checker_catches_two_leaders() {
+    let (one, other) = (MemoryBackend::new(), MemoryBackend::new());
+    let lockers = vec![Locker::new(one), Locker::new(other)];
+    let config = CheckerConfig::default()
+        .load(8, 10)
+        .hold(Duration::from_millis(3));
+    let report = check_election(&lockers, "checker/election-split-brain", config).await;
+    assert!(report.history.overlaps > 0, "{report:#?}");
+    assert!(
+        report.history.rejected_stale + report.history.non_increasing > 0,
+        "{report:#?}"
+    );
 }
