@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use dlock_core::backend::redact_url;
-use dlock_core::{LockError, Locker};
+use dlock_core::{Leader, LockError, Locker};
+use futures_util::StreamExt;
 
 use crate::target::ACCEPTED_FORMS;
 
@@ -45,11 +46,16 @@ Examples:
   # readers of the catalog run together; a plain run (the writer) waits for them
   dlock run --shared catalog -- ./read-catalog.sh
 
+  # one active scheduler; the others wait to take over; DLOCK_TERM fences its writes
+  dlock campaign scheduler host-a:8080 -- ./scheduler
+  dlock leader scheduler            # leader host-a:8080 term 42, or: nobody leads
+  dlock leader --watch scheduler    # one line per change
+
   dlock status reports/nightly
   dlock release --force --yes reports/nightly   # unsafe: see `dlock release --help`
 
 Exit codes: the command's own code, or 64 usage / bad URL, 69 backend unreachable,
-75 lock not acquired (held with --no-wait, or --wait ran out), 79 lock lost while running
+75 lock not acquired (held with --no-wait, or --wait ran out), 79 lock (or leadership) lost while running
 (the command was sent SIGTERM, then SIGKILL after --kill-grace).";
 
 /// Run commands under a distributed lock: only one holder of KEY at a time,
@@ -85,6 +91,20 @@ enum Command {
     /// background), release it when COMMAND ends, and exit with its code.
     #[command(after_help = ACCEPTED_FORMS)]
     Run(run::RunArgs),
+    /// Campaign to lead the election KEY with VALUE, run COMMAND while
+    /// leading (DLOCK_TERM in its environment; it is stopped with exit 79
+    /// if the leadership is lost), resign when COMMAND ends, and exit with
+    /// its code.
+    Campaign(run::CampaignArgs),
+    /// Print the leader of the election KEY (its value and term), or that
+    /// nobody leads; with --watch, one line per change until interrupted.
+    Leader {
+        /// The election's name.
+        key: String,
+        /// Keep printing: the current leader, then every change.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Show whether KEY is held, for how long, and its last fencing token
     /// (never the holder's secret).
     Status {
@@ -173,7 +193,10 @@ async fn dispatch(cli: Cli) -> u8 {
         }
     };
     match cli.command {
-        Command::Run(args) => run::run(&locker, args, cli.quiet).await,
+        Command::Run(args) => run::run(&locker, run::Wanted::Lock(args), cli.quiet).await,
+        Command::Campaign(args) => run::run(&locker, run::Wanted::Leadership(args), cli.quiet).await,
+        Command::Leader { key, watch: false } => leader(&locker, &key).await,
+        Command::Leader { key, watch: true } => watch_leader(&locker, &key).await,
         Command::Status { key } => status(&locker, &key).await,
         Command::Release { key, force, yes } => force_release(&locker, &key, force, yes).await,
     }
@@ -214,6 +237,58 @@ async fn status(locker: &Locker, key: &str) -> u8 {
         Err(error) => {
             eprintln!("dlock: {error}");
             code_for(&error)
+        }
+    }
+}
+
+/// One line for an election's state: `leader VALUE term N`, or `nobody leads`.
+fn leader_line(leader: Option<&Leader>) -> String {
+    match leader {
+        Some(leader) => format!("leader {} term {}", leader.value, leader.term),
+        None => "nobody leads".to_owned(),
+    }
+}
+
+async fn leader(locker: &Locker, key: &str) -> u8 {
+    match locker.election(key).leader().await {
+        Ok(leader) => {
+            println!("{}", leader_line(leader.as_ref()));
+            0
+        }
+        Err(error) => {
+            eprintln!("dlock: {error}");
+            code_for(&error)
+        }
+    }
+}
+
+/// Prints the election's state, then a line per change, until Ctrl-C (exit
+/// 0) or an error that will not pass (a key of another kind).
+async fn watch_leader(locker: &Locker, key: &str) -> u8 {
+    let mut changes = locker.election(key).observe();
+    let mut stdout = std::io::stdout();
+    loop {
+        let item = tokio::select! {
+            item = changes.next() => item,
+            _ = tokio::signal::ctrl_c() => return 0,
+        };
+        match item {
+            Some(Ok(leader)) => {
+                // A reader that went away (`| head -1`) ends the watch.
+                if writeln!(stdout, "{}", leader_line(leader.as_ref()))
+                    .and_then(|()| stdout.flush())
+                    .is_err()
+                {
+                    return 0;
+                }
+            }
+            // Unreachable for a while: said once per outage; it goes on.
+            Some(Err(error @ LockError::Unavailable { .. })) => eprintln!("dlock: {error}; still watching"),
+            Some(Err(error)) => {
+                eprintln!("dlock: {error}");
+                return code_for(&error);
+            }
+            None => return 0,
         }
     }
 }

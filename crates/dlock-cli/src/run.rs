@@ -6,7 +6,10 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use dlock_core::{LockError, LockGuard, Locker};
+use std::future::Future;
+use std::pin::Pin;
+
+use dlock_core::{Leadership, LockError, LockGuard, Locker};
 use nix::sys::signal::Signal;
 use tokio::time::{Instant, sleep, timeout};
 
@@ -22,22 +25,42 @@ const CLEANUP_LIMIT: Duration = Duration::from_secs(5);
 pub(crate) struct RunArgs {
     /// The lock's name (any text up to 512 bytes, no control characters).
     key: String,
-    /// The lease's length; renewed every third of it while COMMAND runs.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    ttl: Duration,
-    /// Give up after waiting this long for the lock (default: no limit).
-    #[arg(long, value_parser = parse_duration, conflicts_with = "no_wait")]
-    wait: Option<Duration>,
-    /// Do not wait: exit at once with 75 if the lock is held.
-    #[arg(long)]
-    no_wait: bool,
     /// Take a read lock: any number of `--shared` runs of KEY at once,
     /// while no plain run (the writer) holds it. A writer that waits goes
     /// before the `--shared` runs that come after it.
     #[arg(long)]
     shared: bool,
-    /// When the lock is lost, how long COMMAND's process group gets after
-    /// SIGTERM before SIGKILL.
+    #[command(flatten)]
+    job: JobArgs,
+}
+
+/// Arguments of `dlock campaign`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct CampaignArgs {
+    /// The election's name (any text up to 512 bytes, no control characters).
+    key: String,
+    /// The public value while this candidate leads (an address, a name):
+    /// what `dlock leader KEY` prints.
+    value: String,
+    #[command(flatten)]
+    job: JobArgs,
+}
+
+/// What `run` and `campaign` share: the lease, the wait, the command.
+#[derive(Debug, clap::Args)]
+pub(crate) struct JobArgs {
+    /// The lease's length; renewed every third of it while COMMAND runs.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    ttl: Duration,
+    /// Give up after waiting this long (default: no limit).
+    #[arg(long, value_parser = parse_duration, conflicts_with = "no_wait")]
+    wait: Option<Duration>,
+    /// Do not wait: exit at once with 75 if the lock is held (or, for a
+    /// campaign, someone else leads).
+    #[arg(long)]
+    no_wait: bool,
+    /// When the lock (or leadership) is lost, how long COMMAND's process
+    /// group gets after SIGTERM before SIGKILL.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     kill_grace: Duration,
     /// The command to run, after `--`.
@@ -45,23 +68,70 @@ pub(crate) struct RunArgs {
     command: Vec<String>,
 }
 
-pub(crate) async fn run(locker: &Locker, args: RunArgs, quiet: bool) -> u8 {
+/// What a run holds while its command runs.
+enum Held {
+    Lock(LockGuard),
+    Leader(Leadership),
+}
+
+impl Held {
+    fn guard(&self) -> &LockGuard {
+        match self {
+            Held::Lock(guard) => guard,
+            Held::Leader(leadership) => leadership.guard(),
+        }
+    }
+
+    async fn release(self) -> Result<(), LockError> {
+        match self {
+            Held::Lock(guard) => guard.release().await,
+            Held::Leader(leadership) => leadership.resign().await,
+        }
+    }
+}
+
+/// What a run asks for: a lock (`dlock run`) or the lead (`dlock campaign`).
+pub(crate) enum Wanted {
+    Lock(RunArgs),
+    Leadership(CampaignArgs),
+}
+
+impl Wanted {
+    fn key(&self) -> &str {
+        match self {
+            Wanted::Lock(args) => &args.key,
+            Wanted::Leadership(args) => &args.key,
+        }
+    }
+
+    fn job(&self) -> &JobArgs {
+        match self {
+            Wanted::Lock(args) => &args.job,
+            Wanted::Leadership(args) => &args.job,
+        }
+    }
+}
+
+/// Acquires what `wanted` asks for, runs the command while holding it,
+/// and gives it back; dlock's or the command's exit code.
+pub(crate) async fn run(locker: &Locker, wanted: Wanted, quiet: bool) -> u8 {
+    let (key, args) = (wanted.key(), wanted.job());
     // Taken over before anything else, so that a signal that arrives while
     // the lock is being acquired or the command is starting cannot kill dlock
     // without its clean-up.
     let mut signals = Signals::install();
     let acquired = tokio::select! {
-        acquired = acquire(locker, &args, quiet) => acquired,
+        acquired = acquire(locker, &wanted, quiet) => acquired,
         received = first_terminating(&mut signals) => {
             // Dropping the request gives back what it may hold (a grant in
             // flight, a place in line) in the background: wait for that.
-            eprintln!("dlock: {received:?} while acquiring {:?}; giving up", args.key);
+            eprintln!("dlock: {received:?} while acquiring {key:?}; giving up");
             let _ = timeout(CLEANUP_LIMIT, locker.wait_for_cleanup()).await;
             return u8::try_from(128 + received as i32).unwrap_or(1);
         }
     };
-    let guard = match acquired {
-        Ok(guard) => guard,
+    let held = match acquired {
+        Ok(held) => held,
         Err(error) => {
             if !quiet || !matches!(error, LockError::Contended { .. }) {
                 eprintln!("dlock: {error}");
@@ -70,40 +140,43 @@ pub(crate) async fn run(locker: &Locker, args: RunArgs, quiet: bool) -> u8 {
             return code_for(&error);
         }
     };
-    let token = guard.fencing_token();
-    tracing::info!(key = %args.key, %token, "acquired; starting the command");
+    let token = held.guard().fencing_token();
+    tracing::info!(%key, %token, "acquired; starting the command");
     let started = Job::spawn(&args.command, |command| {
         command
-            .env("DLOCK_KEY", &args.key)
+            .env("DLOCK_KEY", key)
             .env("DLOCK_FENCING_TOKEN", token.to_string());
+        if let Held::Leader(leadership) = &held {
+            command
+                .env("DLOCK_TERM", token.to_string())
+                .env("DLOCK_LEADER_VALUE", leadership.value());
+        }
     });
     let (mut job, mut child) = match started {
         Ok(started) => started,
         Err(error) => {
             eprintln!("dlock: could not start {:?}: {error}", args.command[0]);
-            let _ = guard.release().await;
+            let _ = held.release().await;
             return 127;
         }
     };
-    let outcome = supervise(&mut job, &mut child, &guard, &args, &mut signals).await;
+    let outcome = supervise(&mut job, &mut child, held.guard(), key, args, &mut signals).await;
     job.finish();
     match outcome {
-        Outcome::Exited(status) => match guard.release().await {
+        Outcome::Exited(status) => match held.release().await {
             Ok(()) => exit_code(status),
             Err(error @ LockError::Unavailable { .. }) => {
                 // The lock was held while the command ran (no loss was
                 // seen); only giving it back failed: it runs out by its TTL.
                 eprintln!(
-                    "dlock: the command finished, but releasing {:?} failed ({error}); it frees itself within its TTL",
-                    args.key
+                    "dlock: the command finished, but releasing {key:?} failed ({error}); it frees itself within its TTL"
                 );
                 exit_code(status)
             }
             Err(error) => {
                 eprintln!(
-                    "dlock: the command finished, but the lock on {:?} was no longer held at the end ({error}); \
-                     another holder may have run at the same time",
-                    args.key
+                    "dlock: the command finished, but the lock on {key:?} was no longer held at the end ({error}); \
+                     another holder may have run at the same time"
                 );
                 exit::LOST
             }
@@ -127,40 +200,49 @@ async fn first_terminating(signals: &mut Signals) -> Signal {
     }
 }
 
-async fn acquire(locker: &Locker, args: &RunArgs, quiet: bool) -> Result<LockGuard, LockError> {
-    let request = if args.shared {
-        locker.read_lock(&args.key)
-    } else {
-        locker.lock(&args.key)
+async fn acquire(locker: &Locker, wanted: &Wanted, quiet: bool) -> Result<Held, LockError> {
+    let (key, args) = (wanted.key(), wanted.job());
+    let acquiring: Pin<Box<dyn Future<Output = Result<Held, LockError>> + Send>> = match wanted {
+        Wanted::Lock(lock) => {
+            let request = if lock.shared {
+                locker.read_lock(key)
+            } else {
+                locker.lock(key)
+            };
+            let request = request.ttl(args.ttl);
+            match (args.no_wait, args.wait) {
+                (true, _) => Box::pin(async { request.try_lock().await.map(Held::Lock) }),
+                (false, Some(wait)) => Box::pin(async move { request.wait(wait).await.map(Held::Lock) }),
+                (false, None) => Box::pin(async { request.await.map(Held::Lock) }),
+            }
+        }
+        Wanted::Leadership(campaign) => {
+            let request = locker.election(key).campaign(&campaign.value).ttl(args.ttl);
+            match (args.no_wait, args.wait) {
+                (true, _) => Box::pin(async { request.try_campaign().await.map(Held::Leader) }),
+                (false, Some(wait)) => Box::pin(async move { request.wait(wait).await.map(Held::Leader) }),
+                (false, None) => Box::pin(async { request.await.map(Held::Leader) }),
+            }
+        }
     };
-    let request = request.ttl(args.ttl);
-    if args.no_wait {
-        return request.try_lock().await;
-    }
-    let request = match args.wait {
-        Some(wait) => request.wait(wait),
-        None => request,
-    };
-    if quiet || !std::io::stderr().is_terminal() {
-        return request.await;
+    if quiet || args.no_wait || !std::io::stderr().is_terminal() {
+        return acquiring.await;
     }
     // On a terminal: one status line, updated in place while waiting.
     let began = Instant::now();
-    let acquiring = request.into_future();
-    tokio::pin!(acquiring);
+    let mut acquiring = acquiring;
     let outcome = loop {
         tokio::select! {
             outcome = &mut acquiring => break outcome,
             () = sleep(Duration::from_millis(500)) => {
-                let left = match locker.inspect(&args.key).await {
+                let left = match locker.inspect(key).await {
                     Ok(status) => status
                         .remaining
                         .map_or_else(|| "unknown".to_owned(), |left| format!("{:.1}s", left.as_secs_f64())),
                     Err(_) => "unknown".to_owned(),
                 };
                 eprint!(
-                    "\rdlock: waiting for {:?}: {:.1}s so far; the holder's lease has {left} left\x1b[K",
-                    args.key,
+                    "\rdlock: waiting for {key:?}: {:.1}s so far; the holder's lease has {left} left\x1b[K",
                     began.elapsed().as_secs_f64()
                 );
                 let _ = std::io::stderr().flush();
@@ -184,7 +266,8 @@ async fn supervise(
     job: &mut Job,
     child: &mut tokio::process::Child,
     guard: &LockGuard,
-    args: &RunArgs,
+    key: &str,
+    args: &JobArgs,
     signals: &mut Signals,
 ) -> Outcome {
     let lost = guard.lost();
@@ -210,8 +293,7 @@ async fn supervise(
             () = job.group_gone(), if exited.is_some() => {}
             () = &mut lost => {
                 eprintln!(
-                    "dlock: lost the lock on {:?} (fencing token {}); stopping the command",
-                    args.key,
+                    "dlock: lost the lock on {key:?} (fencing token {}); stopping the command",
                     guard.fencing_token()
                 );
                 stop_group(job, child, args.kill_grace).await;

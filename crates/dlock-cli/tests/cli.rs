@@ -134,6 +134,143 @@ fn shared_runs_read_together_and_the_writer_waits(backend: &str) {
     );
 }
 
+/// Lines a `dlock leader --watch` prints, read on a thread.
+fn watch_lines(backend: &str, key: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut command = dlock(backend, &["leader", "--watch", key]);
+    let mut watch = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start dlock leader --watch");
+    let stdout = watch.stdout.take().expect("stdout is piped");
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (watch, received)
+}
+
+/// A campaign runs its command while leading, with the term in its
+/// environment, and `dlock leader` shows it; a second campaign waits, then
+/// leads with a higher term once the first command ended; `dlock leader
+/// --watch` prints the changes as they come.
+fn campaigns_take_turns_and_leader_shows_them(backend: &str) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("log");
+    let key = unique_key("cli-campaign");
+    let (mut watch, lines) = watch_lines(backend, &key);
+    let first_line = lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the watch's first line");
+    assert_eq!(first_line, "nobody leads");
+    let script = format!(
+        "echo \"$DLOCK_LEADER_VALUE $DLOCK_TERM $DLOCK_FENCING_TOKEN\" >> {log}; sleep 1",
+        log = log.display()
+    );
+    let mut first = spawn(dlock(
+        backend,
+        &["campaign", &key, "host-a:8080", "--", "sh", "-c", &script],
+    ));
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&log).map_or(0, |text| text.lines().count()) < 1 {
+        assert!(std::time::Instant::now() < until, "the first campaign never led");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let led = std::fs::read_to_string(&log).expect("read the log");
+    let term_a: u64 = led
+        .split(' ')
+        .nth(1)
+        .and_then(|term| term.trim().parse().ok())
+        .expect("a term");
+    let shown = output(dlock(backend, &["leader", &key]));
+    assert_eq!(
+        String::from_utf8_lossy(&shown.stdout).trim(),
+        format!("leader host-a:8080 term {term_a}")
+    );
+    let mut second = spawn(dlock(
+        backend,
+        &[
+            "campaign",
+            &key,
+            "host-b:8080",
+            "--wait",
+            "20s",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    ));
+    assert_eq!(wait_exit(&mut first, Duration::from_secs(30)), 0);
+    assert_eq!(wait_exit(&mut second, Duration::from_secs(30)), 0);
+    let text = std::fs::read_to_string(&log).expect("read the log");
+    let lines_led: Vec<Vec<&str>> = text.lines().map(|line| line.split(' ').collect()).collect();
+    assert_eq!(lines_led.len(), 2, "{text}");
+    assert_eq!(
+        (lines_led[0][0], lines_led[1][0]),
+        ("host-a:8080", "host-b:8080"),
+        "{text}"
+    );
+    assert_eq!(
+        lines_led[0][1], lines_led[0][2],
+        "DLOCK_TERM is the fencing token: {text}"
+    );
+    let term_b: u64 = lines_led[1][1].parse().expect("a term");
+    assert!(term_b > term_a, "terms must increase: {text}");
+    let shown = output(dlock(backend, &["leader", &key]));
+    assert_eq!(String::from_utf8_lossy(&shown.stdout).trim(), "nobody leads");
+
+    // The watch saw both leaders, in order, and nobody at the end.
+    let expected_last = "nobody leads";
+    let mut watched = vec![first_line];
+    while watched.last().map(String::as_str) != Some(expected_last) || watched.len() < 4 {
+        match lines.recv_timeout(Duration::from_secs(10)) {
+            Ok(line) => watched.push(line),
+            Err(_) => panic!("the watch stopped at {watched:?}"),
+        }
+    }
+    let leaders: Vec<&String> = watched.iter().filter(|line| *line != "nobody leads").collect();
+    assert_eq!(
+        leaders,
+        [
+            &format!("leader host-a:8080 term {term_a}"),
+            &format!("leader host-b:8080 term {term_b}")
+        ],
+        "{watched:?}"
+    );
+    send_signal(watch.id(), "INT");
+    assert_eq!(wait_exit(&mut watch, Duration::from_secs(10)), 0);
+}
+
+/// A leader whose leadership is broken from outside has its command
+/// stopped, and exits with 79.
+fn a_lost_leadership_stops_the_command(backend: &str) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let marker = dir.path().join("finished");
+    let key = unique_key("cli-lost-leadership");
+    let script = format!("sleep 20; touch {}", marker.display());
+    let mut run = spawn(dlock(
+        backend,
+        &[
+            "campaign", "--ttl", "2s", &key, "leader", "--", "sh", "-c", &script,
+        ],
+    ));
+    let leads =
+        || String::from_utf8_lossy(&output(dlock(backend, &["leader", &key])).stdout).starts_with("leader ");
+    assert!(
+        eventually(Duration::from_secs(20), leads),
+        "the campaign never led"
+    );
+    let released = output(dlock(backend, &["release", "--force", "--yes", &key]));
+    assert!(released.status.success(), "{released:?}");
+    assert_eq!(wait_exit(&mut run, Duration::from_secs(10)), 79);
+    assert!(!Path::new(&marker).exists(), "the command ran to its end");
+}
+
 macro_rules! cli_suite {
     ($module:ident, $backend:expr) => {
         mod $module {
@@ -157,6 +294,16 @@ macro_rules! cli_suite {
             #[test]
             fn shared_runs_read_together_and_the_writer_waits() {
                 super::shared_runs_read_together_and_the_writer_waits(&$backend);
+            }
+
+            #[test]
+            fn campaigns_take_turns_and_leader_shows_them() {
+                super::campaigns_take_turns_and_leader_shows_them(&$backend);
+            }
+
+            #[test]
+            fn a_lost_leadership_stops_the_command() {
+                super::a_lost_leadership_stops_the_command(&$backend);
             }
 
             #[test]
