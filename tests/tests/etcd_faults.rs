@@ -20,6 +20,47 @@ async fn cluster() -> EtcdCluster {
     }
 }
 
+/// An observer of an election keeps reporting the truth, without errors,
+/// when the etcd member its watch stream is on (the leader) is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_rides_out_a_member_kill() {
+    use futures_util::StreamExt;
+    let mut cluster = cluster().await;
+    let endpoints = cluster.endpoints();
+    let locker = Locker::new(EtcdBackend::connect(&endpoints).await.expect("connect"));
+    let observer = Locker::new(EtcdBackend::connect(&endpoints).await.expect("connect observer"));
+    let key = unique_key("etcd-observe-kill");
+    let leadership = locker.election(&key).campaign("v1").await.expect("leads");
+    let mut changes = observer.election(&key).observe();
+    let mut next = async || {
+        timeout(Duration::from_secs(20), changes.next())
+            .await
+            .expect("an observation item in time")
+            .expect("the observation goes on")
+            .expect("no error across a member's death")
+    };
+    assert_eq!(next().await.map(|leader| leader.value).as_deref(), Some("v1"));
+    let leader = block_in_place(|| cluster.leader()).expect("find the leader");
+    cluster.kill(leader);
+    // A proclamation after the election of a new etcd leader is seen.
+    let proclaimed = async {
+        loop {
+            match leadership.proclaim("v2").await {
+                Ok(()) => return,
+                Err(LockError::Unavailable { .. }) => sleep(Duration::from_millis(200)).await,
+                Err(error) => panic!("proclaim: {error}"),
+            }
+        }
+    };
+    timeout(Duration::from_secs(30), proclaimed)
+        .await
+        .expect("proclaimed after the kill");
+    let shown = next().await.expect("someone leads");
+    assert_eq!((shown.value.as_str(), shown.term), ("v2", leadership.term()));
+    leadership.resign().await.expect("resign");
+    assert_eq!(next().await, None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locks_keep_working_when_the_leader_is_killed() {
     let mut cluster = cluster().await;

@@ -82,6 +82,60 @@ async fn a_restarted_server_loses_its_locks_and_the_backend_reconnects() {
     taken.release().await.expect("release");
 }
 
+/// The next item an observation yields within `within`; an `Err` fails
+/// the test (a restart shorter than the outage grace is ridden out).
+async fn next_leader(changes: &mut dlock_core::Observation, within: Duration) -> Option<dlock_core::Leader> {
+    use futures_util::StreamExt;
+    timeout(within, changes.next())
+        .await
+        .expect("an observation item in time")
+        .expect("the observation goes on")
+        .expect("no error across a restart")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_rides_out_a_restart() {
+    let mut server = start(|| servers::start_server("redis-observe-restart", &[])).await;
+    let url = format!("{}/0", servers::url(server.port()));
+    let leader_locker = Locker::new(RedisBackend::connect(&url).await.expect("connect"));
+    let observer_locker = Locker::new(RedisBackend::connect(&url).await.expect("connect observer"));
+    let key = "restart/election";
+    let leadership = leader_locker
+        .election(key)
+        .campaign("before")
+        .ttl(Duration::from_secs(20))
+        .await
+        .expect("leads");
+    let mut changes = observer_locker.election(key).observe();
+    let first = next_leader(&mut changes, Duration::from_secs(5)).await;
+    assert_eq!(first.map(|leader| leader.value).as_deref(), Some("before"));
+
+    block_in_place(|| {
+        server.restart().expect("restart");
+        servers::wait_ping(&mut server).expect("the server is back");
+    });
+    // The restarted server is empty: the observer reads again and says so.
+    assert_eq!(next_leader(&mut changes, Duration::from_secs(10)).await, None);
+    timeout(Duration::from_secs(20), leadership.lost())
+        .await
+        .expect("the old leader learns its leadership is gone");
+
+    // Notifications reach the observer again.
+    let next = Locker::new(RedisBackend::connect(&url).await.expect("connect"))
+        .election(key)
+        .campaign("after")
+        .wait(Duration::from_secs(10))
+        .await
+        .expect("a new leader after the restart");
+    let shown = next_leader(&mut changes, Duration::from_secs(5)).await;
+    assert_eq!(
+        shown.map(|leader| (leader.value, leader.term)),
+        Some(("after".to_owned(), next.term()))
+    );
+    next.resign().await.expect("resign");
+    assert_eq!(next_leader(&mut changes, Duration::from_secs(5)).await, None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_to_the_replica_is_followed() {
     let mut group = start(RedisSentinel::start).await;
