@@ -1,13 +1,15 @@
 //! One case: clients contending for the keys on one deployment while the
 //! nemesis injects one fault class.
 
+use std::collections::HashMap;
+use std::future::IntoFuture;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::check::check;
 use crate::deployment::{Fault, Servers, Target};
-use dlock_core::{FencingToken, LockError, LockGuard, LockRequest, Locker};
+use dlock_core::{FencingToken, Leader, LockError, LockGuard, LockRequest, Locker};
 use dlock_testkit::{FaultProxy, FencedResource};
 use tokio::time::timeout;
 
@@ -22,6 +24,10 @@ pub(crate) const PERMITS: u32 = 2;
 pub(crate) const CATALOG: &str = "chaos/catalog";
 /// The share of its rounds that read, in percent; the others write.
 pub(crate) const READ_PERCENT: u8 = 90;
+/// The election clients also campaign in, on deployments that offer one.
+pub(crate) const ELECTION: &str = "chaos/scheduler";
+/// The client whose process also observes the election.
+pub(crate) const OBSERVING_CLIENT: usize = 1;
 /// Client 0 reaches the servers through the fault proxies.
 pub(crate) const PROXIED_CLIENT: usize = 0;
 pub(crate) const TTL: Duration = Duration::from_secs(2);
@@ -60,6 +66,16 @@ pub(crate) struct Tally {
     /// was inside that they must exclude (a writer with anyone, a reader
     /// with a writer). Must be 0.
     pub(crate) rw_overlaps: usize,
+    /// Terms led in the election.
+    pub(crate) terms: usize,
+    /// Accepted leader sections that began while another leader's was
+    /// inside. Must be 0.
+    pub(crate) two_leaders: usize,
+    /// Leaders the observer reported.
+    pub(crate) observed: usize,
+    /// Observed leaders that no campaign asked to be (a value never
+    /// campaigned with, or one granted with another term). Must be 0.
+    pub(crate) phantom_leaders: usize,
     pub(crate) notes: Vec<String>,
 }
 
@@ -76,11 +92,41 @@ pub(crate) struct Shared {
     pub(crate) permit_sections: Mutex<Vec<(Instant, Instant)>>,
     /// (entered, left, writing) of every accepted read-write section.
     pub(crate) rw_sections: Mutex<Vec<(Instant, Instant, bool)>>,
+    /// The election's resource: leaders write to it with their term.
+    pub(crate) election_resource: FencedResource,
+    /// (entered, left) of every accepted leader section.
+    pub(crate) leader_sections: Mutex<Vec<(Instant, Instant)>>,
+    /// Every value a campaign asked to lead with, and the term it was
+    /// granted (None: no answer, or not granted).
+    pub(crate) campaigns: Mutex<HashMap<String, Option<FencingToken>>>,
+    /// Every leader the observer reported.
+    pub(crate) observed: Mutex<Vec<Leader>>,
     pub(crate) pause_next: Vec<AtomicBool>,
+    /// The next leader of the election stalls past its TTL.
+    pub(crate) pause_leader: AtomicBool,
     pub(crate) stop: AtomicBool,
 }
 
 impl Shared {
+    /// Empty histories, one resource per key.
+    pub(crate) fn new() -> Self {
+        Shared {
+            resources: KEYS.iter().map(|_| FencedResource::new()).collect(),
+            tally: Mutex::new(Tally::default()),
+            grants: Mutex::new(Vec::new()),
+            timeouts: Mutex::new(Vec::new()),
+            permit_sections: Mutex::new(Vec::new()),
+            rw_sections: Mutex::new(Vec::new()),
+            election_resource: FencedResource::new(),
+            leader_sections: Mutex::new(Vec::new()),
+            campaigns: Mutex::new(HashMap::new()),
+            observed: Mutex::new(Vec::new()),
+            pause_next: (0..CLIENTS).map(|_| AtomicBool::new(false)).collect(),
+            pause_leader: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        }
+    }
+
     fn tally(&self) -> std::sync::MutexGuard<'_, Tally> {
         self.tally.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -101,16 +147,7 @@ pub(crate) fn run_case(
     seed: u64,
     shared_kinds: bool,
 ) -> Tally {
-    let shared = Arc::new(Shared {
-        resources: KEYS.iter().map(|_| FencedResource::new()).collect(),
-        tally: Mutex::new(Tally::default()),
-        grants: Mutex::new(Vec::new()),
-        timeouts: Mutex::new(Vec::new()),
-        permit_sections: Mutex::new(Vec::new()),
-        rw_sections: Mutex::new(Vec::new()),
-        pause_next: (0..CLIENTS).map(|_| AtomicBool::new(false)).collect(),
-        stop: AtomicBool::new(false),
-    });
+    let shared = Arc::new(Shared::new());
     let proxies = if fault.is_network() {
         match servers.proxies(network) {
             Ok(proxies) => proxies,
@@ -134,7 +171,7 @@ pub(crate) fn run_case(
             std::thread::spawn(move || client_process(client, target, shared, deadline, seed, shared_kinds))
         })
         .collect();
-    let windows = nemesis(servers, &proxies, fault, &shared, deadline, seed);
+    let windows = nemesis(servers, &proxies, fault, &shared, deadline, seed, shared_kinds);
     for client in clients {
         if client.join().is_err() {
             shared.note("a client thread panicked".to_owned());
@@ -156,6 +193,7 @@ fn nemesis(
     shared: &Shared,
     deadline: Instant,
     seed: u64,
+    elections: bool,
 ) -> Vec<(Instant, Instant)> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut windows = Vec::new();
@@ -181,7 +219,13 @@ fn nemesis(
                 proxies.iter().for_each(|proxy| proxy.set_latency(Duration::ZERO));
             }
             Fault::ClientPause => {
-                shared.pause_next[rng.usize(..CLIENTS)].store(true, Ordering::SeqCst);
+                // Where there are elections, every other pause (the first
+                // included) stalls the next leader rather than a lock holder.
+                if elections && windows.len() % 2 == 0 {
+                    shared.pause_leader.store(true, Ordering::SeqCst);
+                } else {
+                    shared.pause_next[rng.usize(..CLIENTS)].store(true, Ordering::SeqCst);
+                }
                 std::thread::sleep(TTL * 3);
             }
             server_side => {
@@ -224,18 +268,27 @@ fn client_process(
             }
         };
         let mut rng = fastrand::Rng::with_seed(seed);
+        let observer = (shared_kinds && client == OBSERVING_CLIENT)
+            .then(|| tokio::spawn(observe(locker.clone(), Arc::clone(&shared), deadline)));
+        let mut round = 0;
         while Instant::now() < deadline && !shared.stop.load(Ordering::Relaxed) {
-            // One round in four on the semaphore and one on the read-write
-            // lock, where there are.
-            let pick = rng.usize(..KEYS.len() + 2);
+            // One round in five each on the semaphore, the read-write lock
+            // and the election, where there are.
+            let pick = rng.usize(..KEYS.len() + 3);
+            round += 1;
             if pick < KEYS.len() {
                 one_round(client, &locker, pick, &shared).await;
             } else if shared_kinds && pick == KEYS.len() {
                 permit_round(client, &locker, &shared).await;
-            } else if shared_kinds {
+            } else if shared_kinds && pick == KEYS.len() + 1 {
                 let writing = rng.u8(..100) >= READ_PERCENT;
                 rw_round(client, &locker, writing, &shared).await;
+            } else if shared_kinds {
+                election_round(client, round, &locker, &shared).await;
             }
+        }
+        if let Some(observer) = observer {
+            let _ = observer.await;
         }
         // Every key must still be obtainable once the faults are over: a
         // waiter that cannot get a free key is stranded.
@@ -278,12 +331,12 @@ enum Missed {
 
 /// Awaits a lock or permit request (`what` names it in notes) under a hang
 /// bound, and tallies every outcome but a guard and a timeout.
-async fn granted(
+async fn granted<T>(
     client: usize,
     what: &str,
-    request: LockRequest,
+    request: impl IntoFuture<Output = Result<T, LockError>>,
     shared: &Shared,
-) -> Result<LockGuard, Missed> {
+) -> Result<T, Missed> {
     match timeout(WAIT + HANG_SLACK, request).await {
         Err(_) => {
             shared.note(format!("client {client}: {what} overran its wait"));
@@ -416,6 +469,84 @@ async fn held_section(
         shared.tally().hung += 1;
     }
     held.then_some((entered, left))
+}
+
+/// One campaign in the election: once leading, write to the election's
+/// resource with the term, stay for the hold (or stall, when the nemesis
+/// says so), write again, and resign. The section counts as accepted when
+/// the leadership was still held at its end.
+async fn election_round(client: usize, round: usize, locker: &Locker, shared: &Shared) {
+    let value = format!("client-{client}/{round}");
+    shared
+        .campaigns
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(value.clone(), None);
+    let campaign = locker.election(ELECTION).campaign(&value).ttl(TTL).wait(WAIT);
+    let what = format!("campaign({ELECTION})");
+    let Ok(leadership) = granted(client, &what, campaign, shared).await else {
+        return;
+    };
+    let term = leadership.term();
+    shared
+        .campaigns
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(value, Some(term));
+    shared.tally().terms += 1;
+    let entered = Instant::now();
+    let resource = &shared.election_resource;
+    let _ = resource.write(client, term);
+    if shared.pause_leader.swap(false, Ordering::SeqCst) {
+        paused_section(client, leadership.guard(), term, resource, shared).await;
+    } else {
+        tokio::time::sleep(HOLD).await;
+        let _ = resource.write(client, term);
+    }
+    let left = Instant::now();
+    let held = leadership.is_held();
+    if !held {
+        shared.tally().lost += 1;
+    }
+    if timeout(HANG_SLACK, leadership.resign()).await.is_err() {
+        shared.note(format!("client {client}: resign from {ELECTION} hung"));
+        shared.tally().hung += 1;
+    }
+    if held {
+        shared
+            .leader_sections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((entered, left));
+    }
+}
+
+/// Records every leader the election's observer reports until the case ends.
+async fn observe(locker: Locker, shared: Arc<Shared>, deadline: Instant) {
+    use futures_util::StreamExt;
+    let mut changes = locker.election(ELECTION).observe();
+    let until = tokio::time::Instant::from_std(deadline);
+    loop {
+        let item = tokio::select! {
+            item = changes.next() => item,
+            () = tokio::time::sleep_until(until) => return,
+        };
+        match item {
+            Some(Ok(Some(leader))) => shared
+                .observed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(leader),
+            Some(Ok(None)) => {}
+            // An outage the nemesis made: the stream goes on.
+            Some(Err(LockError::Unavailable { .. })) => shared.tally().unavailable += 1,
+            Some(Err(error)) => {
+                shared.note(format!("observer: {error}"));
+                return;
+            }
+            None => return,
+        }
+    }
 }
 
 /// The whole client stalls while holding (a GC pause, SIGSTOP), then tries

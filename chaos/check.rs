@@ -21,6 +21,18 @@ pub(crate) fn check(shared: &Shared, windows: &[(Instant, Instant)], tally: &mut
     let sections = shared.rw_sections.lock().unwrap_or_else(PoisonError::into_inner);
     tally.rw_overlaps = rw_overlaps(&sections);
     drop(sections);
+    let sections = shared
+        .leader_sections
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    // Leaders exclude each other as writers do.
+    let leaders: Vec<_> = sections
+        .iter()
+        .map(|&(entered, left)| (entered, left, true))
+        .collect();
+    tally.two_leaders = rw_overlaps(&leaders);
+    drop(sections);
+    phantom_leaders(shared, tally);
     for resource in &shared.resources {
         let mut closed: HashSet<(usize, FencingToken)> = HashSet::new();
         let mut current: Option<(usize, FencingToken)> = None;
@@ -81,6 +93,32 @@ pub(crate) fn check(shared: &Shared, windows: &[(Instant, Instant)], tally: &mut
     }
 }
 
+/// Checks the observer against the campaigns: every leader it reported
+/// was a campaign's value, with the term that campaign was granted (when
+/// its answer arrived).
+fn phantom_leaders(shared: &Shared, tally: &mut Tally) {
+    let campaigns = shared.campaigns.lock().unwrap_or_else(PoisonError::into_inner);
+    let observed = shared.observed.lock().unwrap_or_else(PoisonError::into_inner);
+    tally.observed = observed.len();
+    for leader in observed.iter() {
+        let matches = match campaigns.get(&leader.value) {
+            Some(Some(term)) => *term == leader.term,
+            // Granted, but the answer was lost in a fault: any term.
+            Some(None) => true,
+            None => false,
+        };
+        if !matches {
+            tally.phantom_leaders += 1;
+            if tally.notes.len() < 5 {
+                tally.notes.push(format!(
+                    "observer reported {:?} with term {}, which no campaign was granted",
+                    leader.value, leader.term
+                ));
+            }
+        }
+    }
+}
+
 /// Instants at which more than `permits` accepted permit sections were
 /// inside at once: each section that enters while `permits` others are
 /// inside counts once.
@@ -123,24 +161,10 @@ fn crossings(sections: impl Iterator<Item = (Instant, Instant, bool)>) -> Vec<(I
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-    use std::sync::atomic::AtomicBool;
-
-    use dlock_testkit::FencedResource;
-
     use super::*;
 
     fn shared() -> Shared {
-        Shared {
-            resources: vec![FencedResource::new()],
-            tally: Mutex::new(Tally::default()),
-            grants: Mutex::new(Vec::new()),
-            timeouts: Mutex::new(Vec::new()),
-            permit_sections: Mutex::new(Vec::new()),
-            rw_sections: Mutex::new(Vec::new()),
-            pause_next: Vec::new(),
-            stop: AtomicBool::new(false),
-        }
+        Shared::new()
     }
 
     #[test]
@@ -216,5 +240,40 @@ mod tests {
         let mut tally = Tally::default();
         check(&shared, &[(began, gave_up)], &mut tally);
         assert_eq!(tally.stranded, 0);
+    }
+
+    #[test]
+    fn two_leaders_at_once_and_phantom_leaders_are_counted() {
+        let shared = shared();
+        let start = Instant::now();
+        let at = |millis: u64| start + Duration::from_millis(millis);
+        shared
+            .leader_sections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend([(at(0), at(10)), (at(10), at(20)), (at(15), at(30))]);
+        {
+            let mut campaigns = shared.campaigns.lock().unwrap_or_else(PoisonError::into_inner);
+            campaigns.insert("a".to_owned(), Some(FencingToken::new(3)));
+            campaigns.insert("lost-answer".to_owned(), None);
+        }
+        let leader = |value: &str, term: u64| dlock_core::Leader {
+            value: value.to_owned(),
+            term: FencingToken::new(term),
+        };
+        shared
+            .observed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend([
+                leader("a", 3),
+                leader("lost-answer", 9),
+                leader("a", 4),
+                leader("nobody", 5),
+            ]);
+        let mut tally = Tally::default();
+        check(&shared, &[], &mut tally);
+        assert_eq!(tally.two_leaders, 1, "back to back is fine, 15..20 is not");
+        assert_eq!((tally.observed, tally.phantom_leaders), (4, 2));
     }
 }

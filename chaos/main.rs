@@ -98,7 +98,7 @@ fn main() -> ExitCode {
                 kind.offers_shared_kinds(),
             );
             println!(
-                "{:<16} {:<28} {:>5} acquisitions, {} overlapping, {} stranded, {} hung, {} permits, {} over-admitted, {}/{} reads/writes, {} reader-writer overlaps ({:.0?})",
+                "{:<16} {:<28} {:>5} acquisitions, {} overlapping, {} stranded, {} hung, {} permits, {} over-admitted, {}/{} reads/writes, {} reader-writer overlaps, {} terms, {} two leaders, {} observed, {} phantom leaders ({:.0?})",
                 kind.name(),
                 fault.name(),
                 tally.acquisitions,
@@ -110,6 +110,10 @@ fn main() -> ExitCode {
                 tally.reads,
                 tally.writes,
                 tally.rw_overlaps,
+                tally.terms,
+                tally.two_leaders,
+                tally.observed,
+                tally.phantom_leaders,
                 started.elapsed()
             );
             for note in &tally.notes {
@@ -134,9 +138,12 @@ fn main() -> ExitCode {
             || tally.hung > 0
             || tally.over_admissions > 0
             || tally.rw_overlaps > 0
+            || tally.two_leaders > 0
+            || tally.phantom_leaders > 0
             || tally.pauses_reported_lost < tally.pauses
             || tally.acquisitions == 0
-            || (kind.offers_shared_kinds() && (tally.permits == 0 || tally.reads == 0))
+            || (kind.offers_shared_kinds()
+                && (tally.permits == 0 || tally.reads == 0 || tally.terms == 0 || tally.observed == 0))
     });
     if failed {
         eprintln!("dlock-chaos: FAILED: see the rows above with a non-zero must-be-0 column");

@@ -5,14 +5,14 @@ use std::time::Duration;
 use crate::deployment::{Fault, Kind};
 
 use crate::case::{
-    CATALOG, CLIENTS, HANG_SLACK, HOLD, KEYS, PERMITS, READ_PERCENT, RECOVERY, SEMAPHORE, STRANDED_AFTER,
-    TTL, Tally, WAIT,
+    CATALOG, CLIENTS, ELECTION, HANG_SLACK, HOLD, KEYS, OBSERVING_CLIENT, PERMITS, READ_PERCENT, RECOVERY,
+    SEMAPHORE, STRANDED_AFTER, TTL, Tally, WAIT,
 };
 
 pub(crate) fn render(rows: &[(Kind, Fault, Tally)]) -> String {
     let mut table = String::from(
-        "| deployment | fault | acquisitions | lost-lock signals | stale writes rejected | overlapping accepted writes | stranded waiters | hung operations | unavailable errors | pauses: reported lost / late write rejected | permits taken | over-admissions | reads / writes taken | reader-writer overlaps |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|\n",
+        "| deployment | fault | acquisitions | lost-lock signals | stale writes rejected | overlapping accepted writes | stranded waiters | hung operations | unavailable errors | pauses: reported lost / late write rejected | permits taken | over-admissions | reads / writes taken | reader-writer overlaps | terms led | two leaders accepted at once | leaders observed / phantom |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for (kind, fault, tally) in rows {
         let pauses = if tally.pauses == 0 {
@@ -24,7 +24,7 @@ pub(crate) fn render(rows: &[(Kind, Fault, Tally)]) -> String {
             )
         };
         table.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             kind.name(),
             fault.name(),
             tally.acquisitions,
@@ -39,6 +39,9 @@ pub(crate) fn render(rows: &[(Kind, Fault, Tally)]) -> String {
             shared_kinds_cell(*kind, tally.over_admissions.to_string()),
             shared_kinds_cell(*kind, format!("{} / {}", tally.reads, tally.writes)),
             shared_kinds_cell(*kind, tally.rw_overlaps.to_string()),
+            shared_kinds_cell(*kind, tally.terms.to_string()),
+            shared_kinds_cell(*kind, tally.two_leaders.to_string()),
+            shared_kinds_cell(*kind, format!("{} / {}", tally.observed, tally.phantom_leaders)),
         ));
     }
     table
@@ -71,18 +74,29 @@ pub(crate) fn reliability_document(
          - **hung operations**: `lock()` overrunning its wait, or `release()` taking, more than\n\
            {slack:?} beyond its limit. Must be 0.\n\
          - **lost-lock signals**: guards (and permits) found lost at the end of their critical section.\n\
-         - **over-admissions** (deployments with semaphores): one round in four takes a permit of\n\
+         - **over-admissions** (deployments with semaphores): one round in five takes a permit of\n\
            the semaphore `{semaphore}` ({permits} permits) instead of a lock; a permit section counts when\n\
            its guard was still held at its end, and each one that began while {permits} others were\n\
            inside is an over-admission. Must be 0.\n\
-         - **reader-writer overlaps** (deployments with read-write locks): one round in four takes the\n\
+         - **reader-writer overlaps** (deployments with read-write locks): one round in five takes the\n\
            read-write lock `{catalog}`, as a reader ({read_percent} % of them) or as the writer; a section\n\
            counts when its guard was still held at its end, and each writer's section that began while\n\
            anyone was inside, or reader's that began while a writer was, is an overlap. Must be 0.\n\
+         - **two leaders accepted at once** (deployments with elections): one round in five campaigns\n\
+           in the election `{election}`; once leading, the client writes to the election's own\n\
+           `FencedResource` with its term, stays for the hold (or stalls past the TTL, when the\n\
+           nemesis pauses it), writes again and resigns. A leader's section counts when its leadership\n\
+           was still held at its end, and each one that began while another was inside is two leaders\n\
+           at once. Must be 0.\n\
+         - **leaders observed / phantom**: client {observer}'s process also observes the election\n\
+           (`observe()`); every leader it reports must be a campaign's value with the term that\n\
+           campaign was granted (any term when the grant's answer was lost in a fault). Phantom\n\
+           leaders must be 0.\n\
          - **stale writes rejected**: writes the fence turned away (late writes of holders that lost\n\
            their lock).\n\
          - **unavailable errors**: requests answered `Unavailable` (a majority down, a server away).\n\
-         - **pauses**: holders stalled for {pause:?} (longer than the TTL); each must find its guard\n\
+         - **pauses**: holders stalled for {pause:?} (longer than the TTL; where there are elections,\n\
+           every other pause, the first included, stalls the next leader); each must find its guard\n\
            lost when it resumes, and its late write is rejected whenever another client took the key\n\
            meanwhile.\n\n\
          Sentinel and Cluster clients learn server addresses from the servers, so the fault proxy\n\
@@ -95,6 +109,8 @@ pub(crate) fn reliability_document(
         semaphore = SEMAPHORE,
         permits = PERMITS,
         catalog = CATALOG,
+        election = ELECTION,
+        observer = OBSERVING_CLIENT,
         read_percent = READ_PERCENT,
         ttl = TTL,
         wait = WAIT,
@@ -107,8 +123,8 @@ pub(crate) fn reliability_document(
     )
 }
 
-/// `cell`, or "-" where the deployment has no semaphore or read-write
-/// lock (Redlock).
+/// `cell`, or "-" where the deployment has no semaphore, read-write lock
+/// or election (Redlock).
 fn shared_kinds_cell(kind: Kind, cell: String) -> String {
     if kind.offers_shared_kinds() {
         cell
