@@ -33,7 +33,8 @@ pub(crate) fn check(shared: &Shared, windows: &[(Instant, Instant)], tally: &mut
     tally.two_leaders = rw_overlaps(&leaders);
     drop(sections);
     phantom_leaders(shared, tally);
-    for resource in &shared.resources {
+    // The election's resource too: leaders write with their terms.
+    for resource in shared.resources.iter().chain([&shared.election_resource]) {
         let mut closed: HashSet<(usize, FencingToken)> = HashSet::new();
         let mut current: Option<(usize, FencingToken)> = None;
         for event in resource.history() {

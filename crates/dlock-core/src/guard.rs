@@ -14,7 +14,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use crate::backend::{ExtendOutcome, Grant, Lease, LockBackend, LockKind, ProclaimOutcome, ReleaseOutcome};
 use crate::background::Background;
 use crate::backoff::Backoff;
-use crate::error::LockError;
+use crate::error::{LockError, NotHeldReason};
 use crate::options::validate_ttl;
 use crate::owner::OwnerToken;
 use crate::reads::ReadMark;
@@ -219,12 +219,7 @@ impl LockGuard {
     pub async fn extend(&self, ttl: Duration) -> Result<(), LockError> {
         let shared = &self.shared;
         validate_ttl(shared.lease.key(), ttl)?;
-        if !shared.is_held() {
-            // Past the local validity the lock may have changed hands and
-            // back; a guard never comes back from lost.
-            shared.mark_lost("extend was called after the lease's validity ran out");
-            return Err(shared.lost_error());
-        }
+        shared.ensure_held("extend")?;
         let span = info_span!("dlock.extend", key = %shared.lease.key(), token = %shared.lease.token(), ttl_ms = ttl.as_millis() as u64);
         async {
             let started = Instant::now();
@@ -237,14 +232,7 @@ impl LockGuard {
                     debug!("extended");
                     Ok(())
                 }
-                ExtendOutcome::NotHeld(reason) => {
-                    shared.mark_lost(&reason.to_string());
-                    Err(LockError::NotHeld {
-                        key: shared.lease.key().to_owned(),
-                        token: shared.lease.token(),
-                        reason,
-                    })
-                }
+                ExtendOutcome::NotHeld(reason) => Err(shared.found_not_held(reason)),
             }
         }
         .instrument(span)
@@ -255,10 +243,7 @@ impl LockGuard {
     /// (see [`Leadership::proclaim`](crate::Leadership::proclaim)).
     pub(crate) async fn proclaim(&self, value: &str) -> Result<(), LockError> {
         let shared = &self.shared;
-        if !shared.is_held() {
-            shared.mark_lost("proclaim was called after the lease's validity ran out");
-            return Err(shared.lost_error());
-        }
+        shared.ensure_held("proclaim")?;
         let span = info_span!("dlock.proclaim", key = %shared.lease.key(), token = %shared.lease.token());
         async {
             match shared.backend.proclaim(&shared.lease, value).await? {
@@ -266,14 +251,7 @@ impl LockGuard {
                     debug!("proclaimed");
                     Ok(())
                 }
-                ProclaimOutcome::NotHeld(reason) => {
-                    shared.mark_lost(&reason.to_string());
-                    Err(LockError::NotHeld {
-                        key: shared.lease.key().to_owned(),
-                        token: shared.lease.token(),
-                        reason,
-                    })
-                }
+                ProclaimOutcome::NotHeld(reason) => Err(shared.found_not_held(reason)),
             }
         }
         .instrument(span)
@@ -347,6 +325,30 @@ impl GuardShared {
     fn is_held(&self) -> bool {
         let state = self.state.borrow();
         !state.lost && Instant::now() < state.valid_until
+    }
+
+    /// Refuses `operation` on a guard that is not held: past the local
+    /// validity the lock may have changed hands and back, and a guard never
+    /// comes back from lost.
+    fn ensure_held(&self, operation: &str) -> Result<(), LockError> {
+        if self.is_held() {
+            return Ok(());
+        }
+        self.mark_lost(&format!(
+            "{operation} was called after the lease's validity ran out"
+        ));
+        Err(self.lost_error())
+    }
+
+    /// The backend found the lease not ours: the guard turns lost, and
+    /// this is the error to return.
+    fn found_not_held(&self, reason: NotHeldReason) -> LockError {
+        self.mark_lost(&reason.to_string());
+        LockError::NotHeld {
+            key: self.lease.key().to_owned(),
+            token: self.lease.token(),
+            reason,
+        }
     }
 
     fn lost_error(&self) -> LockError {

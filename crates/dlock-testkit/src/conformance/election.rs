@@ -58,6 +58,13 @@ async fn next_is(observation: &mut Observation, expected: Option<&Leader>, withi
     assert_eq!(leader.as_ref(), expected, "{what}");
 }
 
+/// `locker`'s candidate leads the election `key` with `value` (waiting
+/// for it), on a long lease.
+async fn leads(locker: &Locker, key: &str, value: &str) -> Leadership {
+    let campaign = locker.election(key).campaign(value).ttl(LONG_TTL);
+    campaign.await.expect("the candidate leads")
+}
+
 fn leader_of(leadership: &Leadership) -> Leader {
     Leader {
         value: leadership.value(),
@@ -310,12 +317,7 @@ pub async fn cancelled_candidates_leave_nothing(harness: &dyn Harness) {
     if unsupported_here(harness, &locker, &key).await {
         return;
     }
-    let leader = locker
-        .election(&key)
-        .campaign("leader")
-        .ttl(LONG_TTL)
-        .await
-        .expect("leads");
+    let leader = leads(&locker, &key, "leader").await;
     let candidate = harness.locker().await;
     let dropped = timeout(
         Duration::from_millis(200),
@@ -357,12 +359,7 @@ pub async fn candidates_lead_in_turn(harness: &dyn Harness) {
     if unsupported_here(harness, &locker, &key).await {
         return;
     }
-    let leader = locker
-        .election(&key)
-        .campaign("first")
-        .ttl(LONG_TTL)
-        .await
-        .expect("leads");
+    let leader = leads(&locker, &key, "first").await;
     let (order_tx, mut order_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut candidates = Vec::new();
     for position in 0..4u32 {
@@ -415,12 +412,7 @@ pub async fn elections_and_locks_do_not_mix(harness: &dyn Harness) {
     if unsupported_here(harness, &locker, &key).await {
         return;
     }
-    let leader = locker
-        .election(&key)
-        .campaign("leader")
-        .ttl(LONG_TTL)
-        .await
-        .expect("leads");
+    let leader = leads(&locker, &key, "leader").await;
     let other = harness.locker().await;
     let refusals = [
         ("a lock", other.lock(&key).try_lock().await.err()),
