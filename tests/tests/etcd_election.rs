@@ -88,6 +88,15 @@ async fn client_and_name(key: &str) -> (Locker, String) {
     (Locker::new(backend), name)
 }
 
+/// The value of whoever leads `election`, as dlock reads it.
+async fn leading_value(election: &dlock_core::Election) -> Option<String> {
+    election
+        .leader()
+        .await
+        .expect("leader")
+        .map(|leader| leader.value)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcdctl_listen_prints_what_a_dlock_leader_proclaims() {
     let key = unique_key("etcdctl_listen");
@@ -146,14 +155,7 @@ async fn etcdctl_and_dlock_candidates_take_turns() {
         ours.term() > their_term,
         "the term rises across both kinds of candidate"
     );
-    assert_eq!(
-        election
-            .leader()
-            .await
-            .expect("leader")
-            .map(|leader| leader.value),
-        Some("dlock".to_owned())
-    );
+    assert_eq!(leading_value(&election).await.as_deref(), Some("dlock"));
 
     // Now etcdctl waits for dlock.
     let mut next = Etcdctl::campaign(&name, "etcdctl-second");
@@ -166,14 +168,7 @@ async fn etcdctl_and_dlock_candidates_take_turns() {
         next.prints("etcdctl-second", Duration::from_secs(10)).await,
         "etcdctl did not lead once dlock resigned"
     );
-    assert_eq!(
-        election
-            .leader()
-            .await
-            .expect("leader")
-            .map(|leader| leader.value),
-        Some("etcdctl-second".to_owned())
-    );
+    assert_eq!(leading_value(&election).await.as_deref(), Some("etcdctl-second"));
     next.interrupt().await;
     assert_eq!(
         election.leader().await.expect("leader"),

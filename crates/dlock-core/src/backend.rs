@@ -18,8 +18,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use crate::election::Leader;
 use crate::error::{LockError, NotHeldReason};
+use crate::leader::Leader;
 use crate::status::KeyStatus;
 use crate::token::FencingToken;
 

@@ -24,22 +24,12 @@ use crate::backend::{LockBackend, LockKind};
 use crate::backoff::Backoff;
 use crate::error::LockError;
 use crate::guard::LockGuard;
+use crate::leader::Leader;
 use crate::locker::Locker;
 use crate::notify::ReleaseEvents;
 use crate::options::{validate_key, validate_value};
 use crate::request::LockRequest;
 use crate::token::FencingToken;
-
-/// Who leads an election: the value the leader campaigned with or last
-/// proclaimed, and its term.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Leader {
-    /// The leader's public value (an address, a name).
-    pub value: String,
-    /// The leader's term: the fencing token of its lease, greater than
-    /// every term before it in this election.
-    pub term: FencingToken,
-}
 
 /// A leader election on one key of a [`Locker`]'s backend; cheap to clone.
 ///

@@ -38,6 +38,7 @@ mod election;
 mod error;
 mod guard;
 mod kind;
+mod leader;
 mod locker;
 mod notify;
 mod options;
@@ -65,10 +66,11 @@ pub use async_trait::async_trait;
 /// (`pub use dlock_core::user_api::*`), so that `use dlock_redis::*;` and
 /// `use dlock_etcd::*;` bring the same items and never clash.
 pub mod user_api {
-    pub use crate::election::{Campaign, Election, Leader, Leadership, Observation};
+    pub use crate::election::{Campaign, Election, Leadership, Observation};
     pub use crate::error::{BoxError, LockError, NotHeldReason};
     pub use crate::guard::LockGuard;
     pub use crate::kind::LockKind;
+    pub use crate::leader::Leader;
     pub use crate::locker::Locker;
     pub use crate::options::{
         DEFAULT_TTL, MAX_KEY_LEN, MAX_PERMITS, MAX_TTL, MAX_VALUE_LEN, MAX_WAIT, MIN_TTL, TTL_LONG,

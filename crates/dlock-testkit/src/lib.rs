@@ -20,12 +20,14 @@ pub mod conformance;
 mod election_checker;
 mod fenced;
 mod memory;
+mod memory_harness;
 mod proxy;
 mod rw_checker;
 
 pub use checker::{CheckReport, CheckerConfig, SemaphoreReport, check_mutual_exclusion, check_semaphore};
 pub use election_checker::{ElectionReport, check_election};
 pub use fenced::{Event, EventKind, FencedResource, HistoryReport, Section, StaleToken, check_history};
-pub use memory::{MemoryBackend, MemoryHarness};
+pub use memory::MemoryBackend;
+pub use memory_harness::MemoryHarness;
 pub use proxy::{Direction, FaultProxy};
 pub use rw_checker::{ReadWriteReport, check_read_write};
