@@ -74,8 +74,12 @@ pub(crate) struct Tally {
     /// Leaders the observer reported.
     pub(crate) observed: usize,
     /// Observed leaders that no campaign asked to be (a value never
-    /// campaigned with, or one granted with another term). Must be 0.
+    /// campaigned with). Must be 0.
     pub(crate) phantom_leaders: usize,
+    /// Observed leaders whose campaign led with another term (a key left
+    /// by an earlier attempt of that campaign, reported before its
+    /// clean-up). Reported, not yet a must-be-0 column.
+    pub(crate) other_term_leaders: usize,
     pub(crate) notes: Vec<String>,
 }
 

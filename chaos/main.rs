@@ -98,7 +98,7 @@ fn main() -> ExitCode {
                 kind.offers_shared_kinds(),
             );
             println!(
-                "{:<16} {:<28} {:>5} acquisitions, {} overlapping, {} stranded, {} hung, {} permits, {} over-admitted, {}/{} reads/writes, {} reader-writer overlaps, {} terms, {} two leaders, {} observed, {} phantom leaders ({:.0?})",
+                "{:<16} {:<28} {:>5} acquisitions, {} overlapping, {} stranded, {} hung, {} permits, {} over-admitted, {}/{} reads/writes, {} reader-writer overlaps, {} terms, {} two leaders, {} observed, {} phantom leaders, {} of another term ({:.0?})",
                 kind.name(),
                 fault.name(),
                 tally.acquisitions,
@@ -114,6 +114,7 @@ fn main() -> ExitCode {
                 tally.two_leaders,
                 tally.observed,
                 tally.phantom_leaders,
+                tally.other_term_leaders,
                 started.elapsed()
             );
             for note in &tally.notes {
