@@ -159,17 +159,14 @@ impl RedisBackend {
 impl LockBackend for RedisBackend {
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
         let (key, owner, ttl, kind) = (request.key, request.owner, request.ttl, request.kind);
-        if kind == LockKind::Election {
-            // Candidates wait on the key's release channel, which every
-            // change of the election is announced on.
-            return Ok(match self.elect(key, owner, ttl, request.value()).await? {
-                NodeGrant::Granted(token) => Attempt::Acquired(self.grant(token, ttl)),
-                NodeGrant::Busy(Some(remaining)) => Attempt::Busy(Busy::new().retry_after(remaining)),
-                NodeGrant::Busy(None) => Attempt::Busy(Busy::new()),
-            });
-        }
-        if !request.queue {
-            return Ok(match self.acquire_once(kind, key, owner, ttl).await? {
+        // Candidates never stand in line: they wait on the key's release
+        // channel, which every change of the election is announced on.
+        if kind == LockKind::Election || !request.queue {
+            let once = match kind {
+                LockKind::Election => self.elect(key, owner, ttl, request.value()).await?,
+                _ => self.acquire_once(kind, key, owner, ttl).await?,
+            };
+            return Ok(match once {
                 NodeGrant::Granted(token) => Attempt::Acquired(self.grant(token, ttl)),
                 NodeGrant::Busy(Some(remaining)) => Attempt::Busy(Busy::new().retry_after(remaining)),
                 NodeGrant::Busy(None) => Attempt::Busy(Busy::new()),

@@ -131,8 +131,8 @@ pub(crate) static RELEASE_SHARED: LazyLock<Script> = LazyLock::new(|| {
 /// (a retried request, or a release handed it over), or report how long
 /// to wait. Keys and `ARGV[1..6]` as in [`ACQUIRE`](super::ACQUIRE), with
 /// the same replies, plus `semaphore:N` when the key holds a semaphore's
-/// permits and `election` when it holds an election's leader. The line is read even by a single attempt (mode empty), which
-/// never queues.
+/// permits and `election` when it holds an election's leader. The line is
+/// read even by a single attempt (mode empty), which never queues.
 pub(crate) static ACQUIRE_SHARED: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{PERMITS_LUA}
