@@ -105,6 +105,10 @@ enum Command {
     Etcd,
     /// 6: the watchdog holding many auto-renewed guards.
     Watchdog,
+    /// 7: leader election on Redis and etcd: resign -> next leader (beside
+    /// the mutex hand-off), killed leader -> next leader, observer delay
+    /// after a proclamation; on etcd beside etcd's own election service.
+    Election,
     /// One loop, long enough to attach a profiler: throughput (one
     /// contender), throughput-vs, handoff or etcd-growth.
     Profile {
@@ -174,6 +178,7 @@ async fn main() -> Result {
             scenarios::throughput::run(servers, budget, &mut report).await?;
             scenarios::rwlock::run(servers, budget, &mut report).await?;
             scenarios::watchdog::run(servers, budget, &mut report).await?;
+            scenarios::election::run(servers, budget, &mut report).await?;
             report.print();
             if let Some(dir) = write {
                 report.write(&dir, &redis_version, &date)?;
@@ -203,6 +208,10 @@ async fn main() -> Result {
         }
         Command::Watchdog => {
             scenarios::watchdog::run(servers, budget, &mut report).await?;
+            report.print();
+        }
+        Command::Election => {
+            scenarios::election::run(servers, budget, &mut report).await?;
             report.print();
         }
         Command::Profile {

@@ -187,7 +187,7 @@ fn chaos(args: &[String]) -> Result {
 }
 
 /// Scenarios and profiles of dlock-bench; with none of them, `all`.
-const BENCH_COMMANDS: [&str; 8] = [
+const BENCH_COMMANDS: [&str; 9] = [
     "all",
     "uncontended",
     "throughput",
@@ -195,6 +195,7 @@ const BENCH_COMMANDS: [&str; 8] = [
     "read-write",
     "etcd",
     "watchdog",
+    "election",
     "profile",
 ];
 

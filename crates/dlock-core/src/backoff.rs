@@ -65,10 +65,12 @@ pub(crate) fn jitter_upper_half(delay: Duration) -> Duration {
     half + Duration::from_nanos(fastrand::u64(0..=nanos))
 }
 
-/// A small random extra in `[0, d/10 + 1 ms]`, added to a known wake-up time
-/// so that many waiters with the same hint do not all ask at the same instant.
+/// A small random extra in `[0, min(d/10, 4 ms) + 1 ms]`, added to a known
+/// wake-up time so that many waiters with the same hint do not all ask at
+/// the same instant. Capped: a lease's end is known to the millisecond, and
+/// a dead leader's successor should not wait tens of milliseconds past it.
 pub(crate) fn small_jitter(delay: Duration) -> Duration {
-    let spread = delay / 10 + Duration::from_millis(1);
+    let spread = (delay / 10).min(Duration::from_millis(4)) + Duration::from_millis(1);
     let nanos = u64::try_from(spread.as_nanos()).unwrap_or(u64::MAX);
     Duration::from_nanos(fastrand::u64(0..=nanos))
 }
@@ -96,7 +98,9 @@ mod tests {
     fn small_jitter_is_bounded() {
         for _ in 0..100 {
             let extra = small_jitter(Duration::from_millis(100));
-            assert!(extra <= Duration::from_millis(11));
+            assert!(extra <= Duration::from_millis(5));
+            let extra = small_jitter(Duration::from_millis(10));
+            assert!(extra <= Duration::from_millis(2));
         }
     }
 }
