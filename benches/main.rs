@@ -166,6 +166,14 @@ async fn main() -> Result {
     let budget = Budget { quick: cli.quick };
     let servers = &cli.servers;
     let mut report = Report::new();
+    report.line(format!(
+        "dlock's `metrics` feature: {}",
+        if cfg!(feature = "metrics") {
+            "on, with no recorder installed"
+        } else {
+            "off"
+        }
+    ));
     match cli.command {
         Command::All {
             write,

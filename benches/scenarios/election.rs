@@ -28,8 +28,9 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// How long the next candidate is given to start waiting before the
 /// leader steps down, so that every sample measures a real hand-off.
 const PARK: Duration = Duration::from_millis(10);
-/// The TTL of etcd leases the service candidates keep (never run out here).
-const SERVICE_LEASE_SECS: i64 = 60;
+/// The TTL of the etcd leases the service candidates campaign with: longer
+/// than the whole scenario, since nothing keeps them alive (revoked at the end).
+const SERVICE_LEASE_SECS: i64 = 600;
 
 /// How many samples each measurement takes.
 struct Counts {

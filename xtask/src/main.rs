@@ -40,7 +40,9 @@ enum Task {
     /// xtask bench --help` lists the scenarios and profiles.
     #[command(disable_help_flag = true)]
     Bench {
-        /// Passed to dlock-bench: `--quick`, a scenario, a profile.
+        /// Passed to dlock-bench: `--quick`, a scenario, a profile; and
+        /// xtask's own `--with-metrics` (build with dlock's `metrics`
+        /// feature, no recorder installed; never rewrites docs/).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -108,6 +110,18 @@ fn ci() -> Result {
     for package in ["dlock-redis", "dlock-etcd"] {
         cargo(&["check", "--quiet", "--package", package, "--no-default-features"])?;
     }
+    // dlock-core without its `metrics` feature (the workspace build above
+    // turns it on): the empty recording functions stay warning-free.
+    cargo(&[
+        "clippy",
+        "--quiet",
+        "--package",
+        "dlock-core",
+        "--lib",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
     // The packages whose tests need servers run in `integration`.
     cargo(&[
         "test",
@@ -211,18 +225,26 @@ fn bench(args: &[String]) -> Result {
         .iter()
         .map(|node| dlock_servers::redis::url(node.port()))
         .collect();
-    let mut command = package_command::<&str>("dlock-bench", true, &[]);
+    // `--with-metrics` is xtask's: it builds the benchmarks with dlock's
+    // `metrics` feature on (and no recorder installed), to compare its cost.
+    let with_metrics = args.iter().any(|arg| arg == "--with-metrics");
+    let args: Vec<&String> = args.iter().filter(|arg| *arg != "--with-metrics").collect();
+    let mut command = cargo_command(&["run", "--quiet", "--package", "dlock-bench", "--release"]);
+    if with_metrics {
+        command.args(["--features", "metrics"]);
+    }
     command
+        .arg("--")
         .arg("--redis-url")
         .arg(dlock_servers::redis::url(server.port()))
         .arg("--redlock-urls")
         .arg(redlock_urls.join(","))
         .arg("--etcd-endpoints")
         .arg(etcd.endpoints().join(","))
-        .args(args);
+        .args(&args);
     if !args.iter().any(|arg| BENCH_COMMANDS.contains(&arg.as_str())) {
         command.arg("all");
-        if !args.iter().any(|arg| arg == "--quick") {
+        if !args.iter().any(|arg| *arg == "--quick") && !with_metrics {
             let version = dlock_servers::redis::command(server.port(), &["INFO", "server"])?
                 .text()
                 .lines()

@@ -7,6 +7,7 @@
 mod job;
 mod run;
 mod target;
+mod watch;
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
@@ -52,6 +53,7 @@ Examples:
   dlock leader --watch scheduler    # one line per change
 
   dlock status reports/nightly
+  dlock status --watch reports/nightly        # kept up to date until Ctrl-C
   dlock release --force --yes reports/nightly   # unsafe: see `dlock release --help`
 
 Exit codes: the command's own code, or 64 usage / bad URL, 69 backend unreachable,
@@ -106,10 +108,14 @@ enum Command {
         watch: bool,
     },
     /// Show whether KEY is held, for how long, and its last fencing token
-    /// (never the holder's secret).
+    /// (never the holder's secret); with --watch, keep showing it.
     Status {
         /// The lock's name.
         key: String,
+        /// Keep watching until interrupted: redrawn on a terminal, one line
+        /// per change (and the first state) when stdout is not a terminal.
+        #[arg(long)]
+        watch: bool,
     },
     /// Delete the lock on KEY whoever holds it. UNSAFE: the holder keeps
     /// running until it notices (at its next renewal, or at once on etcd)
@@ -197,7 +203,8 @@ async fn dispatch(cli: Cli) -> u8 {
         Command::Campaign(args) => run::run(&locker, run::Wanted::Leadership(args), cli.quiet).await,
         Command::Leader { key, watch: false } => leader(&locker, &key).await,
         Command::Leader { key, watch: true } => watch_leader(&locker, &key).await,
-        Command::Status { key } => status(&locker, &key).await,
+        Command::Status { key, watch: false } => status(&locker, &key).await,
+        Command::Status { key, watch: true } => watch::watch_status(&locker, &key).await,
         Command::Release { key, force, yes } => force_release(&locker, &key, force, yes).await,
     }
 }

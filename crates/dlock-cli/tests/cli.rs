@@ -134,14 +134,15 @@ fn shared_runs_read_together_and_the_writer_waits(backend: &str) {
     );
 }
 
-/// Lines a `dlock leader --watch` prints, read on a thread.
-fn watch_lines(backend: &str, key: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
-    let mut command = dlock(backend, &["leader", "--watch", key]);
+/// Lines a `dlock leader --watch` or `dlock status --watch` (`what`)
+/// prints, read on a thread.
+fn watch_lines(backend: &str, what: &str, key: &str) -> (Child, std::sync::mpsc::Receiver<String>) {
+    let mut command = dlock(backend, &[what, "--watch", key]);
     let mut watch = command
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .expect("start dlock leader --watch");
+        .expect("start dlock --watch");
     let stdout = watch.stdout.take().expect("stdout is piped");
     let (lines, received) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -162,7 +163,7 @@ fn campaigns_take_turns_and_leader_shows_them(backend: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("log");
     let key = unique_key("cli-campaign");
-    let (mut watch, lines) = watch_lines(backend, &key);
+    let (mut watch, lines) = watch_lines(backend, "leader", &key);
     let first_line = lines
         .recv_timeout(Duration::from_secs(10))
         .expect("the watch's first line");
@@ -271,6 +272,33 @@ fn a_lost_leadership_stops_the_command(backend: &str) {
     assert!(!Path::new(&marker).exists(), "the command ran to its end");
 }
 
+/// `dlock status --watch`, piped, prints the first state and then one
+/// plain line per change: a run takes the key and frees it.
+fn status_watch_prints_a_line_per_change(backend: &str) {
+    let key = unique_key("cli-status-watch");
+    let (mut watch, lines) = watch_lines(backend, "status", &key);
+    let next = || {
+        lines
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a line from the watch")
+    };
+    let first = next();
+    assert!(first.starts_with(&format!("key={key} held=no")), "{first}");
+    assert!(first.ends_with("changes=0"), "{first}");
+    let mut run = spawn(dlock(backend, &["run", &key, "--", "sleep", "1"]));
+    let taken = next();
+    assert!(taken.contains(" held=yes"), "{taken}");
+    assert!(taken.contains("kind=\"a mutex\""), "{taken}");
+    assert!(taken.contains(" last_token="), "{taken}");
+    assert!(taken.ends_with("changes=1"), "{taken}");
+    assert_eq!(wait_exit(&mut run, Duration::from_secs(10)), 0);
+    let freed = next();
+    assert!(freed.contains(" held=no"), "{freed}");
+    assert!(freed.ends_with("changes=2"), "{freed}");
+    let _ = watch.kill();
+    let _ = watch.wait();
+}
+
 macro_rules! cli_suite {
     ($module:ident, $backend:expr) => {
         mod $module {
@@ -299,6 +327,11 @@ macro_rules! cli_suite {
             #[test]
             fn campaigns_take_turns_and_leader_shows_them() {
                 super::campaigns_take_turns_and_leader_shows_them(&$backend);
+            }
+
+            #[test]
+            fn status_watch_prints_a_line_per_change() {
+                super::status_watch_prints_a_line_per_change(&$backend);
             }
 
             #[test]

@@ -108,6 +108,12 @@ pub trait LockBackend: Send + Sync + 'static {
     /// Starts listening for releases of `key`.
     async fn subscribe(&self, key: &str) -> Result<ReleaseEvents, LockError>;
 
+    /// A short name for this kind of backend ("redis", "etcd", "memory"):
+    /// the `backend` label of dlock's metrics. Default: "custom".
+    fn name(&self) -> &'static str {
+        "custom"
+    }
+
     /// What this backend offers beyond the contract.
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()

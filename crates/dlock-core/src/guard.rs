@@ -19,6 +19,7 @@ use crate::options::validate_ttl;
 use crate::owner::OwnerToken;
 use crate::reads::ReadMark;
 use crate::renewals::{Due, Renewals};
+use crate::telemetry::{Holding, LossReason, Meter, Operation};
 use crate::token::FencingToken;
 
 /// Proof of holding a lock, with the means to keep it and to learn when it is lost.
@@ -70,6 +71,8 @@ pub(crate) struct GuardShared {
     entry: u64,
     /// Where a dropped guard's release runs.
     background: Arc<Background>,
+    /// The guard's metrics, and its count among the held locks.
+    holding: Holding,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -97,6 +100,7 @@ pub(crate) struct Acquired {
     pub(crate) renewals: Arc<Renewals>,
     pub(crate) background: Arc<Background>,
     pub(crate) reading: Option<ReadMark>,
+    pub(crate) meter: Meter,
 }
 
 impl LockGuard {
@@ -113,6 +117,7 @@ impl LockGuard {
             renewals,
             background,
             reading,
+            meter,
         } = acquired;
         let Grant {
             token,
@@ -136,6 +141,7 @@ impl LockGuard {
             renewals,
             entry,
             background,
+            holding: meter.holding(),
         });
         shared.schedule_next();
         let loss_watch = loss_signal.map(|signal| {
@@ -143,7 +149,7 @@ impl LockGuard {
             let watched = Arc::clone(&shared);
             let watch = async move {
                 signal.await;
-                watched.mark_lost("the backend reported the lease gone");
+                watched.mark_lost(LossReason::Expired, "the backend reported the lease gone");
             };
             tokio::spawn(watch.instrument(span)).abort_handle()
         });
@@ -200,7 +206,10 @@ impl LockGuard {
                 () = sleep_until(state.valid_until) => {
                     // A renewal may have moved the deadline just now.
                     if !shared.is_held() {
-                        shared.mark_lost("the lease's local validity ran out before a renewal succeeded");
+                        shared.mark_lost(
+                            shared.ran_out(),
+                            "the lease's local validity ran out before a renewal succeeded",
+                        );
                         return;
                     }
                 }
@@ -223,7 +232,13 @@ impl LockGuard {
         let span = info_span!("dlock.extend", key = %shared.lease.key(), token = %shared.lease.token(), ttl_ms = ttl.as_millis() as u64);
         async {
             let started = Instant::now();
-            match shared.backend.extend(&shared.lease, ttl).await? {
+            let outcome = shared.backend.extend(&shared.lease, ttl).await;
+            if let Err(error) = &outcome {
+                shared
+                    .meter()
+                    .backend_error_if_unreachable(error, Operation::Extend);
+            }
+            match outcome? {
                 ExtendOutcome::Extended { validity } => {
                     shared.record_validity(started, validity, ttl);
                     // The next renewal (or, without auto-renewal, the loss
@@ -246,7 +261,13 @@ impl LockGuard {
         shared.ensure_held("proclaim")?;
         let span = info_span!("dlock.proclaim", key = %shared.lease.key(), token = %shared.lease.token());
         async {
-            match shared.backend.proclaim(&shared.lease, value).await? {
+            let outcome = shared.backend.proclaim(&shared.lease, value).await;
+            if let Err(error) = &outcome {
+                shared
+                    .meter()
+                    .backend_error_if_unreachable(error, Operation::Proclaim);
+            }
+            match outcome? {
                 ProclaimOutcome::Proclaimed => {
                     debug!("proclaimed");
                     Ok(())
@@ -276,6 +297,7 @@ impl LockGuard {
     pub fn forget(mut self) {
         self.stop_watching();
         self.finished = true;
+        self.shared.holding.end();
     }
 
     /// No more renewals or loss signals for this guard. A renewal already
@@ -291,6 +313,7 @@ impl LockGuard {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         self.stop_watching();
+        self.shared.holding.end();
         if self.finished || self.shared.state.borrow().lost {
             return;
         }
@@ -322,6 +345,20 @@ impl fmt::Debug for LockGuard {
 }
 
 impl GuardShared {
+    fn meter(&self) -> &Meter {
+        self.holding.meter()
+    }
+
+    /// Why a lease whose local validity ran out is lost: it expired, or
+    /// (with auto-renewal) renewals did not get through in time.
+    fn ran_out(&self) -> LossReason {
+        if self.auto_renew {
+            LossReason::Unreachable
+        } else {
+            LossReason::Expired
+        }
+    }
+
     fn is_held(&self) -> bool {
         let state = self.state.borrow();
         !state.lost && Instant::now() < state.valid_until
@@ -334,16 +371,17 @@ impl GuardShared {
         if self.is_held() {
             return Ok(());
         }
-        self.mark_lost(&format!(
-            "{operation} was called after the lease's validity ran out"
-        ));
+        self.mark_lost(
+            self.ran_out(),
+            &format!("{operation} was called after the lease's validity ran out"),
+        );
         Err(self.lost_error())
     }
 
     /// The backend found the lease not ours: the guard turns lost, and
     /// this is the error to return.
     fn found_not_held(&self, reason: NotHeldReason) -> LockError {
-        self.mark_lost(&reason.to_string());
+        self.mark_lost(loss_reason(reason), &reason.to_string());
         LockError::NotHeld {
             key: self.lease.key().to_owned(),
             token: self.lease.token(),
@@ -358,12 +396,19 @@ impl GuardShared {
         }
     }
 
-    fn mark_lost(&self, why: &str) {
+    fn mark_lost(&self, reason: LossReason, why: &str) {
         let newly_lost = self
             .state
             .send_if_modified(|state| !std::mem::replace(&mut state.lost, true));
         if newly_lost {
-            warn!(key = %self.lease.key(), token = %self.lease.token(), why, "lock lost");
+            warn!(
+                key = %self.lease.key(),
+                token = %self.lease.token(),
+                reason = reason.as_str(),
+                why,
+                "lock lost"
+            );
+            self.holding.lost(reason);
         }
     }
 
@@ -390,9 +435,15 @@ impl GuardShared {
                 state.lost = true;
                 false
             });
+            self.holding.end();
             let outcome = self.backend.release(&self.lease).await;
+            if let Err(error) = &outcome {
+                self.meter()
+                    .backend_error_if_unreachable(error, Operation::Release);
+            }
             match outcome? {
                 ReleaseOutcome::Released => {
+                    self.meter().released();
                     debug!("released");
                     Ok(())
                 }
@@ -408,6 +459,14 @@ impl GuardShared {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// How a backend's "not ours" answer counts among the reasons of loss.
+fn loss_reason(reason: NotHeldReason) -> LossReason {
+    match reason {
+        NotHeldReason::Expired => LossReason::Expired,
+        NotHeldReason::OtherOwner => LossReason::Taken,
     }
 }
 
@@ -453,7 +512,7 @@ impl GuardShared {
         if !self.auto_renew {
             // A manual `extend` may have moved the deadline meanwhile.
             if Instant::now() >= state.valid_until {
-                self.mark_lost("the lease ran out (auto-renewal is off)");
+                self.mark_lost(LossReason::Expired, "the lease ran out (auto-renewal is off)");
             } else {
                 self.schedule_next();
             }
@@ -478,18 +537,27 @@ async fn renew(shared: &GuardShared) -> bool {
             }
             let started = Instant::now();
             if started >= state.valid_until {
-                shared.mark_lost("renewal did not succeed before the lease's validity ran out");
+                shared.mark_lost(
+                    LossReason::Unreachable,
+                    "renewal did not succeed before the lease's validity ran out",
+                );
                 return false;
             }
             let attempt = shared.backend.extend(&shared.lease, state.ttl);
-            match timeout_at(state.valid_until, attempt).await {
+            let outcome = timeout_at(state.valid_until, attempt).await;
+            let meter = shared.meter();
+            meter.renewal(matches!(outcome, Ok(Ok(ExtendOutcome::Extended { .. }))));
+            if let Ok(Err(error)) = &outcome {
+                meter.backend_error_if_unreachable(error, Operation::Renew);
+            }
+            match outcome {
                 Ok(Ok(ExtendOutcome::Extended { validity })) => {
                     shared.record_validity(started, validity, state.ttl);
                     debug!("renewed");
                     return true;
                 }
                 Ok(Ok(ExtendOutcome::NotHeld(reason))) => {
-                    shared.mark_lost(&reason.to_string());
+                    shared.mark_lost(loss_reason(reason), &reason.to_string());
                     return false;
                 }
                 Ok(Err(error @ LockError::Unavailable { .. })) => {
@@ -498,11 +566,14 @@ async fn renew(shared: &GuardShared) -> bool {
                     sleep(backoff.next_delay().min(left)).await;
                 }
                 Ok(Err(error)) => {
-                    shared.mark_lost(&error.to_string());
+                    shared.mark_lost(LossReason::Unreachable, &error.to_string());
                     return false;
                 }
                 Err(_elapsed) => {
-                    shared.mark_lost("renewal got no answer before the lease's validity ran out");
+                    shared.mark_lost(
+                        LossReason::Unreachable,
+                        "renewal got no answer before the lease's validity ran out",
+                    );
                     return false;
                 }
             }

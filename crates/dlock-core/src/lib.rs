@@ -47,6 +47,7 @@ mod reads;
 mod renewals;
 mod request;
 mod status;
+mod telemetry;
 mod token;
 mod url;
 
@@ -58,6 +59,10 @@ pub use notify::{HubSubscription, ReleaseEvents, ReleaseHub};
 pub use options::{validate_permits, validate_timeout, validate_ttl, validate_value, validate_wait};
 pub use owner::OwnerToken;
 pub use user_api::*;
+
+pub use telemetry::METRICS;
+#[cfg(feature = "metrics")]
+pub use telemetry::describe_metrics;
 
 /// Re-exported so that backends implement [`LockBackend`] with the same macro version.
 pub use async_trait::async_trait;

@@ -13,6 +13,7 @@ use crate::reads::HeldReads;
 use crate::renewals::RenewalsByRuntime;
 use crate::request::LockRequest;
 use crate::status::KeyStatus;
+use crate::telemetry::MeterConfig;
 
 /// Hands out locks from one backend.
 ///
@@ -50,6 +51,7 @@ pub struct Locker {
     renewals: Arc<RenewalsByRuntime>,
     background: Arc<Background>,
     held_reads: Arc<HeldReads>,
+    meter: MeterConfig,
 }
 
 impl Locker {
@@ -60,12 +62,35 @@ impl Locker {
 
     /// A locker over a backend that is already shared.
     pub fn from_arc(backend: Arc<dyn LockBackend>) -> Self {
+        let meter = MeterConfig {
+            backend: backend.name(),
+            key_label: false,
+        };
         Locker {
             backend,
             renewals: Arc::default(),
             background: Arc::default(),
             held_reads: Arc::default(),
+            meter,
         }
+    }
+
+    /// Whether this locker's metrics (feature `metrics`) carry the label
+    /// `key` with each lock's key (default false). Turn it on only for a
+    /// bounded set of keys: every key becomes series of its own in the
+    /// metrics store. [`LockRequest::metrics_name`] names one request's
+    /// series instead.
+    ///
+    /// ```
+    /// use dlock_core::Locker;
+    /// use dlock_testkit::MemoryBackend;
+    ///
+    /// let locker = Locker::new(MemoryBackend::new()).metrics_key_label(true);
+    /// # drop(locker);
+    /// ```
+    pub fn metrics_key_label(mut self, on: bool) -> Self {
+        self.meter.key_label = on;
+        self
     }
 
     /// Waits until the clean-up this locker left to background tasks has
@@ -149,6 +174,8 @@ impl Locker {
             auto_renew: true,
             kind: LockKind::Exclusive,
             value: None,
+            meter: self.meter,
+            metrics_name: None,
         }
     }
 

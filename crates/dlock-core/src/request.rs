@@ -20,6 +20,15 @@ use crate::options::{validate_key, validate_permits, validate_ttl, validate_wait
 use crate::owner::OwnerToken;
 use crate::reads::HeldReads;
 use crate::renewals::RenewalsByRuntime;
+use crate::telemetry::{AcquireOutcome, Meter, MeterConfig, Operation, WaitingMark, kind_label};
+
+/// Whether a request found the lock taken, and its place among the
+/// waiting requests while it waits.
+#[derive(Default)]
+struct Contention {
+    busy: bool,
+    waiting: Option<WaitingMark>,
+}
 
 /// A lock request being built; `.await` it to wait for the lock.
 ///
@@ -39,6 +48,9 @@ pub struct LockRequest {
     pub(crate) kind: LockKind,
     /// An election candidate's value (see `election.rs`).
     pub(crate) value: Option<String>,
+    pub(crate) meter: MeterConfig,
+    /// The `key` label of this request's metrics, if the user named it.
+    pub(crate) metrics_name: Option<String>,
 }
 
 impl LockRequest {
@@ -68,6 +80,27 @@ impl LockRequest {
     /// Without renewal the guard turns lost when the TTL runs out.
     pub fn auto_renew(mut self, auto_renew: bool) -> Self {
         self.auto_renew = auto_renew;
+        self
+    }
+
+    /// Labels this request's metrics (feature `metrics`) and its guard's
+    /// with `key` = `name`, whatever the locker's
+    /// [`metrics_key_label`](crate::Locker::metrics_key_label) says. Use
+    /// one name for a family of keys ("orders") to see them apart from the
+    /// rest without a series per key.
+    ///
+    /// ```
+    /// use dlock_core::Locker;
+    /// use dlock_testkit::MemoryBackend;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), dlock_core::LockError> {
+    /// let locker = Locker::new(MemoryBackend::new());
+    /// let guard = locker.lock("orders/42").metrics_name("orders").await?;
+    /// guard.release().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn metrics_name(mut self, name: impl Into<String>) -> Self {
+        self.metrics_name = Some(name.into());
         self
     }
 
@@ -148,14 +181,42 @@ impl LockRequest {
         let span = info_span!(
             "dlock.acquire",
             key = %self.key,
+            kind = kind_label(self.kind),
+            backend = self.meter.backend,
             ttl_ms = self.ttl.as_millis() as u64,
             wait = waiting,
             token = field::Empty,
+            outcome = field::Empty,
         );
         self.acquire_as(owner, waiting).instrument(span).await
     }
 
+    /// Runs the request and records how it ended (metrics, and the span's
+    /// `outcome`).
     async fn acquire_as(self, owner: OwnerToken, waiting: bool) -> Result<LockGuard, LockError> {
+        let meter = Meter::new(self.meter, self.kind, &self.key, self.metrics_name.as_deref());
+        let began = Instant::now();
+        let mut contention = Contention::default();
+        let result = self.wait_loop(owner, waiting, &meter, &mut contention).await;
+        let outcome = match &result {
+            Ok(_) => AcquireOutcome::Acquired,
+            Err(LockError::Contended { .. }) => AcquireOutcome::Contended,
+            Err(LockError::Timeout { .. }) => AcquireOutcome::Timeout,
+            Err(_) => AcquireOutcome::Error,
+        };
+        Span::current().record("outcome", outcome.as_str());
+        let elapsed = began.elapsed();
+        meter.request_ended(outcome, elapsed, contention.waiting.is_some().then_some(elapsed));
+        result
+    }
+
+    async fn wait_loop(
+        self,
+        owner: OwnerToken,
+        waiting: bool,
+        meter: &Meter,
+        contention: &mut Contention,
+    ) -> Result<LockGuard, LockError> {
         let LockRequest {
             backend,
             renewals,
@@ -167,6 +228,7 @@ impl LockRequest {
             auto_renew,
             kind,
             value,
+            ..
         } = self;
         let began = Instant::now();
         let deadline = wait.filter(|_| waiting).map(|wait| began + wait);
@@ -197,6 +259,7 @@ impl LockRequest {
             let attempt = match backend.try_acquire(&request).await {
                 Ok(attempt) => attempt,
                 Err(error) => {
+                    meter.backend_error_if_unreachable(&error, Operation::Acquire);
                     ride_out(error, deadline, &mut backoff).await?;
                     continue;
                 }
@@ -235,10 +298,18 @@ impl LockRequest {
                         renewals: renewals.for_current_runtime(),
                         background,
                         reading,
+                        meter: meter.clone(),
                     }));
                 }
                 Attempt::Busy(busy) => busy,
             };
+            if !contention.busy {
+                contention.busy = true;
+                meter.contended();
+                if waiting {
+                    contention.waiting = Some(meter.waiting());
+                }
+            }
             if !waiting {
                 // A single attempt leaves nothing behind when busy.
                 let (key, _) = pending.disarm();

@@ -259,6 +259,10 @@ impl EtcdBackend {
 
 #[async_trait]
 impl LockBackend for EtcdBackend {
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
         // A mutex and an election's candidate queue alike: the oldest key
         // holds the lock, or leads (etcd's own elections do the same).

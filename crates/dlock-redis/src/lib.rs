@@ -157,6 +157,10 @@ impl RedisBackend {
 
 #[async_trait]
 impl LockBackend for RedisBackend {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
         let (key, owner, ttl, kind) = (request.key, request.owner, request.ttl, request.kind);
         // Candidates never stand in line: they wait on the key's release

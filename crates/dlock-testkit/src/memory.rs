@@ -380,6 +380,10 @@ impl State {
 
 #[async_trait]
 impl LockBackend for MemoryBackend {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
         let (key, owner) = (request.key, request.owner.as_str());
         self.enter(key).await?;

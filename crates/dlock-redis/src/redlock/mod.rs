@@ -151,6 +151,10 @@ impl RedlockBackend {
 
 #[async_trait]
 impl LockBackend for RedlockBackend {
+    fn name(&self) -> &'static str {
+        "redlock"
+    }
+
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
         if request.kind != LockKind::Exclusive {
             let why = if request.kind == LockKind::Election {
