@@ -88,52 +88,105 @@ pub(crate) async fn watch_status(locker: &Locker, key: &str) -> u8 {
     }
 }
 
+/// One shown field: its title on a terminal, its name in a plain line,
+/// and its value (quoted in a plain line when it has spaces).
+struct Field {
+    title: &'static str,
+    name: &'static str,
+    value: String,
+}
+
+/// The fields both views show, in order; those the key's state does not
+/// have are left out.
+fn fields(status: &KeyStatus, changes: u64) -> Vec<Field> {
+    let shape = Shape::of(status);
+    let field = |title, name, value: String| Field { title, name, value };
+    let mut fields = vec![field(
+        "held",
+        "held",
+        (if status.held { "yes" } else { "no" }).to_owned(),
+    )];
+    fields.extend(shape.kind.map(|kind| field("kind", "kind", kind)));
+    fields.extend(
+        shape
+            .holders
+            .map(|holders| field("holders", "holders", holders.to_string())),
+    );
+    fields.extend(status.remaining.filter(|_| status.held).map(|remaining| {
+        field(
+            "remaining lease",
+            "remaining",
+            format!("{:.1}s", remaining.as_secs_f64()),
+        )
+    }));
+    fields.extend(
+        status
+            .last_token
+            .map(|token| field("last fencing token", "last_token", token.to_string())),
+    );
+    fields.extend(
+        status
+            .waiting
+            .map(|waiting| field("waiting", "waiting", waiting.to_string())),
+    );
+    fields.push(field("changes since start", "changes", changes.to_string()));
+    fields
+}
+
 /// The terminal view: one field per line.
 fn block(key: &str, status: &KeyStatus, changes: u64) -> String {
     let mut block = format!("dlock status --watch {key}   (Ctrl-C to stop)\n\n");
-    let shape = Shape::of(status);
-    block.push_str(&format!(
-        "held:               {}\n",
-        if status.held { "yes" } else { "no" }
-    ));
-    if let Some(kind) = &shape.kind {
-        block.push_str(&format!("kind:               {kind}\n"));
+    for Field { title, value, .. } in fields(status, changes) {
+        block.push_str(&format!("{:<19} {value}\n", format!("{title}:")));
     }
-    if let Some(holders) = shape.holders {
-        block.push_str(&format!("holders:            {holders}\n"));
-    }
-    if let Some(remaining) = status.remaining.filter(|_| status.held) {
-        block.push_str(&format!("remaining lease:    {:.1}s\n", remaining.as_secs_f64()));
-    }
-    if let Some(token) = status.last_token {
-        block.push_str(&format!("last fencing token: {token}\n"));
-    }
-    if let Some(waiting) = status.waiting {
-        block.push_str(&format!("waiting:            {waiting}\n"));
-    }
-    block.push_str(&format!("changes since start: {changes}\n"));
     block
 }
 
 /// The plain view: one line per change.
 fn line(key: &str, status: &KeyStatus, changes: u64) -> String {
-    let shape = Shape::of(status);
-    let mut line = format!("key={key} held={}", if status.held { "yes" } else { "no" });
-    if let Some(kind) = &shape.kind {
-        line.push_str(&format!(" kind=\"{kind}\""));
+    let mut line = format!("key={key}");
+    for Field { name, value, .. } in fields(status, changes) {
+        if value.contains(' ') {
+            line.push_str(&format!(" {name}=\"{value}\""));
+        } else {
+            line.push_str(&format!(" {name}={value}"));
+        }
     }
-    if let Some(holders) = shape.holders {
-        line.push_str(&format!(" holders={holders}"));
-    }
-    if let Some(remaining) = status.remaining.filter(|_| status.held) {
-        line.push_str(&format!(" remaining={:.1}s", remaining.as_secs_f64()));
-    }
-    if let Some(token) = status.last_token {
-        line.push_str(&format!(" last_token={token}"));
-    }
-    if let Some(waiting) = status.waiting {
-        line.push_str(&format!(" waiting={waiting}"));
-    }
-    line.push_str(&format!(" changes={changes}"));
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use dlock_core::{KeyStatus, LockKind};
+
+    use super::{block, line};
+
+    #[test]
+    fn both_views_show_the_same_fields() {
+        let status = KeyStatus::held()
+            .kind(LockKind::Exclusive)
+            .remaining(Duration::from_millis(4_260))
+            .last_token(7)
+            .waiting(2);
+        assert_eq!(
+            line("orders/1", &status, 3),
+            "key=orders/1 held=yes kind=\"a mutex\" remaining=4.3s last_token=7 waiting=2 changes=3"
+        );
+        assert_eq!(
+            block("orders/1", &status, 3),
+            "dlock status --watch orders/1   (Ctrl-C to stop)\n\n\
+             held:               yes\n\
+             kind:               a mutex\n\
+             remaining lease:    4.3s\n\
+             last fencing token: 7\n\
+             waiting:            2\n\
+             changes since start: 3\n"
+        );
+        assert_eq!(
+            line("orders/1", &KeyStatus::free(), 0),
+            "key=orders/1 held=no changes=0"
+        );
+    }
 }

@@ -13,7 +13,7 @@ use crate::reads::HeldReads;
 use crate::renewals::RenewalsByRuntime;
 use crate::request::LockRequest;
 use crate::status::KeyStatus;
-use crate::telemetry::MeterConfig;
+use crate::telemetry::Meters;
 
 /// Hands out locks from one backend.
 ///
@@ -51,7 +51,7 @@ pub struct Locker {
     renewals: Arc<RenewalsByRuntime>,
     background: Arc<Background>,
     held_reads: Arc<HeldReads>,
-    meter: MeterConfig,
+    meters: Meters,
 }
 
 impl Locker {
@@ -62,16 +62,13 @@ impl Locker {
 
     /// A locker over a backend that is already shared.
     pub fn from_arc(backend: Arc<dyn LockBackend>) -> Self {
-        let meter = MeterConfig {
-            backend: backend.name(),
-            key_label: false,
-        };
+        let meters = Meters::new(backend.name());
         Locker {
             backend,
             renewals: Arc::default(),
             background: Arc::default(),
             held_reads: Arc::default(),
-            meter,
+            meters,
         }
     }
 
@@ -89,7 +86,7 @@ impl Locker {
     /// # drop(locker);
     /// ```
     pub fn metrics_key_label(mut self, on: bool) -> Self {
-        self.meter.key_label = on;
+        self.meters.key_label = on;
         self
     }
 
@@ -174,7 +171,7 @@ impl Locker {
             auto_renew: true,
             kind: LockKind::Exclusive,
             value: None,
-            meter: self.meter,
+            meters: self.meters.clone(),
             metrics_name: None,
         }
     }

@@ -20,7 +20,7 @@ use crate::options::{validate_key, validate_permits, validate_ttl, validate_wait
 use crate::owner::OwnerToken;
 use crate::reads::HeldReads;
 use crate::renewals::RenewalsByRuntime;
-use crate::telemetry::{AcquireOutcome, Meter, MeterConfig, Operation, WaitingMark, kind_label};
+use crate::telemetry::{AcquireOutcome, Meter, Meters, Operation, WaitingMark, kind_label};
 
 /// Whether a request found the lock taken, and its place among the
 /// waiting requests while it waits.
@@ -48,7 +48,7 @@ pub struct LockRequest {
     pub(crate) kind: LockKind,
     /// An election candidate's value (see `election.rs`).
     pub(crate) value: Option<String>,
-    pub(crate) meter: MeterConfig,
+    pub(crate) meters: Meters,
     /// The `key` label of this request's metrics, if the user named it.
     pub(crate) metrics_name: Option<String>,
 }
@@ -182,7 +182,7 @@ impl LockRequest {
             "dlock.acquire",
             key = %self.key,
             kind = kind_label(self.kind),
-            backend = self.meter.backend,
+            backend = self.meters.backend,
             ttl_ms = self.ttl.as_millis() as u64,
             wait = waiting,
             token = field::Empty,
@@ -194,7 +194,9 @@ impl LockRequest {
     /// Runs the request and records how it ended (metrics, and the span's
     /// `outcome`).
     async fn acquire_as(self, owner: OwnerToken, waiting: bool) -> Result<LockGuard, LockError> {
-        let meter = Meter::new(self.meter, self.kind, &self.key, self.metrics_name.as_deref());
+        let meter = self
+            .meters
+            .meter(self.kind, &self.key, self.metrics_name.as_deref());
         let began = Instant::now();
         let mut contention = Contention::default();
         let result = self.wait_loop(owner, waiting, &meter, &mut contention).await;

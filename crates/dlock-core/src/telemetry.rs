@@ -13,9 +13,9 @@
 //! key can make a metrics store's series unbounded.
 
 #[cfg(feature = "metrics")]
-use std::sync::Arc;
-#[cfg(feature = "metrics")]
 use std::sync::atomic::{AtomicBool, Ordering};
+#[cfg(feature = "metrics")]
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::backend::LockKind;
@@ -182,51 +182,184 @@ pub(crate) fn kind_label(kind: LockKind) -> &'static str {
     }
 }
 
-/// What a locker puts on every metric: its backend's name, and whether
-/// keys are labels.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct MeterConfig {
+/// What a locker puts on every metric: its backend's name, whether keys
+/// are labels, and (feature `metrics`) the meters of key-less requests,
+/// built once per kind so a request does not allocate for its labels.
+/// Cheap to clone: locker clones share the built meters.
+#[derive(Clone)]
+pub(crate) struct Meters {
     pub(crate) backend: &'static str,
     pub(crate) key_label: bool,
-}
-
-/// The labels of one request and of the guard it yields, and the calls
-/// that record its metrics. Cheap to clone.
-#[derive(Clone)]
-pub(crate) struct Meter {
     #[cfg(feature = "metrics")]
-    labels: Arc<[metrics::Label]>,
+    by_kind: Arc<[OnceLock<Meter>; 4]>,
 }
 
-impl Meter {
-    /// The labels for a request of `kind` on `key`; `name` is the
-    /// request's own metrics name, which stands in for the key.
+impl Meters {
+    pub(crate) fn new(backend: &'static str) -> Meters {
+        Meters {
+            backend,
+            key_label: false,
+            #[cfg(feature = "metrics")]
+            by_kind: Arc::default(),
+        }
+    }
+
+    /// The meter of a request of `kind` on `key`; `name` is the request's
+    /// own metrics name, which stands in for the key.
     #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-    pub(crate) fn new(config: MeterConfig, kind: LockKind, key: &str, name: Option<&str>) -> Meter {
+    pub(crate) fn meter(&self, kind: LockKind, key: &str, name: Option<&str>) -> Meter {
         #[cfg(feature = "metrics")]
         {
-            let mut labels = vec![
-                metrics::Label::from_static_parts("backend", config.backend),
-                metrics::Label::from_static_parts("kind", kind_label(kind)),
-            ];
-            match name {
-                Some(name) => labels.push(metrics::Label::new("key", name.to_owned())),
-                None if config.key_label => labels.push(metrics::Label::new("key", key.to_owned())),
-                None => {}
-            }
-            Meter {
-                labels: labels.into(),
+            let key_label = match name {
+                Some(name) => Some(name),
+                None if self.key_label => Some(key),
+                None => None,
+            };
+            match key_label {
+                Some(key_label) => Meter::with_labels(self.backend, kind, Some(key_label)),
+                None => {
+                    let slot = match kind {
+                        LockKind::Exclusive => 0,
+                        LockKind::Shared => 1,
+                        LockKind::Semaphore { .. } => 2,
+                        LockKind::Election => 3,
+                    };
+                    self.by_kind[slot]
+                        .get_or_init(|| Meter::with_labels(self.backend, kind, None))
+                        .clone()
+                }
             }
         }
         #[cfg(not(feature = "metrics"))]
         Meter {}
     }
+}
+
+/// Where each recording goes: a metric and, for some, the value of its
+/// extra label. Its index is the place of its [`metrics::Key`] in a meter.
+#[cfg(feature = "metrics")]
+#[derive(Clone, Copy)]
+enum Series {
+    Acquire(AcquireOutcome),
+    Wait(AcquireOutcome),
+    Hold,
+    Acquisitions,
+    Contended,
+    Renewals { ok: bool },
+    Lost(LossReason),
+    Held,
+    Waiting,
+    BackendErrors(Operation),
+    Releases,
+}
+
+#[cfg(feature = "metrics")]
+const SERIES: usize = 24;
+
+#[cfg(feature = "metrics")]
+impl Series {
+    fn index(self) -> usize {
+        match self {
+            Series::Acquire(outcome) => outcome as usize,
+            Series::Wait(outcome) => 4 + outcome as usize,
+            Series::Hold => 8,
+            Series::Acquisitions => 9,
+            Series::Contended => 10,
+            Series::Renewals { ok } => 11 + usize::from(ok),
+            Series::Lost(reason) => 13 + reason as usize,
+            Series::Held => 16,
+            Series::Waiting => 17,
+            Series::BackendErrors(operation) => 18 + operation as usize,
+            Series::Releases => 23,
+        }
+    }
+
+    fn name_and_extra_label(self) -> (&'static str, Option<(&'static str, &'static str)>) {
+        match self {
+            Series::Acquire(outcome) => (ACQUIRE_DURATION, Some(("outcome", outcome.as_str()))),
+            Series::Wait(outcome) => (WAIT_DURATION, Some(("outcome", outcome.as_str()))),
+            Series::Hold => (HOLD_DURATION, None),
+            Series::Acquisitions => (ACQUISITIONS, None),
+            Series::Contended => (CONTENDED, None),
+            Series::Renewals { ok } => (RENEWALS, Some(("outcome", if ok { "ok" } else { "failed" }))),
+            Series::Lost(reason) => (LOST, Some(("reason", reason.as_str()))),
+            Series::Held => (HELD, None),
+            Series::Waiting => (WAITING, None),
+            Series::BackendErrors(operation) => (BACKEND_ERRORS, Some(("operation", operation.as_str()))),
+            Series::Releases => (RELEASES, None),
+        }
+    }
+}
+
+/// The facade's macros pass the same kind of metadata: where the metric
+/// comes from, at level INFO.
+#[cfg(feature = "metrics")]
+static METADATA: metrics::Metadata<'static> =
+    metrics::Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+
+/// The labels of one request and of the guard it yields, and the calls
+/// that record its metrics. Cheap to clone.
+///
+/// Each recording looks its series' handle up in the recorder installed
+/// at that moment (the facade's no-op one when none is), by a
+/// [`metrics::Key`] built at its first use and kept: a recording
+/// allocates nothing, and a recorder installed after the locker was built
+/// still gets everything recorded from then on.
+#[derive(Clone)]
+pub(crate) struct Meter {
+    #[cfg(feature = "metrics")]
+    series: Arc<MeterSeries>,
+}
+
+#[cfg(feature = "metrics")]
+struct MeterSeries {
+    labels: Vec<metrics::Label>,
+    keys: [OnceLock<metrics::Key>; SERIES],
+}
+
+impl Meter {
+    #[cfg(feature = "metrics")]
+    fn with_labels(backend: &'static str, kind: LockKind, key: Option<&str>) -> Meter {
+        let mut labels = vec![
+            metrics::Label::from_static_parts("backend", backend),
+            metrics::Label::from_static_parts("kind", kind_label(kind)),
+        ];
+        if let Some(key) = key {
+            labels.push(metrics::Label::new("key", key.to_owned()));
+        }
+        Meter {
+            series: Arc::new(MeterSeries {
+                labels,
+                keys: std::array::from_fn(|_| OnceLock::new()),
+            }),
+        }
+    }
 
     #[cfg(feature = "metrics")]
-    fn with(&self, label: &'static str, value: &'static str) -> Vec<metrics::Label> {
-        let mut labels = self.labels.to_vec();
-        labels.push(metrics::Label::from_static_parts(label, value));
-        labels
+    fn key(&self, series: Series) -> &metrics::Key {
+        self.series.keys[series.index()].get_or_init(|| {
+            let (name, extra) = series.name_and_extra_label();
+            let mut labels = self.series.labels.clone();
+            if let Some((label, value)) = extra {
+                labels.push(metrics::Label::from_static_parts(label, value));
+            }
+            metrics::Key::from_parts(name, labels)
+        })
+    }
+
+    #[cfg(feature = "metrics")]
+    fn counter(&self, series: Series) -> metrics::Counter {
+        metrics::with_recorder(|recorder| recorder.register_counter(self.key(series), &METADATA))
+    }
+
+    #[cfg(feature = "metrics")]
+    fn gauge(&self, series: Series) -> metrics::Gauge {
+        metrics::with_recorder(|recorder| recorder.register_gauge(self.key(series), &METADATA))
+    }
+
+    #[cfg(feature = "metrics")]
+    fn histogram(&self, series: Series) -> metrics::Histogram {
+        metrics::with_recorder(|recorder| recorder.register_histogram(self.key(series), &METADATA))
     }
 
     /// A request ended with `outcome` after `elapsed`; it waited `waited`
@@ -235,13 +368,13 @@ impl Meter {
     pub(crate) fn request_ended(&self, outcome: AcquireOutcome, elapsed: Duration, waited: Option<Duration>) {
         #[cfg(feature = "metrics")]
         {
-            let labels = self.with("outcome", outcome.as_str());
             if let Some(waited) = waited {
-                metrics::histogram!(WAIT_DURATION, labels.clone()).record(waited.as_secs_f64());
+                self.histogram(Series::Wait(outcome)).record(waited.as_secs_f64());
             }
-            metrics::histogram!(ACQUIRE_DURATION, labels).record(elapsed.as_secs_f64());
+            self.histogram(Series::Acquire(outcome))
+                .record(elapsed.as_secs_f64());
             if outcome == AcquireOutcome::Acquired {
-                metrics::counter!(ACQUISITIONS, self.labels.to_vec()).increment(1);
+                self.counter(Series::Acquisitions).increment(1);
             }
         }
     }
@@ -249,21 +382,21 @@ impl Meter {
     /// A request found the lock taken at its first attempt.
     pub(crate) fn contended(&self) {
         #[cfg(feature = "metrics")]
-        metrics::counter!(CONTENDED, self.labels.to_vec()).increment(1);
+        self.counter(Series::Contended).increment(1);
     }
 
     /// A request starts waiting; it counts in `dlock_waiting_requests`
     /// until the mark is dropped (the request ended or was cancelled).
     pub(crate) fn waiting(&self) -> WaitingMark {
         #[cfg(feature = "metrics")]
-        metrics::gauge!(WAITING, self.labels.to_vec()).increment(1.0);
+        self.gauge(Series::Waiting).increment(1.0);
         WaitingMark { meter: self.clone() }
     }
 
     #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
     pub(crate) fn renewal(&self, ok: bool) {
         #[cfg(feature = "metrics")]
-        metrics::counter!(RENEWALS, self.with("outcome", if ok { "ok" } else { "failed" })).increment(1);
+        self.counter(Series::Renewals { ok }).increment(1);
     }
 
     /// Counts `error` in `dlock_backend_errors_total` if it says the
@@ -273,20 +406,20 @@ impl Meter {
     pub(crate) fn backend_error_if_unreachable(&self, error: &LockError, operation: Operation) {
         #[cfg(feature = "metrics")]
         if matches!(error, LockError::Unavailable { .. }) {
-            metrics::counter!(BACKEND_ERRORS, self.with("operation", operation.as_str())).increment(1);
+            self.counter(Series::BackendErrors(operation)).increment(1);
         }
     }
 
     pub(crate) fn released(&self) {
         #[cfg(feature = "metrics")]
-        metrics::counter!(RELEASES, self.labels.to_vec()).increment(1);
+        self.counter(Series::Releases).increment(1);
     }
 
     /// A guard starts holding: it counts in `dlock_held_locks` until
     /// [`Holding::end`].
     pub(crate) fn holding(&self) -> Holding {
         #[cfg(feature = "metrics")]
-        metrics::gauge!(HELD, self.labels.to_vec()).increment(1.0);
+        self.gauge(Series::Held).increment(1.0);
         Holding {
             meter: self.clone(),
             #[cfg(feature = "metrics")]
@@ -306,7 +439,7 @@ pub(crate) struct WaitingMark {
 impl Drop for WaitingMark {
     fn drop(&mut self) {
         #[cfg(feature = "metrics")]
-        metrics::gauge!(WAITING, self.meter.labels.to_vec()).decrement(1.0);
+        self.meter.gauge(Series::Waiting).decrement(1.0);
     }
 }
 
@@ -329,9 +462,10 @@ impl Holding {
     pub(crate) fn end(&self) {
         #[cfg(feature = "metrics")]
         if !self.ended.swap(true, Ordering::AcqRel) {
-            let labels = self.meter.labels.to_vec();
-            metrics::gauge!(HELD, labels.clone()).decrement(1.0);
-            metrics::histogram!(HOLD_DURATION, labels).record(self.since.elapsed().as_secs_f64());
+            self.meter.gauge(Series::Held).decrement(1.0);
+            self.meter
+                .histogram(Series::Hold)
+                .record(self.since.elapsed().as_secs_f64());
         }
     }
 
@@ -339,7 +473,73 @@ impl Holding {
     #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
     pub(crate) fn lost(&self, reason: LossReason) {
         #[cfg(feature = "metrics")]
-        metrics::counter!(LOST, self.meter.with("reason", reason.as_str())).increment(1);
+        self.meter.counter(Series::Lost(reason)).increment(1);
         self.end();
+    }
+}
+
+#[cfg(all(test, feature = "metrics"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_has_a_key_slot_of_its_own() {
+        let outcomes = [
+            AcquireOutcome::Acquired,
+            AcquireOutcome::Contended,
+            AcquireOutcome::Timeout,
+            AcquireOutcome::Error,
+        ];
+        let operations = [
+            Operation::Acquire,
+            Operation::Renew,
+            Operation::Extend,
+            Operation::Release,
+            Operation::Proclaim,
+        ];
+        let mut all = vec![
+            Series::Hold,
+            Series::Acquisitions,
+            Series::Contended,
+            Series::Renewals { ok: true },
+            Series::Renewals { ok: false },
+            Series::Held,
+            Series::Waiting,
+            Series::Releases,
+        ];
+        all.extend(outcomes.map(Series::Acquire));
+        all.extend(outcomes.map(Series::Wait));
+        all.extend([LossReason::Taken, LossReason::Expired, LossReason::Unreachable].map(Series::Lost));
+        all.extend(operations.map(Series::BackendErrors));
+        let mut slots: Vec<usize> = all.iter().map(|series| series.index()).collect();
+        slots.sort_unstable();
+        assert_eq!(slots, (0..SERIES).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_key_carries_the_meters_labels_and_its_own() {
+        let meters = Meters::new("memory");
+        let meter = meters.meter(LockKind::Shared, "orders/1", Some("orders"));
+        let key = meter.key(Series::Lost(LossReason::Expired));
+        assert_eq!(key.name(), LOST);
+        let labels: Vec<(&str, &str)> = key.labels().map(|label| (label.key(), label.value())).collect();
+        assert_eq!(
+            labels,
+            [
+                ("backend", "memory"),
+                ("kind", "read"),
+                ("key", "orders"),
+                ("reason", "expired")
+            ]
+        );
+        let keyless = meters.meter(LockKind::Shared, "orders/1", None);
+        assert!(
+            Arc::ptr_eq(
+                &keyless.series,
+                &meters.meter(LockKind::Shared, "orders/2", None).series
+            ),
+            "requests without a key label share their kind's meter"
+        );
+        assert_eq!(keyless.key(Series::Held).labels().count(), 2);
     }
 }
