@@ -146,10 +146,15 @@ impl LockGuard {
         shared.schedule_next();
         let loss_watch = loss_signal.map(|signal| {
             let span = info_span!("dlock.loss_watch", key = %shared.lease.key(), token = %token);
-            let watched = Arc::clone(&shared);
+            // Weak: an aborted task's future is dropped later, on whichever
+            // worker runs it next, and a strong reference would keep the
+            // lease (and what the backend keeps in it) past the guard's end.
+            let watched = Arc::downgrade(&shared);
             let watch = async move {
                 signal.await;
-                watched.mark_lost(LossReason::Expired, "the backend reported the lease gone");
+                if let Some(watched) = watched.upgrade() {
+                    watched.mark_lost(LossReason::Expired, "the backend reported the lease gone");
+                }
             };
             tokio::spawn(watch.instrument(span)).abort_handle()
         });

@@ -245,3 +245,67 @@ async fn wait_for_cleanup_waits_for_background_releases() {
     assert_eq!(backend.holder_token("waited-for"), Some(waiting.fencing_token()));
     waiting.release().await.expect("release");
 }
+
+/// Counts the drops of the lease handles it is put in.
+struct DropCount(Arc<AtomicUsize>);
+
+impl Drop for DropCount {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// The memory backend, with a lease handle and a loss signal on each grant,
+/// as the etcd backend gives them.
+struct TrackedLeases {
+    inner: MemoryBackend,
+    handles_dropped: Arc<AtomicUsize>,
+}
+
+#[dlock_core::async_trait]
+impl LockBackend for TrackedLeases {
+    async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
+        Ok(match self.inner.try_acquire(request).await? {
+            Attempt::Acquired(grant) => Attempt::Acquired(
+                grant
+                    .with_handle(DropCount(Arc::clone(&self.handles_dropped)))
+                    .with_loss_signal(std::future::pending()),
+            ),
+            busy => busy,
+        })
+    }
+
+    async fn extend(&self, lease: &Lease, ttl: Duration) -> Result<ExtendOutcome, LockError> {
+        self.inner.extend(lease, ttl).await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<ReleaseOutcome, LockError> {
+        self.inner.release(lease).await
+    }
+
+    async fn abandon(&self, key: &str, owner: &OwnerToken) -> Result<(), LockError> {
+        self.inner.abandon(key, owner).await
+    }
+
+    async fn subscribe(&self, key: &str) -> Result<ReleaseEvents, LockError> {
+        self.inner.subscribe(key).await
+    }
+}
+
+/// A backend may keep in a lease's handle what a later acquisition reuses
+/// (the etcd backend: its waiter key's name), so the handle must be gone
+/// when `release` returns, not when the runtime gets round to dropping the
+/// aborted loss-watch task.
+#[tokio::test]
+async fn the_lease_handle_is_dropped_when_release_returns() {
+    let handles_dropped = Arc::new(AtomicUsize::new(0));
+    let locker = Locker::new(TrackedLeases {
+        inner: MemoryBackend::new(),
+        handles_dropped: Arc::clone(&handles_dropped),
+    });
+    for round in 1..=3 {
+        let guard = locker.lock("handles").await.expect("lock");
+        guard.release().await.expect("release");
+        assert_eq!(handles_dropped.load(Ordering::SeqCst), round, "round {round}");
+    }
+}
