@@ -135,26 +135,54 @@ async fn a_stalled_runtime_does_not_stop_renewals_on_another() {
     stalled.forget();
 }
 
-/// A backend whose first `slow_answers` grants come back only after
-/// `delay`, as from an overloaded server.
-struct SlowGrants {
+/// The memory backend with its grants changed, to play a server or a
+/// backend the memory one is not.
+struct Decorated {
     inner: MemoryBackend,
-    slow_answers: AtomicUsize,
-    delay: Duration,
+    change: Change,
+}
+
+enum Change {
+    /// The first `answers` grants come back only after `delay`, as from an
+    /// overloaded server.
+    SlowGrants { answers: AtomicUsize, delay: Duration },
+    /// Each grant carries a lease handle whose drops are counted, and a
+    /// loss signal, as the etcd backend's do.
+    TrackedHandles(Arc<AtomicUsize>),
+}
+
+/// Counts the drops of the lease handles it is put in.
+struct DropCount(Arc<AtomicUsize>);
+
+impl Drop for DropCount {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 #[dlock_core::async_trait]
-impl LockBackend for SlowGrants {
+impl LockBackend for Decorated {
     async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
         let answer = self.inner.try_acquire(request).await;
-        let slow = self
-            .slow_answers
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1))
-            .is_ok();
-        if slow {
-            sleep(self.delay).await;
+        match &self.change {
+            Change::SlowGrants { answers, delay } => {
+                let slow = answers
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1))
+                    .is_ok();
+                if slow {
+                    sleep(*delay).await;
+                }
+                answer
+            }
+            Change::TrackedHandles(dropped) => Ok(match answer? {
+                Attempt::Acquired(grant) => Attempt::Acquired(
+                    grant
+                        .with_handle(DropCount(Arc::clone(dropped)))
+                        .with_loss_signal(std::future::pending()),
+                ),
+                busy => busy,
+            }),
         }
-        answer
     }
 
     async fn extend(&self, lease: &Lease, ttl: Duration) -> Result<ExtendOutcome, LockError> {
@@ -176,10 +204,12 @@ impl LockBackend for SlowGrants {
 
 fn slow_grants(slow_answers: usize) -> (MemoryBackend, Locker) {
     let inner = MemoryBackend::new();
-    let backend = SlowGrants {
+    let backend = Decorated {
         inner: inner.clone(),
-        slow_answers: AtomicUsize::new(slow_answers),
-        delay: Duration::from_secs(2),
+        change: Change::SlowGrants {
+            answers: AtomicUsize::new(slow_answers),
+            delay: Duration::from_secs(2),
+        },
     };
     (inner, Locker::from_arc(Arc::new(backend)))
 }
@@ -246,52 +276,6 @@ async fn wait_for_cleanup_waits_for_background_releases() {
     waiting.release().await.expect("release");
 }
 
-/// Counts the drops of the lease handles it is put in.
-struct DropCount(Arc<AtomicUsize>);
-
-impl Drop for DropCount {
-    fn drop(&mut self) {
-        self.0.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-/// The memory backend, with a lease handle and a loss signal on each grant,
-/// as the etcd backend gives them.
-struct TrackedLeases {
-    inner: MemoryBackend,
-    handles_dropped: Arc<AtomicUsize>,
-}
-
-#[dlock_core::async_trait]
-impl LockBackend for TrackedLeases {
-    async fn try_acquire(&self, request: &AcquireRequest<'_>) -> Result<Attempt, LockError> {
-        Ok(match self.inner.try_acquire(request).await? {
-            Attempt::Acquired(grant) => Attempt::Acquired(
-                grant
-                    .with_handle(DropCount(Arc::clone(&self.handles_dropped)))
-                    .with_loss_signal(std::future::pending()),
-            ),
-            busy => busy,
-        })
-    }
-
-    async fn extend(&self, lease: &Lease, ttl: Duration) -> Result<ExtendOutcome, LockError> {
-        self.inner.extend(lease, ttl).await
-    }
-
-    async fn release(&self, lease: &Lease) -> Result<ReleaseOutcome, LockError> {
-        self.inner.release(lease).await
-    }
-
-    async fn abandon(&self, key: &str, owner: &OwnerToken) -> Result<(), LockError> {
-        self.inner.abandon(key, owner).await
-    }
-
-    async fn subscribe(&self, key: &str) -> Result<ReleaseEvents, LockError> {
-        self.inner.subscribe(key).await
-    }
-}
-
 /// A backend may keep in a lease's handle what a later acquisition reuses
 /// (the etcd backend: its waiter key's name), so the handle must be gone
 /// when `release` returns, not when the runtime gets round to dropping the
@@ -299,9 +283,9 @@ impl LockBackend for TrackedLeases {
 #[tokio::test]
 async fn the_lease_handle_is_dropped_when_release_returns() {
     let handles_dropped = Arc::new(AtomicUsize::new(0));
-    let locker = Locker::new(TrackedLeases {
+    let locker = Locker::new(Decorated {
         inner: MemoryBackend::new(),
-        handles_dropped: Arc::clone(&handles_dropped),
+        change: Change::TrackedHandles(Arc::clone(&handles_dropped)),
     });
     for round in 1..=3 {
         let guard = locker.lock("handles").await.expect("lock");
