@@ -75,7 +75,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// The in-memory backend, or the one `DLOCK_URL` names (`redis://` with
-/// the `redis` feature, `etcd://host:port,...` with the `etcd` feature).
+/// the `redis` feature, `etcd://[user:password@]host:port,...` with the
+/// `etcd` feature).
 async fn backend() -> Result<std::sync::Arc<dyn LockBackend>, Box<dyn std::error::Error>> {
     let Ok(url) = std::env::var("DLOCK_URL") else {
         return Ok(std::sync::Arc::new(MemoryBackend::new()));
@@ -87,10 +88,10 @@ async fn backend() -> Result<std::sync::Arc<dyn LockBackend>, Box<dyn std::error
         ));
     }
     #[cfg(feature = "etcd")]
-    if let Some(hosts) = url.strip_prefix("etcd://") {
-        let endpoints: Vec<String> = hosts.split(',').map(|host| format!("http://{host}")).collect();
+    if url.starts_with("etcd") {
+        // `connect` reads an `etcd://` URL's members, user and password.
         return Ok(std::sync::Arc::new(
-            dlock_etcd::EtcdBackend::connect(endpoints).await?,
+            dlock_etcd::EtcdBackend::connect([url.as_str()]).await?,
         ));
     }
     Err(format!(

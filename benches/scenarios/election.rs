@@ -217,22 +217,15 @@ async fn measure_dlock(on: Backend, lockers: [Locker; 2], counts: &Counts) -> Re
         kills.push(killed.elapsed());
         next.resign().await?;
     }
-    let on_redis = on.name == "Redis";
+    let (election, mutex) = if on.name == "Redis" {
+        ("dlock election on Redis", "dlock mutex on Redis")
+    } else {
+        ("dlock election on etcd", "dlock mutex on etcd")
+    };
     Ok(Figures {
-        who: if on_redis {
-            "dlock election on Redis"
-        } else {
-            "dlock election on etcd"
-        },
+        who: election,
         on,
-        mutex_handoffs: Some((
-            if on_redis {
-                "dlock mutex on Redis"
-            } else {
-                "dlock mutex on etcd"
-            },
-            mutex_handoffs,
-        )),
+        mutex_handoffs: Some((mutex, mutex_handoffs)),
         handoffs,
         kills,
         observed,

@@ -189,10 +189,10 @@ fn integration() -> Result {
 
 fn chaos(args: &[String]) -> Result {
     if asks_for_help(args) {
-        return run(package_command("dlock-chaos", false, &["--help"]));
+        return run(package_command("dlock-chaos", &[], &["--help"]));
     }
     deps::ensure(servers::NEEDED)?;
-    let mut command = package_command::<&str>("dlock-chaos", false, &[]);
+    let mut command = package_command::<&str>("dlock-chaos", &[], &[]);
     command.args(args);
     if !args.iter().any(|arg| arg == "--quick" || arg == "--only") {
         command.arg("--write").arg(docs().join("reliability.md"));
@@ -215,7 +215,7 @@ const BENCH_COMMANDS: [&str; 9] = [
 
 fn bench(args: &[String]) -> Result {
     if asks_for_help(args) {
-        return run(package_command("dlock-bench", false, args));
+        return run(package_command("dlock-bench", &[], args));
     }
     deps::ensure(&[deps::REDIS_SERVER, deps::ETCD])?;
     let server = dlock_servers::redis::start_server("redis-bench", &[])?;
@@ -229,12 +229,13 @@ fn bench(args: &[String]) -> Result {
     // `metrics` feature on (and no recorder installed), to compare its cost.
     let with_metrics = args.iter().any(|arg| arg == "--with-metrics");
     let args: Vec<&String> = args.iter().filter(|arg| *arg != "--with-metrics").collect();
-    let mut command = cargo_command(&["run", "--quiet", "--package", "dlock-bench", "--release"]);
-    if with_metrics {
-        command.args(["--features", "metrics"]);
-    }
+    let build: &[&str] = if with_metrics {
+        &["--release", "--features", "metrics"]
+    } else {
+        &["--release"]
+    };
+    let mut command = package_command::<&str>("dlock-bench", build, &[]);
     command
-        .arg("--")
         .arg("--redis-url")
         .arg(dlock_servers::redis::url(server.port()))
         .arg("--redlock-urls")
@@ -276,13 +277,11 @@ fn docs() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs")
 }
 
-/// `cargo run` of one of the workspace's binaries, with `args` after `--`.
-fn package_command<A: AsRef<std::ffi::OsStr>>(package: &str, release: bool, args: &[A]) -> Command {
+/// `cargo run` of one of the workspace's binaries, built with `build`
+/// (`--release`, `--features ...`), with `args` after `--`.
+fn package_command<A: AsRef<std::ffi::OsStr>>(package: &str, build: &[&str], args: &[A]) -> Command {
     let mut command = cargo_command(&["run", "--quiet", "--package", package]);
-    if release {
-        command.arg("--release");
-    }
-    command.arg("--").args(args);
+    command.args(build).arg("--").args(args);
     command
 }
 

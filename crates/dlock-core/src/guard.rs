@@ -237,12 +237,9 @@ impl LockGuard {
         let span = info_span!("dlock.extend", key = %shared.lease.key(), token = %shared.lease.token(), ttl_ms = ttl.as_millis() as u64);
         async {
             let started = Instant::now();
-            let outcome = shared.backend.extend(&shared.lease, ttl).await;
-            if let Err(error) = &outcome {
-                shared
-                    .meter()
-                    .backend_error_if_unreachable(error, Operation::Extend);
-            }
+            let outcome = shared
+                .meter()
+                .backend_answer(shared.backend.extend(&shared.lease, ttl).await, Operation::Extend);
             match outcome? {
                 ExtendOutcome::Extended { validity } => {
                     shared.record_validity(started, validity, ttl);
@@ -266,12 +263,10 @@ impl LockGuard {
         shared.ensure_held("proclaim")?;
         let span = info_span!("dlock.proclaim", key = %shared.lease.key(), token = %shared.lease.token());
         async {
-            let outcome = shared.backend.proclaim(&shared.lease, value).await;
-            if let Err(error) = &outcome {
-                shared
-                    .meter()
-                    .backend_error_if_unreachable(error, Operation::Proclaim);
-            }
+            let outcome = shared.meter().backend_answer(
+                shared.backend.proclaim(&shared.lease, value).await,
+                Operation::Proclaim,
+            );
             match outcome? {
                 ProclaimOutcome::Proclaimed => {
                     debug!("proclaimed");
@@ -441,11 +436,9 @@ impl GuardShared {
                 false
             });
             self.holding.end();
-            let outcome = self.backend.release(&self.lease).await;
-            if let Err(error) = &outcome {
-                self.meter()
-                    .backend_error_if_unreachable(error, Operation::Release);
-            }
+            let outcome = self
+                .meter()
+                .backend_answer(self.backend.release(&self.lease).await, Operation::Release);
             match outcome? {
                 ReleaseOutcome::Released => {
                     self.meter().released();
@@ -548,13 +541,13 @@ async fn renew(shared: &GuardShared) -> bool {
                 );
                 return false;
             }
-            let attempt = shared.backend.extend(&shared.lease, state.ttl);
-            let outcome = timeout_at(state.valid_until, attempt).await;
             let meter = shared.meter();
+            let attempt = async {
+                let answer = shared.backend.extend(&shared.lease, state.ttl).await;
+                meter.backend_answer(answer, Operation::Renew)
+            };
+            let outcome = timeout_at(state.valid_until, attempt).await;
             meter.renewal(matches!(outcome, Ok(Ok(ExtendOutcome::Extended { .. }))));
-            if let Ok(Err(error)) = &outcome {
-                meter.backend_error_if_unreachable(error, Operation::Renew);
-            }
             match outcome {
                 Ok(Ok(ExtendOutcome::Extended { validity })) => {
                     shared.record_validity(started, validity, state.ttl);

@@ -199,7 +199,9 @@ impl LockRequest {
             .meter(self.kind, &self.key, self.metrics_name.as_deref());
         let began = Instant::now();
         let mut contention = Contention::default();
-        let result = self.wait_loop(owner, waiting, &meter, &mut contention).await;
+        let result = self
+            .wait_loop(owner, waiting, began, &meter, &mut contention)
+            .await;
         let outcome = match &result {
             Ok(_) => AcquireOutcome::Acquired,
             Err(LockError::Contended { .. }) => AcquireOutcome::Contended,
@@ -208,7 +210,7 @@ impl LockRequest {
         };
         Span::current().record("outcome", outcome.as_str());
         let elapsed = began.elapsed();
-        meter.request_ended(outcome, elapsed, contention.waiting.is_some().then_some(elapsed));
+        meter.request_ended(outcome, elapsed, contention.waiting.is_some());
         result
     }
 
@@ -216,6 +218,7 @@ impl LockRequest {
         self,
         owner: OwnerToken,
         waiting: bool,
+        began: Instant,
         meter: &Meter,
         contention: &mut Contention,
     ) -> Result<LockGuard, LockError> {
@@ -232,7 +235,6 @@ impl LockRequest {
             value,
             ..
         } = self;
-        let began = Instant::now();
         let deadline = wait.filter(|_| waiting).map(|wait| began + wait);
         // Owns the key and owner token until a guard takes them over.
         let mut pending = PendingAcquisition {
@@ -258,10 +260,10 @@ impl LockRequest {
             );
             // On error the outcome on the server is unknown; `pending` stays
             // armed and cleans up in the background.
-            let attempt = match backend.try_acquire(&request).await {
+            let answer = backend.try_acquire(&request).await;
+            let attempt = match meter.backend_answer(answer, Operation::Acquire) {
                 Ok(attempt) => attempt,
                 Err(error) => {
-                    meter.backend_error_if_unreachable(&error, Operation::Acquire);
                     ride_out(error, deadline, &mut backoff).await?;
                     continue;
                 }

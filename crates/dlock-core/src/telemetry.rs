@@ -362,14 +362,15 @@ impl Meter {
         metrics::with_recorder(|recorder| recorder.register_histogram(self.key(series), &METADATA))
     }
 
-    /// A request ended with `outcome` after `elapsed`; it waited `waited`
-    /// if it ever found the lock taken.
+    /// A request ended with `outcome` after `elapsed`, which is also the
+    /// time it `waited` if it found the lock taken and waited for it.
     #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-    pub(crate) fn request_ended(&self, outcome: AcquireOutcome, elapsed: Duration, waited: Option<Duration>) {
+    pub(crate) fn request_ended(&self, outcome: AcquireOutcome, elapsed: Duration, waited: bool) {
         #[cfg(feature = "metrics")]
         {
-            if let Some(waited) = waited {
-                self.histogram(Series::Wait(outcome)).record(waited.as_secs_f64());
+            if waited {
+                self.histogram(Series::Wait(outcome))
+                    .record(elapsed.as_secs_f64());
             }
             self.histogram(Series::Acquire(outcome))
                 .record(elapsed.as_secs_f64());
@@ -399,15 +400,21 @@ impl Meter {
         self.counter(Series::Renewals { ok }).increment(1);
     }
 
-    /// Counts `error` in `dlock_backend_errors_total` if it says the
-    /// backend could not be reached or failed ([`LockError::Unavailable`]);
-    /// answers such as "not held" or "wrong kind" are not backend errors.
+    /// Passes a backend's `answer` on, counting it in
+    /// `dlock_backend_errors_total` if it says the backend could not be
+    /// reached or failed ([`LockError::Unavailable`]); answers such as "not
+    /// held" or "wrong kind" are not backend errors.
     #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-    pub(crate) fn backend_error_if_unreachable(&self, error: &LockError, operation: Operation) {
+    pub(crate) fn backend_answer<T>(
+        &self,
+        answer: Result<T, LockError>,
+        operation: Operation,
+    ) -> Result<T, LockError> {
         #[cfg(feature = "metrics")]
-        if matches!(error, LockError::Unavailable { .. }) {
+        if matches!(answer, Err(LockError::Unavailable { .. })) {
             self.counter(Series::BackendErrors(operation)).increment(1);
         }
+        answer
     }
 
     pub(crate) fn released(&self) {

@@ -48,6 +48,13 @@ impl Totals {
     }
 }
 
+/// The total of one series, 0 if it was never recorded.
+fn total(metrics: &BTreeMap<String, (MetricKind, f64)>, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .get(&series(name, labels))
+        .map_or(0.0, |(_, value)| *value)
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_scripted_run_is_counted() {
     let recorder = DebuggingRecorder::new();
@@ -121,11 +128,7 @@ async fn a_scripted_run_is_counted() {
     locker.wait_for_cleanup().await;
 
     let metrics = totals.read(&snapshotter).clone();
-    let value = |name: &str, labels: &[(&str, &str)]| {
-        metrics
-            .get(&series(name, labels))
-            .map_or(0.0, |(_, value)| *value)
-    };
+    let value = |name: &str, labels: &[(&str, &str)]| total(&metrics, name, labels);
     // 4 + the waiter + 1 renewed + 1 expiring + the holder = 8.
     assert_eq!(value("dlock_acquisitions_total", &labels), 8.0, "{metrics:#?}");
     assert_eq!(value("dlock_contended_total", &labels), 3.0, "{metrics:#?}");
@@ -188,18 +191,16 @@ async fn a_scripted_run_is_counted() {
     );
     backend.set_unavailable(false);
     let metrics = totals.read(&snapshotter);
-    let errors = metrics
-        .get(&series(
-            "dlock_backend_errors_total",
-            &with(("operation", "acquire")),
-        ))
-        .map_or(0.0, |(_, value)| *value);
+    let errors = total(
+        metrics,
+        "dlock_backend_errors_total",
+        &with(("operation", "acquire")),
+    );
     assert_eq!(errors, 1.0, "{metrics:#?}");
-    let errored = metrics
-        .get(&series(
-            "dlock_acquire_duration_seconds",
-            &with(("outcome", "error")),
-        ))
-        .map_or(0.0, |(_, value)| *value);
+    let errored = total(
+        metrics,
+        "dlock_acquire_duration_seconds",
+        &with(("outcome", "error")),
+    );
     assert_eq!(errored, 1.0);
 }
